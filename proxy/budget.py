@@ -1,0 +1,247 @@
+"""Token budgets in Redis: one atomic reserve before forwarding, one settle after.
+
+Redis is a cache of PostgreSQL: a counter that is missing (restart without persistence,
+eviction, FLUSHALL) is rebuilt from `usage_records` before it is checked, so nobody gets a
+fresh budget by accident.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote
+
+import asyncpg
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from .auth import Identity
+from .errors import QuotaExceeded, ServiceUnavailable
+from .limits import BudgetBook, Limit
+
+_HERE = Path(__file__).resolve().parent
+RESERVE_LUA = (_HERE / "reserve.lua").read_text()
+SETTLE_LUA = (_HERE / "settle.lua").read_text()
+
+_PERIOD_WORD = {"day": "Daily", "week": "Weekly", "month": "Monthly", "total": "Total"}
+
+
+def period_bounds(period: str, now: float) -> tuple[datetime, datetime | None]:
+    """[start, end) of the UTC period containing `now`; weeks start on Monday; 'total' never ends."""
+    at = datetime.fromtimestamp(now, timezone.utc)
+    if period == "total":
+        return datetime(1970, 1, 1, tzinfo=timezone.utc), None
+    if period == "day":
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    if period == "week":
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=at.weekday())
+        return start, start + timedelta(days=7)
+    start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """One budget as the caller sees it."""
+
+    limit: Limit
+    used: int
+    reserved: int
+    resets_at: datetime | None
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit.tokens - self.used, 0)
+
+    @property
+    def state(self) -> str:
+        if self.used >= self.limit.tokens:
+            return "blocked"
+        if self.used >= self.limit.warn_ratio * self.limit.tokens:
+            return "warn"
+        return "ok"
+
+    def with_used(self, used: int) -> "Quota":
+        return Quota(self.limit, used, self.reserved, self.resets_at)
+
+    def headers(self, prefix: str = "X-Quota-") -> dict[str, str]:
+        h = {
+            f"{prefix}Limit": str(self.limit.tokens),
+            f"{prefix}Used": str(self.used),
+            f"{prefix}Remaining": str(self.remaining),
+            f"{prefix}State": self.state,
+        }
+        if self.resets_at is not None:
+            h[f"{prefix}Reset"] = self.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return h
+
+    def as_json(self) -> dict[str, object]:
+        tokens = self.limit.tokens
+        return {
+            "subject_type": self.limit.subject_type,
+            "period": self.limit.period,
+            "limit": tokens,
+            "used": self.used,
+            "reserved": self.reserved,
+            "remaining": self.remaining,
+            "percent": round(100.0 * self.used / tokens, 1) if tokens else 100.0,
+            "state": self.state,
+            "resets_at": self.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ") if self.resets_at else None,
+        }
+
+    def refusal(self, subject: str) -> str:
+        """What a person reads in LibreChat when this budget stops a request."""
+        word = _PERIOD_WORD[self.limit.period]
+        owner = "" if self.limit.subject_type == "user" else f"Your team's ({subject}) "
+        what = f"{owner}{word if not owner else word.lower()} token budget"
+        resets = (
+            f"It resets on {self.resets_at:%Y-%m-%d %H:%M} UTC."
+            if self.resets_at
+            else "It does not reset; ask your administrator for more."
+        )
+        if self.used >= self.limit.tokens:
+            return f"{what} used up: {self.used:,} of {self.limit.tokens:,} tokens. {resets}"
+        return (
+            f"{what} is fully taken by requests in progress: {self.used:,} of {self.limit.tokens:,} tokens used, "
+            f"{self.reserved:,} reserved. Try again when they finish. {resets}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """A budget that applies to a request, and where its counter lives in Redis."""
+
+    limit: Limit
+    subject: str
+    key: str
+    start: datetime
+    end: datetime | None
+
+
+@dataclass(slots=True)
+class Reservation:
+    request_id: str
+    scopes: tuple[Scope, ...]
+    granted: int
+    quotas: list[Quota]
+
+
+class BudgetEngine:
+    def __init__(
+        self,
+        client: redis.Redis,
+        book: BudgetBook,
+        pool: asyncpg.Pool | None,
+        *,
+        reservation_ttl: float = 900,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = client
+        self._book = book
+        self._pool = pool
+        self._ttl_ms = int(reservation_ttl * 1000)
+        self._clock = clock
+        self._reserve = client.register_script(RESERVE_LUA)
+        self._settle = client.register_script(SETTLE_LUA)
+
+    def scopes(self, identity: Identity, now: float) -> tuple[Scope, ...]:
+        # Every key of one request carries the same hash tag, so one Lua call may touch them all
+        # on Redis Cluster too: the tenant's when there is one, else the user's.
+        tag = f"t:{quote(identity.tenant, safe='')}" if identity.tenant else f"u:{quote(identity.user, safe='')}"
+        scopes = [self._scope(tag, self._book.user(identity.user), identity.user, now)]
+        tenant_limit = self._book.tenant(identity.tenant)
+        if tenant_limit is not None and identity.tenant is not None:
+            scopes.append(self._scope(tag, tenant_limit, identity.tenant, now))
+        return tuple(scopes)
+
+    @staticmethod
+    def _scope(tag: str, limit: Limit, subject: str, now: float) -> Scope:
+        start, end = period_bounds(limit.period, now)
+        key = f"quota:{{{tag}}}:{limit.subject_type}:{quote(subject, safe='')}:{limit.period}:{start:%Y%m%d}"
+        return Scope(limit, subject, key, start, end)
+
+    async def reserve(self, identity: Identity, request_id: str, prompt: int, wanted: int) -> Reservation:
+        """Reserve up to `wanted` tokens; refuse unless every budget has room for more than `prompt`."""
+        now = self._clock()
+        scopes = self.scopes(identity, now)
+        keys = [s.key for s in scopes]
+        args: list[object] = [request_id, int(now * 1000), int(now * 1000) + self._ttl_ms, prompt, max(wanted, prompt + 1)]
+        args += [s.limit.tokens for s in scopes]
+        args += [self._key_expiry(s) for s in scopes]
+        for _ in range(3):
+            try:
+                result = await self._reserve(keys=keys, args=args)
+            except RedisError as exc:
+                raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
+            if result[0] == 1:
+                quotas = [
+                    Quota(s.limit, int(result[2 + 2 * i]), int(result[3 + 2 * i]), s.end) for i, s in enumerate(scopes)
+                ]
+                return Reservation(request_id, scopes, int(result[1]), quotas)
+            if result[0] == 0:
+                scope = scopes[int(result[1]) - 1]
+                quota = Quota(scope.limit, int(result[2]), int(result[3]), scope.end)
+                user_quota = quota if scope is scopes[0] else await self._quota(scopes[0])
+                raise QuotaExceeded(
+                    quota.refusal(scope.subject), headers={"x-should-retry": "false", **user_quota.headers()}
+                )
+            await self.rebuild(scopes[int(result[1]) - 1])
+        raise ServiceUnavailable("Budget counters keep disappearing from Redis; try again shortly.")
+
+    async def settle(self, reservation: Reservation, tokens: int) -> list[int]:
+        keys = [s.key for s in reservation.scopes]
+        if not keys:
+            return []
+        return [int(v) for v in await self._settle(keys=keys, args=[reservation.request_id, max(tokens, 0)])]
+
+    def settle_into(self, pipe: Any, reservation: Reservation, tokens: int) -> None:
+        """Queue the settle on a pipeline (sent with the ledger record, one round trip)."""
+        keys = [s.key for s in reservation.scopes]
+        pipe.evalsha(self._settle.sha, len(keys), *keys, reservation.request_id, max(tokens, 0))
+
+    async def snapshot(self, identity: Identity) -> list[Quota]:
+        """Current state of every budget that applies, without reserving anything."""
+        return [await self._quota(s) for s in self.scopes(identity, self._clock())]
+
+    async def _quota(self, scope: Scope) -> Quota:
+        try:
+            used, reserved = await self._redis.hmget(scope.key, "used", "reserved")
+            if used is None:
+                await self.rebuild(scope)
+                used, reserved = await self._redis.hmget(scope.key, "used", "reserved")
+        except RedisError as exc:
+            raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
+        return Quota(scope.limit, int(used or 0), int(reserved or 0), scope.end)
+
+    async def rebuild(self, scope: Scope) -> int:
+        """Seed a missing counter from the ledger in PostgreSQL (first writer wins)."""
+        if self._pool is None:
+            raise ServiceUnavailable("Budget counters are missing and PostgreSQL is not configured.")
+        column = "user_id" if scope.limit.subject_type == "user" else "tenant_id"
+        try:
+            used = await self._pool.fetchval(
+                f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and created_at >= $2"
+                + (" and created_at < $3" if scope.end else ""),
+                scope.subject,
+                scope.start,
+                *([scope.end] if scope.end else []),
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise ServiceUnavailable(
+                "Budget counters are being rebuilt but PostgreSQL is unreachable; try again shortly."
+            ) from exc
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(scope.key, "used", int(used))
+            pipe.expireat(scope.key, self._key_expiry(scope))
+            await pipe.execute()
+        return int(used)
+
+    def _key_expiry(self, scope: Scope) -> int:
+        # A day past the period's end keeps late settles of long streams from recreating nothing.
+        end = scope.end.timestamp() if scope.end else self._clock() + 400 * 86400
+        return int(end) + 86400

@@ -1,0 +1,114 @@
+"""`python -m proxy serve | migrate | token issue | budget set | budget show`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+import asyncpg
+import orjson
+
+from .auth import issue_token, parse_ttl
+from .budget import period_bounds
+from .config import PERIODS, Settings
+from .db import migrate
+from .limits import Limit, fetch_limit, set_budget, sync_defaults
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m proxy", description="Token-budget sidecar proxy for LLM traffic.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the proxy on PROXY_HOST:PROXY_PORT")
+    sub.add_parser("migrate", help="apply sql/ to DATABASE_URL (idempotent)")
+
+    token = sub.add_parser("token", help="mint JWTs").add_subparsers(dest="action", required=True)
+    issue = token.add_parser("issue", help="print a signed JWT for a user")
+    issue.add_argument("--sub", required=True, help="user id")
+    issue.add_argument("--tenant", help="tenant (team) id")
+    issue.add_argument("--ttl", default="30d", help="lifetime: 90s, 15m, 12h, 30d (default 30d)")
+
+    budget = sub.add_parser("budget", help="set or show budgets").add_subparsers(dest="action", required=True)
+    bset = budget.add_parser("set", help="set a user's (or, with --tenant, a tenant's) token limit")
+    bset.add_argument("subject", help="user id, tenant id with --tenant, or '*' for the default")
+    bset.add_argument("tokens", type=int)
+    bset.add_argument("--tenant", action="store_true", help="the subject is a tenant")
+    bset.add_argument("--period", choices=PERIODS, help="default: BUDGET_PERIOD")
+    bset.add_argument("--warn", type=float, help="warn ratio (default: WARN_RATIO)")
+    bshow = budget.add_parser("show", help="show a budget and what was used this period")
+    bshow.add_argument("subject")
+    bshow.add_argument("--tenant", action="store_true")
+    return p
+
+
+async def _migrate(settings: Settings) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await migrate(conn)
+        await sync_defaults(conn, settings)
+    finally:
+        await conn.close()
+    print(f"migrated: {', '.join(applied) if applied else 'nothing new to apply'}")
+
+
+async def _budget(settings: Settings, args: argparse.Namespace) -> None:
+    kind = "tenant" if args.tenant else "user"
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        if args.action == "set":
+            limit = Limit(kind, args.subject, args.period or settings.budget_period, args.tokens, args.warn or settings.warn_ratio)
+            await set_budget(conn, limit)
+            print(f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period} (warn at {limit.warn_ratio:.0%})")
+            return
+        limit = await fetch_limit(conn, kind, args.subject)
+        if limit is None:
+            print(f"{kind} {args.subject}: no budget")
+            return
+        start, end = period_bounds(limit.period, time.time())
+        column = "user_id" if kind == "user" else "tenant_id"
+        used = await conn.fetchval(
+            f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and created_at >= $2",
+            args.subject,
+            start,
+        )
+    finally:
+        await conn.close()
+    print(orjson.dumps({
+        "subject_type": kind, "subject": args.subject, "budget_row": limit.subject, "period": limit.period,
+        "limit": limit.tokens, "used": used, "remaining": max(limit.tokens - used, 0), "warn_ratio": limit.warn_ratio,
+        "period_start": start.isoformat(), "resets_at": end.isoformat() if end else None,
+    }, option=orjson.OPT_INDENT_2).decode())  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run(settings, args)
+    except (ValueError, OSError, asyncpg.PostgresError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        import uvicorn
+
+        from .app import create_app
+
+        uvicorn.run(
+            create_app(settings), host=settings.proxy_host, port=settings.proxy_port,
+            loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level,
+        )  # fmt: skip
+    elif args.command == "migrate":
+        asyncio.run(_migrate(settings))
+    elif args.command == "token":
+        print(issue_token(settings, args.sub, args.tenant, parse_ttl(args.ttl)))
+    elif args.command == "budget":
+        asyncio.run(_budget(settings, args))
+    return 0

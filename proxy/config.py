@@ -1,0 +1,101 @@
+"""Settings: read once from the environment (and `.env`) into one frozen object."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+PERIODS = ("day", "week", "month", "total")
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Parse a `.env` file of KEY=VALUE lines; missing file means no values."""
+    values: dict[str, str] = {}
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return values
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    litellm_base_url: str = "http://127.0.0.1:4000"
+    litellm_master_key: str = ""
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_user_claim: str = "sub"
+    jwt_tenant_claim: str = "tenant"
+    jwt_leeway_seconds: int = 30
+    default_token_budget: int = 100_000
+    default_tenant_budget: int = 0  # 0: tenants have no budget unless one is set
+    budget_period: str = "month"
+    warn_ratio: float = 0.8
+    completion_allowance: int = 4096
+    clamp_max_tokens: bool = True
+    reservation_ttl_seconds: int = 900
+    budget_refresh_seconds: float = 5.0
+    fail_mode: str = "closed"
+    max_body_bytes: int = 8 * 1024 * 1024
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 600.0
+    upstream_max_connections: int = 512
+    ledger_stream: str = "quota:ledger"
+    ledger_batch_size: int = 1000
+    ledger_flush_seconds: float = 1.0
+    ledger_consumer: str = ""
+    log_level: str = "info"
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8080
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
+    ) -> "Settings":
+        """Environment variables win over `.env`; every field is its upper-cased name."""
+        source: dict[str, str] = read_env_file(env_file) if env_file else {}
+        source.update(os.environ if environ is None else environ)
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = source.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            default = f.default
+            if isinstance(default, bool):
+                values[f.name] = _bool(raw)
+            elif isinstance(default, int):
+                values[f.name] = int(raw)
+            elif isinstance(default, float):
+                values[f.name] = float(raw)
+            elif isinstance(default, tuple):
+                values[f.name] = tuple(a.strip() for a in raw.split(",") if a.strip())
+            else:
+                values[f.name] = raw.replace("\\n", "\n") if f.name == "jwt_public_key" else raw
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.budget_period not in PERIODS:
+            raise ValueError(f"BUDGET_PERIOD must be one of {', '.join(PERIODS)}, not {self.budget_period!r}")
+        if not 0 < self.warn_ratio <= 1:
+            raise ValueError("WARN_RATIO must be in (0, 1]")
+        if self.fail_mode not in ("closed", "open"):
+            raise ValueError("FAIL_MODE must be 'closed' or 'open'")

@@ -1,0 +1,87 @@
+"""The few errors the proxy answers with, all rendered as OpenAI-shaped JSON bodies."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import orjson
+from starlette.responses import Response
+
+
+class ProxyError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+
+class BadRequest(ProxyError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class Unauthorized(ProxyError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class Forbidden(ProxyError):
+    status, type, code = 403, "permission_error", "forbidden"
+
+
+class NotFound(ProxyError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class PayloadTooLarge(ProxyError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class QuotaExceeded(ProxyError):
+    # `insufficient_quota` is what stops LangChain (LibreChat) from retrying a 429 six times,
+    # and `x-should-retry: false` stops the official OpenAI SDKs' two retries.
+    status, type, code = 429, "insufficient_quota", "insufficient_quota"
+
+
+class UpstreamError(ProxyError):
+    status, type, code = 502, "api_error", "upstream_error"
+
+
+class UpstreamTimeout(ProxyError):
+    status, type, code = 504, "api_error", "upstream_timeout"
+
+
+class ServiceUnavailable(ProxyError):
+    status, type, code = 503, "api_error", "service_unavailable"
+
+
+_STATUS_ERRORS: dict[int, type[ProxyError]] = {404: NotFound, 405: MethodNotAllowed}
+
+
+def error_for_status(status: int, message: str) -> ProxyError:
+    """Map a framework-level HTTP status (unknown route, wrong method) to our error type."""
+    return _STATUS_ERRORS.get(status, BadRequest if status < 500 else ProxyError)(message)
+
+
+def error_response(exc: ProxyError, headers: Mapping[str, str] | None = None) -> Response:
+    merged = {**exc.headers, **(headers or {})}
+    return Response(orjson.dumps(exc.body()), status_code=exc.status, headers=merged, media_type="application/json")

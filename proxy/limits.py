@@ -1,0 +1,105 @@
+"""Budgets as data: the `budgets` table, cached in memory and refreshed every few seconds."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+
+from .config import PERIODS, Settings
+
+log = structlog.get_logger("proxy.limits")
+
+DEFAULT = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    subject_type: str  # 'user' | 'tenant'
+    subject: str
+    period: str
+    tokens: int
+    warn_ratio: float
+
+
+def env_defaults(settings: Settings) -> list[Limit]:
+    defaults = [Limit("user", DEFAULT, settings.budget_period, settings.default_token_budget, settings.warn_ratio)]
+    if settings.default_tenant_budget > 0:
+        defaults.append(
+            Limit("tenant", DEFAULT, settings.budget_period, settings.default_tenant_budget, settings.warn_ratio)
+        )
+    return defaults
+
+
+_UPSERT = """
+insert into budgets (subject_type, subject, period, token_limit, warn_ratio, updated_at)
+values ($1, $2, $3, $4, $5, now())
+on conflict (subject_type, subject) do update
+set period = excluded.period, token_limit = excluded.token_limit, warn_ratio = excluded.warn_ratio, updated_at = now()
+"""
+
+
+async def set_budget(conn: asyncpg.Connection, limit: Limit) -> None:
+    if limit.period not in PERIODS:
+        raise ValueError(f"period must be one of {', '.join(PERIODS)}")
+    await conn.execute(_UPSERT, limit.subject_type, limit.subject, limit.period, limit.tokens, limit.warn_ratio)
+
+
+async def sync_defaults(conn: asyncpg.Connection, settings: Settings) -> None:
+    """The environment owns the '*' rows, so the admin views see the same defaults as the proxy."""
+    for limit in env_defaults(settings):
+        await set_budget(conn, limit)
+    if settings.default_tenant_budget <= 0:
+        await conn.execute("delete from budgets where subject_type = 'tenant' and subject = $1", DEFAULT)
+
+
+async def fetch_limit(conn: asyncpg.Connection, subject_type: str, subject: str) -> Limit | None:
+    row = await conn.fetchrow(
+        "select * from budgets where subject_type = $1 and subject in ($2, $3) order by subject = $3 limit 1",
+        subject_type,
+        subject,
+        DEFAULT,
+    )
+    if row is None:
+        return None
+    return Limit(row["subject_type"], row["subject"], row["period"], row["token_limit"], row["warn_ratio"])
+
+
+class BudgetBook:
+    """Every budget row in memory: the request path never waits on PostgreSQL for a limit.
+
+    Changes made with `budget set` or plain SQL take effect within BUDGET_REFRESH_SECONDS.
+    If PostgreSQL is unreachable the last loaded rows (or the environment defaults) stay in force.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._rows: dict[tuple[str, str], Limit] = {(l.subject_type, l.subject): l for l in env_defaults(settings)}
+
+    def user(self, user: str) -> Limit:
+        rows = self._rows
+        return rows.get(("user", user)) or rows[("user", DEFAULT)]
+
+    def tenant(self, tenant: str | None) -> Limit | None:
+        if tenant is None:
+            return None
+        return self._rows.get(("tenant", tenant)) or self._rows.get(("tenant", DEFAULT))
+
+    async def load(self, pool: asyncpg.Pool) -> None:
+        records = await pool.fetch("select subject_type, subject, period, token_limit, warn_ratio from budgets")
+        rows = {(l.subject_type, l.subject): l for l in env_defaults(self._settings)}
+        for r in records:
+            rows[(r["subject_type"], r["subject"])] = Limit(
+                r["subject_type"], r["subject"], r["period"], r["token_limit"], r["warn_ratio"]
+            )
+        self._rows = rows
+
+    async def refresh_forever(self, pool: asyncpg.Pool) -> None:
+        while True:
+            await asyncio.sleep(self._settings.budget_refresh_seconds)
+            try:
+                await self.load(pool)
+            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+                log.warning("budget_refresh_failed", error=str(exc))

@@ -1,0 +1,21 @@
+"""Prometheus metrics, served at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter("quota_requests", "Proxied requests by endpoint and outcome", ["endpoint", "status"], registry=REGISTRY)
+TOKENS = Counter("quota_tokens", "Tokens charged to budgets", ["endpoint"], registry=REGISTRY)
+LATENCY = Histogram(
+    "quota_request_seconds",
+    "Time from request received to last byte sent",
+    ["endpoint"],
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+LEDGER_BACKLOG = Gauge("quota_ledger_backlog", "Usage records waiting in the stream for PostgreSQL", registry=REGISTRY)
+LEDGER_WRITTEN = Counter("quota_ledger_written", "Usage records committed to PostgreSQL", registry=REGISTRY)
+LEDGER_ERRORS = Counter("quota_ledger_errors", "Failed ledger writes (retried)", ["stage"], registry=REGISTRY)
+BACKGROUND_ERRORS = Counter("quota_settle_errors", "Settles or enqueues that failed after the response", registry=REGISTRY)

@@ -1,0 +1,300 @@
+"""One proxied request: authenticate, reserve, forward, then settle and record off the request path."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as redis
+import structlog
+from redis.exceptions import NoScriptError, RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import metrics
+from .auth import Authenticator, Identity
+from .budget import BudgetEngine, Reservation
+from .config import Settings
+from .errors import BadRequest, PayloadTooLarge, ProxyError, QuotaExceeded, UpstreamError, UpstreamTimeout
+from .forward import StreamThrough, Upstream, pass_headers
+from .ledger import Ledger, UsageRecord
+from .sse import StreamMeter, usage_totals
+from .tokens import completion_cap, estimate_prompt, text_tokens
+
+log = structlog.get_logger("proxy.relay")
+
+UPSTREAM_PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+
+async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The request body as a JSON object, refusing oversized bodies before reading them whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
+        chunks.append(chunk)
+    try:
+        payload = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+def request_id_of(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What one request's ledger record needs, gathered as the request goes."""
+
+    request_id: str
+    identity: Identity
+    endpoint: str
+    model: str | None
+    stream: bool
+    wall_start: float
+    perf_start: float
+    prompt_estimate: int
+
+    def record(
+        self,
+        status: str,
+        http_status: int | None,
+        usage: tuple[int, int, int] | None = None,
+        *,
+        estimated: bool = False,
+        served_model: str | None = None,
+        cost: float | None = None,
+        ttft_ms: float | None = None,
+    ) -> UsageRecord:
+        prompt, completion, total = usage or (0, 0, 0)
+        return UsageRecord(
+            request_id=self.request_id,
+            created_at=self.wall_start,
+            user_id=self.identity.user,
+            tenant_id=self.identity.tenant,
+            model=self.model,
+            served_model=served_model,
+            endpoint=self.endpoint,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            cost_usd=cost,
+            status=status,
+            http_status=http_status,
+            stream=self.stream,
+            estimated=estimated,
+            latency_ms=round((time.perf_counter() - self.perf_start) * 1000, 3),
+            ttft_ms=ttft_ms,
+        )
+
+
+def _cost(headers: Any) -> float | None:
+    raw = headers.get("x-litellm-response-cost")
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _served_model(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    model = obj.get("model")
+    return obj, model if isinstance(model, str) else None
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        auth: Authenticator,
+        budget: BudgetEngine,
+        ledger: Ledger,
+        upstream: Upstream,
+        client: redis.Redis,
+    ) -> None:
+        self._settings = settings
+        self._auth = auth
+        self._budget = budget
+        self._ledger = ledger
+        self._upstream = upstream
+        self._redis = client
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def identify(self, request: Request) -> Identity:
+        return self._auth.authenticate(request.headers.get("authorization"))
+
+    async def completion(self, request: Request, endpoint: str) -> Response:
+        """POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
+        perf_start, wall_start = time.perf_counter(), time.time()
+        identity = self.identify(request)
+        request_id = request_id_of(request)
+        payload = await read_json(request, self._settings.max_body_bytes)
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("Request body needs a 'model' string.", param="model", code="missing_model")
+        stream = endpoint != "embeddings" and payload.get("stream") is True
+        prompt = estimate_prompt(payload)
+        ticket = Ticket(request_id, identity, endpoint, model, stream, wall_start, perf_start, prompt)
+
+        cap_field, cap = completion_cap(payload)
+        allowance = 0 if endpoint == "embeddings" else (cap or self._settings.completion_allowance)
+        try:
+            reservation = await self._budget.reserve(identity, request_id, prompt, prompt + allowance)
+        except QuotaExceeded as exc:
+            self._account(None, ticket.record("blocked", exc.status))
+            exc.headers["X-Request-Id"] = request_id
+            raise
+        self._shape(payload, reservation.granted - prompt, cap_field, cap, endpoint, identity)
+        hide_usage = stream and self._ask_usage(payload)
+
+        try:
+            upstream = await self._upstream.send(
+                "POST", UPSTREAM_PATHS[endpoint], body=orjson.dumps(payload), request_id=request_id
+            )
+        except ProxyError as exc:
+            self._account(reservation, ticket.record("upstream_error", exc.status))
+            exc.headers["X-Request-Id"] = request_id
+            raise
+
+        headers = pass_headers(upstream.headers)
+        headers["X-Request-Id"] = request_id
+        headers.update(reservation.quotas[0].headers())
+        if stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
+            meter = StreamMeter(hide_usage)
+            cost = _cost(upstream.headers)
+
+            def on_end(outcome: str, first_byte: float | None) -> None:
+                ttft_ms = round((first_byte - perf_start) * 1000, 3) if first_byte is not None else None
+                usage = usage_totals(meter.usage)
+                estimated = usage is None
+                if usage is None:
+                    completion = meter.completion_estimate
+                    usage = (prompt, completion, prompt + completion)
+                record = ticket.record(outcome, 200, usage, estimated=estimated, cost=cost, ttft_ms=ttft_ms)
+                self._account(reservation, record)
+
+            return StreamThrough(upstream, headers, meter, on_end)  # type: ignore[return-value]
+
+        try:
+            body = await upstream.read()
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            failure = _read_failure(exc)
+            self._account(reservation, ticket.record("upstream_error", failure.status))
+            raise failure from None
+        finally:
+            upstream.release()
+        obj, served = _served_model(body)
+        usage = usage_totals(obj.get("usage")) if obj else None
+        ok = 200 <= upstream.status < 300
+        estimated = ok and usage is None
+        if estimated:
+            completion = text_tokens(len(body)) if endpoint != "embeddings" else 0
+            usage = (prompt, completion, prompt + completion)
+        self._account(
+            reservation,
+            ticket.record(
+                "ok" if ok else "upstream_error", upstream.status, usage,
+                estimated=estimated, served_model=served, cost=_cost(upstream.headers),
+            ),
+        )  # fmt: skip
+        if usage:
+            headers.update(reservation.quotas[0].with_used(reservation.quotas[0].used + usage[2]).headers())
+        return Response(body, status_code=upstream.status, headers=headers)
+
+    def _shape(
+        self, payload: dict[str, Any], room: int, cap_field: str, cap: int | None, endpoint: str, identity: Identity
+    ) -> None:
+        """Make the upstream body: our user id, and an answer cap that fits the reservation."""
+        payload["user"] = identity.user
+        if endpoint == "embeddings" or not self._settings.clamp_max_tokens:
+            return
+        if (cap is not None and cap > room) or (cap is None and room < self._settings.completion_allowance):
+            payload[cap_field] = max(room, 1)
+
+    @staticmethod
+    def _ask_usage(payload: dict[str, Any]) -> bool:
+        """Ask the upstream for the usage chunk; True when the caller did not ask (so we hide it)."""
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return False
+        payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return True
+
+    async def passthrough_get(self, request: Request, path: str) -> Response:
+        """GET /v1/models: forwarded as is, never charged, with the caller's quota headers."""
+        identity = self.identify(request)
+        request_id = request_id_of(request)
+        quotas = await self._budget.snapshot(identity)
+        upstream = await self._upstream.send("GET", path, query=request.url.query, request_id=request_id)
+        try:
+            body = await upstream.read()
+        finally:
+            upstream.release()
+        headers = pass_headers(upstream.headers)
+        headers["X-Request-Id"] = request_id
+        headers.update(quotas[0].headers())
+        return Response(body, status_code=upstream.status, headers=headers)
+
+    # Accounting runs after the response, in tasks the request never waits on.
+
+    def _account(self, reservation: Reservation | None, record: UsageRecord) -> None:
+        metrics.REQUESTS.labels(record.endpoint, record.status).inc()
+        if record.total_tokens:
+            metrics.TOKENS.labels(record.endpoint).inc(record.total_tokens)
+        metrics.LATENCY.labels(record.endpoint).observe(record.latency_ms / 1000 if record.latency_ms else 0)
+        task = asyncio.get_running_loop().create_task(self._settle_and_record(reservation, record))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle_and_record(self, reservation: Reservation | None, record: UsageRecord) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if reservation is not None:
+                    self._budget.settle_into(pipe, reservation, record.total_tokens)
+                self._ledger.enqueue(pipe, record)
+                results = await pipe.execute(raise_on_error=False)
+            if reservation is not None and isinstance(results[0], NoScriptError):
+                await self._budget.settle(reservation, record.total_tokens)  # loads the script, once per Redis restart
+        except RedisError as exc:
+            # Redis is gone: the budget counter will be rebuilt from PostgreSQL, so the record
+            # must reach PostgreSQL directly or the spend is lost.
+            metrics.BACKGROUND_ERRORS.inc()
+            log.warning("settle_failed", request_id=record.request_id, error=str(exc))
+            await self._ledger.write_direct(record)
+
+    async def drain(self) -> None:
+        """Wait for accounting still in flight (on shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _read_failure(exc: BaseException) -> ProxyError:
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamTimeout("The model server did not finish its answer in time.")
+    return UpstreamError(f"The model server broke off its answer ({exc.__class__.__name__}).")

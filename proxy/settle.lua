@@ -1,0 +1,22 @@
+-- Replace a request's reservation with its real usage, on every budget it was reserved against.
+-- KEYS[i]: counter hashes (as in reserve.lua). ARGV: request_id, tokens_used.
+-- A counter that vanished since the reservation (Redis flushed) is left alone: it is rebuilt from
+-- PostgreSQL, which will hold this request's ledger record, so counting it here would count it twice.
+-- Returns the settled `used` of each counter (-1 where it was missing).
+local rid, tokens = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  if redis.call('HEXISTS', key, 'used') == 0 then
+    out[i] = -1
+  else
+    local amount = redis.call('HGET', key, 'r:' .. rid)
+    if amount then
+      redis.call('HDEL', key, 'r:' .. rid)
+      redis.call('HINCRBY', key, 'reserved', -tonumber(amount))
+      redis.call('ZREM', key .. ':exp', rid)
+    end
+    out[i] = redis.call('HINCRBY', key, 'used', tokens)
+  end
+end
+return out

@@ -1,0 +1,100 @@
+"""Reading usage out of an OpenAI-style SSE stream while passing it through."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .tokens import text_tokens
+
+
+def usage_totals(usage: Any) -> tuple[int, int, int] | None:
+    """(prompt, completion, total) from an OpenAI `usage` object.
+
+    Some upstreams report total_tokens as 0 for embeddings while counting prompt tokens,
+    so the total is never less than prompt + completion.
+    """
+    if not isinstance(usage, dict):
+        return None
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    total = max(int(usage.get("total_tokens") or 0), prompt + completion)
+    return prompt, completion, total
+
+
+class StreamMeter:
+    """Feeds on upstream bytes and returns the bytes to send on, event by event.
+
+    It records the usage chunk and the amount of text streamed (for an estimate when the
+    stream ends without usage). When the proxy itself asked for `include_usage`, it hides
+    that extra chunk so the client sees the stream shape it asked for.
+    """
+
+    __slots__ = ("hide_usage", "usage", "chars", "events", "_buf")
+
+    def __init__(self, hide_usage: bool) -> None:
+        self.hide_usage = hide_usage
+        self.usage: dict[str, Any] | None = None
+        self.chars = 0
+        self.events = 0
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buf + chunk if self._buf else chunk
+        if b"\r\n" in data:
+            data = data.replace(b"\r\n", b"\n")
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._buf = data
+            return b""
+        self._buf = data[end + 2 :]
+        events = data[: end + 2].split(b"\n\n")[:-1]
+        out = [e for e in (self._event(e) for e in events) if e is not None]
+        return b"\n\n".join(out) + b"\n\n" if out else b""
+
+    def flush(self) -> bytes:
+        """Whatever trailing bytes the upstream sent without a closing blank line."""
+        rest, self._buf = self._buf, b""
+        return rest
+
+    @property
+    def completion_estimate(self) -> int:
+        return text_tokens(self.chars)
+
+    def _event(self, event: bytes) -> bytes | None:
+        self.events += 1
+        data_at = event.find(b"data:")
+        if data_at < 0:
+            return event
+        payload = event[data_at + 5 :].strip()
+        if not payload.startswith(b"{"):
+            return event  # [DONE] or a comment
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(obj, dict):
+            return event
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict):
+                delta = choice.get("delta") or {}
+                content = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(content, str):
+                    self.chars += len(content)
+                elif isinstance(choice.get("text"), str):
+                    self.chars += len(choice["text"])
+        usage = obj.get("usage")
+        if usage is None:
+            return event
+        self.usage = usage
+        if not self.hide_usage:
+            return event
+        if not obj.get("choices") or all(_empty_choice(c) for c in obj["choices"]):
+            return None
+        del obj["usage"]
+        return event[:data_at] + b"data: " + orjson.dumps(obj)
+
+
+def _empty_choice(choice: Any) -> bool:
+    return isinstance(choice, dict) and not choice.get("delta") and choice.get("finish_reason") is None
