@@ -1,0 +1,48 @@
+"""Test helpers: unique names, tokens, and serving an ASGI app on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import jwt
+import uvicorn
+
+from proxy.devstack import free_port
+
+JWT_SECRET = "test-secret-not-for-production-0123456789abcdef"
+
+
+def uid(prefix: str = "u") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def token(sub: str, *, tenant: str | None = None, ttl: int = 3600, secret: str = JWT_SECRET, **claims: Any) -> str:
+    body: dict[str, Any] = {"sub": sub, "exp": int(time.time()) + ttl, **claims}
+    if tenant:
+        body["tenant"] = tenant
+    return jwt.encode(body, secret, algorithm="HS256")
+
+
+@contextmanager
+def serve(app: Any, port: int | None = None) -> Iterator[str]:
+    """Run an ASGI app with uvicorn in a thread; yields its base URL."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)

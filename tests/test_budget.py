@@ -1,0 +1,156 @@
+"""The budget engine against real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.auth import Identity
+from proxy.budget import BudgetEngine, period_bounds
+from proxy.config import Settings
+from proxy.errors import QuotaExceeded
+from proxy.ledger import insert_records
+from proxy.limits import BudgetBook
+
+from .helpers import uid
+
+pytestmark = pytest.mark.anyio
+
+
+def engine_for(client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings, **kw: object) -> BudgetEngine:
+    return BudgetEngine(client, BudgetBook(settings), pool, **kw)  # type: ignore[arg-type]
+
+
+def usage_row(user: str, tokens: int, at: float, tenant: str | None = None) -> dict[str, object]:
+    return {
+        "request_id": uid("r"), "created_at": at, "user_id": user, "tenant_id": tenant, "model": "m",
+        "served_model": None, "endpoint": "chat", "prompt_tokens": tokens, "completion_tokens": 0,
+        "total_tokens": tokens, "cost_usd": None, "status": "ok", "http_status": 200, "stream": False,
+        "estimated": False, "latency_ms": 1.0, "ttft_ms": None,
+    }  # fmt: skip
+
+
+def test_period_bounds_are_utc_calendar_periods() -> None:
+    at = datetime(2026, 12, 31, 23, 30, tzinfo=timezone.utc).timestamp()  # a Thursday
+    assert period_bounds("month", at) == (datetime(2026, 12, 1, tzinfo=timezone.utc), datetime(2027, 1, 1, tzinfo=timezone.utc))
+    assert period_bounds("day", at)[1] == datetime(2027, 1, 1, tzinfo=timezone.utc)
+    assert period_bounds("week", at) == (datetime(2026, 12, 28, tzinfo=timezone.utc), datetime(2027, 1, 4, tzinfo=timezone.utc))
+    assert period_bounds("total", at)[1] is None
+
+
+async def test_reserve_then_settle_moves_used_by_exactly_the_real_usage(redis_client, pg_pool, base_settings) -> None:
+    engine = engine_for(redis_client, pg_pool, base_settings)
+    me = Identity(uid())
+    r = await engine.reserve(me, "req-1", prompt=10, wanted=110)
+    assert r.granted == 110
+    assert (r.quotas[0].used, r.quotas[0].reserved) == (0, 110)
+    assert await engine.settle(r, 37) == [37]
+    (q,) = await engine.snapshot(me)
+    assert (q.used, q.reserved, q.remaining, q.state) == (37, 0, 100_000 - 37, "ok")
+
+
+async def test_warn_and_blocked_states_and_the_readable_refusal(redis_client, pg_pool, base_settings) -> None:
+    settings = replace(base_settings, default_token_budget=100_000)
+    engine = engine_for(redis_client, pg_pool, settings, clock=lambda: datetime(2026, 11, 23, tzinfo=timezone.utc).timestamp())
+    me = Identity(uid())
+    r = await engine.reserve(me, "a", 10, 20)
+    await engine.settle(r, 80_000)
+    assert (await engine.snapshot(me))[0].state == "warn"
+    r = await engine.reserve(me, "b", 10, 20)
+    await engine.settle(r, 20_000)
+    with pytest.raises(QuotaExceeded) as info:
+        await engine.reserve(me, "c", 10, 20)
+    exc = info.value
+    assert exc.status == 429 and exc.code == "insufficient_quota" and exc.type == "insufficient_quota"
+    assert exc.message == "Monthly token budget used up: 100,000 of 100,000 tokens. It resets on 2026-12-01 00:00 UTC."
+    assert exc.headers["x-should-retry"] == "false"
+    assert exc.headers["X-Quota-State"] == "blocked" and exc.headers["X-Quota-Remaining"] == "0"
+
+
+async def test_fifty_concurrent_requests_never_overrun(redis_client, pg_pool, base_settings) -> None:
+    """Room for about 5 requests; the first requests of a never-seen user (no counter yet) included."""
+    settings = replace(base_settings, default_token_budget=500)
+    engine = engine_for(redis_client, pg_pool, settings)
+    me = Identity(uid())
+
+    async def one(i: int) -> int:
+        try:
+            r = await engine.reserve(me, f"r{i}", prompt=10, wanted=110)
+        except QuotaExceeded:
+            return 0
+        await asyncio.sleep(0.01)
+        await engine.settle(r, r.granted)  # worst case: the model uses every token it was allowed
+        return r.granted
+
+    granted = await asyncio.gather(*(one(i) for i in range(50)))
+    served = [g for g in granted if g]
+    assert 4 <= len(served) <= 5
+    (q,) = await engine.snapshot(me)
+    assert q.used == sum(served) <= 500
+    assert q.reserved == 0
+
+
+async def test_counter_lost_in_redis_is_rebuilt_from_postgres(redis_client, pg_pool, base_settings) -> None:
+    engine = engine_for(redis_client, pg_pool, base_settings)
+    me = Identity(uid())
+    async with pg_pool.acquire() as conn:
+        await insert_records(conn, [usage_row(me.user, 700, time.time()), usage_row(me.user, 300, time.time())], set())
+    r = await engine.reserve(me, "x", 10, 20)
+    assert r.quotas[0].used == 1000
+    await engine.settle(r, 0)
+    await redis_client.flushdb()  # Redis restarted without persistence
+    (q,) = await engine.snapshot(me)
+    assert q.used == 1000
+
+
+async def test_new_period_starts_from_zero_and_old_usage_stays_in_its_period(redis_client, pg_pool, base_settings) -> None:
+    now = [datetime(2026, 11, 30, 23, 59, tzinfo=timezone.utc).timestamp()]
+    engine = engine_for(redis_client, pg_pool, replace(base_settings, default_token_budget=1000), clock=lambda: now[0])
+    me = Identity(uid())
+    async with pg_pool.acquire() as conn:
+        await insert_records(conn, [usage_row(me.user, 990, now[0] - 60)], set())
+    with pytest.raises(QuotaExceeded):
+        await engine.reserve(me, "late-november", 10, 20)
+    now[0] = datetime(2026, 12, 1, 0, 1, tzinfo=timezone.utc).timestamp()
+    r = await engine.reserve(me, "early-december", 10, 20)
+    assert r.quotas[0].used == 0
+    assert r.quotas[0].resets_at == datetime(2027, 1, 1, tzinfo=timezone.utc)
+
+
+async def test_tenant_budget_blocks_a_user_who_still_has_room(redis_client, pg_pool, base_settings) -> None:
+    settings = replace(base_settings, default_token_budget=10_000, default_tenant_budget=100)
+    engine = engine_for(redis_client, pg_pool, settings)
+    team = uid("team")
+    spender, other = Identity(uid(), team), Identity(uid(), team)
+    r = await engine.reserve(spender, "s", 10, 100)
+    await engine.settle(r, 100)
+    with pytest.raises(QuotaExceeded) as info:
+        await engine.reserve(other, "o", 10, 20)
+    assert info.value.message.startswith(f"Your team's ({team}) monthly token budget used up: 100 of 100 tokens.")
+    # The headers still describe the caller's own budget, which is untouched.
+    assert info.value.headers["X-Quota-Used"] == "0" and info.value.headers["X-Quota-Limit"] == "10000"
+    assert [q.limit.subject_type for q in await engine.snapshot(other)] == ["user", "tenant"]
+
+
+async def test_reservation_of_a_request_that_never_settles_lapses(redis_client, pg_pool, base_settings) -> None:
+    engine = engine_for(redis_client, pg_pool, replace(base_settings, default_token_budget=100), reservation_ttl=0.2)
+    me = Identity(uid())
+    await engine.reserve(me, "crashed", 10, 100)  # takes all the room and is never settled
+    with pytest.raises(QuotaExceeded, match="fully taken by requests in progress"):
+        await engine.reserve(me, "next", 10, 20)
+    await asyncio.sleep(0.3)
+    r = await engine.reserve(me, "later", 10, 20)
+    assert r.quotas[0].reserved == 20
+
+
+async def test_grant_shrinks_to_the_room_left(redis_client, pg_pool, base_settings) -> None:
+    engine = engine_for(redis_client, pg_pool, replace(base_settings, default_token_budget=100))
+    me = Identity(uid())
+    r = await engine.reserve(me, "big", prompt=10, wanted=4106)
+    assert r.granted == 100

@@ -1,0 +1,68 @@
+import orjson
+
+from proxy.sse import StreamMeter, usage_totals
+
+
+def chunk(content: str | None = None, *, usage: dict | None = None, choices: list | None = None) -> bytes:
+    body: dict = {"id": "c1", "object": "chat.completion.chunk"}
+    body["choices"] = choices if choices is not None else [{"index": 0, "delta": {"content": content}}]
+    if usage is not None:
+        body["usage"] = usage
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+USAGE = {"prompt_tokens": 8, "completion_tokens": 11, "total_tokens": 19}
+STREAM = chunk("Hel") + chunk("lo") + chunk(choices=[{"index": 0, "delta": {}}], usage=USAGE) + b"data: [DONE]\n\n"
+
+
+def events(data: bytes) -> list[bytes]:
+    return [e for e in data.split(b"\n\n") if e]
+
+
+def test_usage_chunk_is_read_and_hidden_when_the_proxy_asked_for_it() -> None:
+    meter = StreamMeter(hide_usage=True)
+    out = meter.feed(STREAM)
+    assert meter.usage == USAGE
+    assert b"usage" not in out
+    assert events(out) == events(chunk("Hel") + chunk("lo") + b"data: [DONE]\n\n")
+
+
+def test_usage_chunk_passes_when_the_caller_asked_for_it() -> None:
+    meter = StreamMeter(hide_usage=False)
+    assert meter.feed(STREAM) == STREAM
+    assert meter.usage == USAGE
+
+
+def test_usage_riding_on_a_content_chunk_is_stripped_not_dropped() -> None:
+    meter = StreamMeter(hide_usage=True)
+    out = meter.feed(chunk("end", usage=USAGE))
+    assert orjson.loads(out[6:]) == {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "end"}}]}
+    assert meter.usage == USAGE
+
+
+def test_events_split_across_reads_are_reassembled_byte_by_byte() -> None:
+    meter = StreamMeter(hide_usage=True)
+    out = b"".join(meter.feed(STREAM[i : i + 1]) for i in range(len(STREAM)))
+    assert meter.usage == USAGE
+    assert events(out) == events(chunk("Hel") + chunk("lo") + b"data: [DONE]\n\n")
+    assert meter.chars == 5 and meter.completion_estimate == 2
+
+
+def test_crlf_framing_and_malformed_lines_pass_through() -> None:
+    meter = StreamMeter(hide_usage=True)
+    out = meter.feed(b": keep-alive\r\n\r\ndata: {not json\r\n\r\n" + chunk("x").replace(b"\n", b"\r\n"))
+    assert events(out) == [b": keep-alive", b"data: {not json", chunk("x")[:-2]]
+    assert meter.usage is None
+
+
+def test_trailing_bytes_without_a_blank_line_are_flushed() -> None:
+    meter = StreamMeter(hide_usage=False)
+    assert meter.feed(b"data: [DONE]") == b""
+    assert meter.flush() == b"data: [DONE]"
+
+
+def test_usage_totals_never_below_prompt_plus_completion() -> None:
+    # LiteLLM reports embeddings as prompt_tokens=10, total_tokens=0.
+    assert usage_totals({"prompt_tokens": 10, "completion_tokens": 0, "total_tokens": 0}) == (10, 0, 10)
+    assert usage_totals({"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}) == (7, 5, 12)
+    assert usage_totals(None) is None
