@@ -154,7 +154,7 @@ class Ledger:
         reply = await self._redis.xautoclaim(
             self.stream, GROUP, self._consumer, self._claim_idle_ms, "0-0", count=self._batch, justid=True
         )
-        return len(reply[1]) if reply and len(reply) > 1 else 0
+        return len(reply)  # with justid, redis-py returns just the claimed ids
 
     async def run(self) -> None:
         """The writer task: drain forever; on any failure keep the entries and retry with back-off."""

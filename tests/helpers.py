@@ -46,3 +46,33 @@ def serve(app: Any, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Call `check` until it returns something truthy without failing an assert (accounting runs after the response)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last result: {result!r})")
+        time.sleep(interval)
+
+
+def pg_row(dsn: str, query: str, *args: Any) -> Any:
+    """One row from PostgreSQL, from synchronous test code."""
+    import asyncpg
+
+    async def fetch() -> Any:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchrow(query, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())

@@ -1,0 +1,134 @@
+"""The proxy over real HTTP against a fake upstream: bad input, upstream errors, headers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Iterator
+
+import httpx
+import jwt
+import pytest
+
+from proxy.app import create_app
+from proxy.config import Settings
+
+from .fake_upstream import FakeUpstream
+from .helpers import eventually, pg_row, serve, token, uid
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeUpstream, str]]:
+    upstream = FakeUpstream()
+    with serve(upstream.app) as url:
+        yield upstream, url
+
+
+@pytest.fixture(scope="module")
+def proxy_url(base_settings: Settings, fake: tuple[FakeUpstream, str]) -> Iterator[str]:
+    settings = replace(base_settings, litellm_base_url=fake[1], max_body_bytes=64 * 1024)
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(proxy_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=proxy_url, timeout=10) as c:
+        yield c
+
+
+def auth(sub: str | None = None, **kw: object) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(sub or uid(), **kw)}"}
+
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+NOW = int(time.time())
+BAD_INPUT = {
+    "no token": ("POST", "/v1/chat/completions", {}, CHAT, 401),
+    "expired token": ("POST", "/v1/chat/completions", {"Authorization": f"Bearer {token('a', ttl=-100)}"}, CHAT, 401),
+    "forged token": ("POST", "/v1/chat/completions", {"Authorization": f"Bearer {token('a', secret='x' * 40)}"}, CHAT, 401),
+    "alg none": ("POST", "/v1/chat/completions", {"Authorization": "Bearer " + jwt.encode({"sub": "a", "exp": NOW + 60}, None, algorithm="none")}, CHAT, 401),
+    "malformed json": ("POST", "/v1/chat/completions", auth(), b"{not json", 400),
+    "json array": ("POST", "/v1/chat/completions", auth(), b"[1, 2]", 400),
+    "no model": ("POST", "/v1/chat/completions", auth(), {"messages": []}, 400),
+    "oversized body": ("POST", "/v1/chat/completions", auth(), {"model": "fake", "messages": [{"role": "user", "content": "x" * 70_000}]}, 413),
+    "unknown route": ("GET", "/v1/nothing-here", auth(), None, 404),
+    "wrong method": ("GET", "/v1/chat/completions", auth(), None, 405),
+}
+
+
+@pytest.mark.parametrize("method, path, headers, body, status", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_an_openai_shaped_error_and_never_reaches_upstream(
+    client: httpx.Client, fake: tuple[FakeUpstream, str], method: str, path: str, headers: dict, body: object, status: int
+) -> None:
+    before = len(fake[0].requests)
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
+    r = client.request(method, path, headers=headers, **kwargs)
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "code", "param"} and error["message"]
+    assert "Traceback" not in r.text
+    assert len(fake[0].requests) == before
+
+
+def test_upstream_gets_the_master_key_the_user_id_and_a_usage_request(client: httpx.Client, fake: tuple[FakeUpstream, str]) -> None:
+    user = uid()
+    r = client.post("/v1/chat/completions", headers=auth(user), json={**CHAT, "stream": True, "user": "spoofed"})
+    assert r.status_code == 200
+    sent = fake[0].requests[-1]
+    assert sent["_headers"]["authorization"] == "Bearer sk-unused"
+    assert sent["user"] == user
+    assert sent["stream_options"] == {"include_usage": True}
+    assert b'"usage"' not in r.content  # hidden: the caller did not ask for it
+    assert r.text.count("part") == 3 and r.text.endswith("data: [DONE]\n\n")
+
+
+def test_quota_headers_and_request_id_on_every_response(client: httpx.Client) -> None:
+    headers = auth()
+    for r in (
+        client.post("/v1/chat/completions", headers={**headers, "X-Request-Id": "my-id-1"}, json=CHAT),
+        client.get("/v1/models", headers=headers),
+        client.get("/v1/quota", headers=headers),
+    ):
+        assert r.status_code == 200, r.text
+        assert {"x-quota-limit", "x-quota-used", "x-quota-remaining", "x-quota-reset", "x-quota-state"} <= set(r.headers)
+    first = client.post("/v1/chat/completions", headers={**headers, "X-Request-Id": "my-id-2"}, json=CHAT)
+    assert first.headers["x-request-id"] == "my-id-2"
+    assert first.headers["x-quota-state"] == "ok"
+
+
+def test_upstream_4xx_passes_through_and_charges_nothing(client: httpx.Client) -> None:
+    headers = auth()
+    r = client.post("/v1/chat/completions", headers=headers, json={**CHAT, "model": "bad-request"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "context too long"
+    quota = lambda: client.get("/v1/quota", headers=headers).json()["budgets"][0]  # noqa: E731
+    eventually(lambda: (quota()["used"], quota()["reserved"]) == (0, 0))
+
+
+def test_missing_usage_is_estimated_and_marked(client: httpx.Client, base_settings: Settings) -> None:
+    r = client.post("/v1/chat/completions", headers={**auth(), "X-Request-Id": (rid := uid("req"))}, json={**CHAT, "model": "no-usage"})
+    assert r.status_code == 200
+    row = eventually(lambda: pg_row(base_settings.database_url, "select * from usage_records where request_id = $1", rid))
+    assert row["estimated"] is True and row["status"] == "ok"
+    assert row["total_tokens"] == int(r.headers["x-quota-used"]) > 0
+
+
+def test_unreachable_upstream_is_503_and_releases_the_reservation(base_settings: Settings) -> None:
+    settings = replace(base_settings, litellm_base_url="http://127.0.0.1:9")  # nothing listens on the discard port
+    user = uid()
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as c:
+        r = c.post("/v1/chat/completions", headers=auth(user), json=CHAT)
+        assert r.status_code == 503
+        assert r.json()["error"]["type"] == "api_error" and "unreachable" in r.json()["error"]["message"]
+        quota = lambda: c.get("/v1/quota", headers=auth(user)).json()["budgets"][0]  # noqa: E731
+        eventually(lambda: quota()["reserved"] == 0 and quota()["used"] == 0)
+
+
+def test_health_and_metrics(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["redis"] == "ok" and ready.json()["checks"]["postgres"] == "ok"
+    client.post("/v1/chat/completions", headers=auth(), json=CHAT)
+    assert 'quota_requests_total{endpoint="chat",status="ok"}' in client.get("/metrics").text

@@ -1,0 +1,171 @@
+"""End to end: openai client -> proxy (`python -m proxy serve`) -> real LiteLLM with mock models.
+
+Checks what a user and an admin see: the answer, the quota headers, the ledger row in
+PostgreSQL, the budget moving by exactly the reported tokens, and the readable 429.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields, replace
+from typing import Iterator
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from proxy.config import Settings
+from proxy.devstack import ROOT, free_port, start_proxy, stop
+
+from .helpers import eventually, pg_row, token, uid
+
+MOCK_TEXT = "Hello from the mock model. This answer is fixed so tests can rely on it."
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        env[f.name.upper()] = ",".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+@pytest.fixture(scope="module")
+def env(e2e_settings: Settings) -> dict[str, str]:
+    return settings_env(replace(e2e_settings, budget_refresh_seconds=0.2, ledger_stream=f"test:e2e:{uid()}"))
+
+
+@pytest.fixture(scope="module")
+def proxy_url(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    proc = start_proxy(env, port, tmp_path_factory.mktemp("proxy") / "proxy.log")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def client_for(proxy_url: str, user: str, **kw: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=token(user), **kw)  # type: ignore[arg-type]
+
+
+def quota(proxy_url: str, user: str) -> dict:
+    r = httpx.get(f"{proxy_url}/v1/quota", headers={"Authorization": f"Bearer {token(user)}"})
+    return r.json()["budgets"][0]
+
+
+def ledger_row(env: dict[str, str], request_id: str) -> dict:
+    return eventually(lambda: pg_row(env["DATABASE_URL"], "select * from usage_records where request_id = $1", request_id))
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "proxy", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_chat_completion(proxy_url: str, env: dict[str, str]) -> None:
+    user = uid()
+    raw = client_for(proxy_url, user).chat.completions.with_raw_response.create(
+        model="mock-gpt", messages=[{"role": "user", "content": "Hello"}], extra_headers={"X-Request-Id": (rid := uid("req"))}
+    )
+    answer = raw.parse()
+    assert answer.choices[0].message.content == MOCK_TEXT
+    assert answer.usage is not None and answer.usage.total_tokens == 30
+    h = raw.headers
+    assert (h["x-quota-limit"], h["x-quota-used"], h["x-quota-remaining"], h["x-quota-state"]) == ("100000", "30", "99970", "ok")
+    assert h["x-quota-reset"].endswith("-01T00:00:00Z") and h["x-request-id"] == rid
+    row = ledger_row(env, rid)
+    assert (row["user_id"], row["model"], row["endpoint"], row["status"], row["http_status"]) == (user, "mock-gpt", "chat", "ok", 200)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"], row["stream"], row["estimated"]) == (10, 20, 30, False, False)
+    assert quota(proxy_url, user)["used"] == 30
+
+
+def test_exact_usage_moves_the_budget_by_exactly_that(proxy_url: str) -> None:
+    user = uid()
+    client = client_for(proxy_url, user)
+    for _ in range(3):
+        answer = client.chat.completions.create(model="mock-exact", messages=[{"role": "user", "content": "count me"}])
+        assert answer.usage.total_tokens == 12
+    eventually(lambda: quota(proxy_url, user)["used"] == 36)
+
+
+def test_stream_passes_through_and_is_charged_its_reported_usage(proxy_url: str, env: dict[str, str]) -> None:
+    user = uid()
+    stream = client_for(proxy_url, user).chat.completions.create(
+        model="mock-gpt", messages=[{"role": "user", "content": "Hello"}], stream=True, extra_headers={"X-Request-Id": (rid := uid("req"))}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == MOCK_TEXT
+    assert all(c.usage is None for c in chunks)  # the usage chunk the proxy asked for is not shown
+    row = ledger_row(env, rid)
+    assert row["stream"] is True and row["estimated"] is False and row["status"] == "ok"
+    assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"] > 0
+    assert row["ttft_ms"] is not None and row["ttft_ms"] <= row["latency_ms"]
+    eventually(lambda: quota(proxy_url, user)["used"] == row["total_tokens"])
+
+
+def test_stream_with_usage_requested_shows_it_and_charges_it(proxy_url: str) -> None:
+    user = uid()
+    chunks = list(client_for(proxy_url, user).chat.completions.create(
+        model="mock-gpt", messages=[{"role": "user", "content": "Hi"}], stream=True, stream_options={"include_usage": True}
+    ))  # fmt: skip
+    usage = chunks[-1].usage
+    assert usage is not None and usage.total_tokens > 0
+    eventually(lambda: quota(proxy_url, user)["used"] == usage.total_tokens)
+
+
+def test_user_past_the_budget_gets_a_readable_429_without_retries(proxy_url: str, env: dict[str, str]) -> None:
+    user = uid()
+    assert "30 tokens per month" in cli(env, "budget", "set", user, "30")
+    client = client_for(proxy_url, user)  # default max_retries=2: x-should-retry must stop them
+
+    def first_request_allowed() -> bool:
+        client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "Hello"}])
+        return True
+
+    eventually(first_request_allowed)  # the proxy sees the new budget within BUDGET_REFRESH_SECONDS
+    eventually(lambda: quota(proxy_url, user)["used"] == 30)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "Again"}])
+    err = info.value
+    assert err.status_code == 429 and err.code == "insufficient_quota"
+    assert err.body["message"].startswith("Monthly token budget used up: 30 of 30 tokens. It resets on ")  # type: ignore[index]
+    assert err.body["message"].endswith(" 00:00 UTC.")  # type: ignore[index]
+    assert err.response.headers["x-quota-state"] == "blocked"
+    count = lambda: pg_row(env["DATABASE_URL"], "select count(*) from usage_records where user_id = $1 and status = 'blocked'", user)[0]  # noqa: E731
+    eventually(lambda: count() == 1)
+    shown = orjson.loads(cli(env, "budget", "show", user))
+    assert (shown["limit"], shown["used"], shown["remaining"]) == (30, 30, 0)
+
+
+def test_embeddings_are_charged_and_models_are_not(proxy_url: str, env: dict[str, str]) -> None:
+    user = uid()
+    client = client_for(proxy_url, user)
+    result = client.embeddings.create(model="mock-embed", input="hello world")
+    assert result.data[0].embedding == [0.1, 0.2, 0.3]
+    eventually(lambda: quota(proxy_url, user)["used"] == result.usage.prompt_tokens > 0)
+    ids = {m.id for m in client.models.list()}
+    assert {"mock-gpt", "mock-exact", "mock-embed"} <= ids
+    assert quota(proxy_url, user)["used"] == result.usage.prompt_tokens
+
+
+def test_legacy_completions_endpoint(proxy_url: str) -> None:
+    user = uid()
+    answer = client_for(proxy_url, user).completions.create(model="mock-gpt", prompt="Say hi")
+    assert answer.choices[0].text == MOCK_TEXT
+    eventually(lambda: quota(proxy_url, user)["used"] == answer.usage.total_tokens)
+
+
+def test_token_cli_mints_a_token_the_proxy_accepts(proxy_url: str, env: dict[str, str]) -> None:
+    minted = cli(env, "token", "issue", "--sub", user := uid(), "--tenant", "acme", "--ttl", "1h").strip()
+    r = httpx.get(f"{proxy_url}/v1/quota", headers={"Authorization": f"Bearer {minted}"})
+    assert r.status_code == 200 and r.json()["user"] == user and r.json()["tenant"] == "acme"
+
+
+def test_readyz_sees_all_three_dependencies(proxy_url: str) -> None:
+    r = httpx.get(f"{proxy_url}/readyz")
+    assert r.status_code == 200
+    assert {k: v for k, v in r.json()["checks"].items() if k != "ledger_backlog"} == {"redis": "ok", "postgres": "ok", "litellm": "ok"}

@@ -1,0 +1,135 @@
+"""The ledger: Redis Stream to PostgreSQL, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.db import migrate
+from proxy.ledger import GROUP, Ledger, UsageRecord, insert_records
+
+from .helpers import uid
+
+pytestmark = pytest.mark.anyio
+
+
+def record(user: str, tokens: int = 30, at: float | None = None, **kw: object) -> UsageRecord:
+    fields = dict(
+        request_id=uid("req"), created_at=at or time.time(), user_id=user, tenant_id="acme", model="mock-gpt",
+        served_model="mock-gpt", endpoint="chat", prompt_tokens=10, completion_tokens=tokens - 10,
+        total_tokens=tokens, cost_usd=0.00012, status="ok", http_status=200, stream=True, estimated=False,
+        latency_ms=12.5, ttft_ms=3.25,
+    )  # fmt: skip
+    fields.update(kw)
+    return UsageRecord(**fields)  # type: ignore[arg-type]
+
+
+async def enqueue(client: aioredis.Redis, ledger: Ledger, records: list[UsageRecord]) -> None:
+    async with client.pipeline(transaction=False) as pipe:
+        for r in records:
+            ledger.enqueue(pipe, r)
+        await pipe.execute()
+
+
+@pytest.fixture
+async def ledger(redis_client: aioredis.Redis, pg_pool: asyncpg.Pool) -> Ledger:
+    led = Ledger(redis_client, pg_pool, stream=f"test:ledger:{uid()}", consumer="test-writer", batch_size=100)
+    await led.ensure_group()
+    return led
+
+
+async def test_records_land_in_postgres_with_every_field(ledger, redis_client, pg_pool) -> None:
+    user = uid()
+    records = [record(user), record(user, 50, stream=False, ttft_ms=None, estimated=True)]
+    await enqueue(redis_client, ledger, records)
+    assert await ledger.drain_once(block=False) == 2
+    rows = await pg_pool.fetch("select * from usage_records where user_id = $1 order by total_tokens", user)
+    assert [(r["total_tokens"], r["stream"], r["estimated"], r["ttft_ms"]) for r in rows] == [(30, True, False, 3.25), (50, False, True, None)]
+    assert rows[0]["request_id"] == records[0].request_id and rows[0]["tenant_id"] == "acme"
+    assert float(rows[0]["cost_usd"]) == pytest.approx(0.00012)
+    assert abs(rows[0]["created_at"].timestamp() - records[0].created_at) < 1e-3
+    assert await ledger.backlog() == 0  # acknowledged entries are deleted from the stream
+
+
+async def test_redelivery_after_a_crash_before_ack_never_duplicates(ledger, redis_client, pg_pool) -> None:
+    user = uid()
+    records = [record(user) for _ in range(5)]
+    await enqueue(redis_client, ledger, records)
+    # A writer reads the batch and commits, then dies before XACK: the entries stay pending.
+    await redis_client.xreadgroup(GROUP, "test-writer", {ledger.stream: ">"}, count=100)
+    async with pg_pool.acquire() as conn:
+        await insert_records(conn, [orjson.loads(r.encode()) for r in records[:3]], set())
+    # The restarted writer re-reads its pending entries and writes them again.
+    assert await ledger.drain_once(pending=True) == 5
+    assert await pg_pool.fetchval("select count(*) from usage_records where user_id = $1", user) == 5
+    assert await ledger.drain_once(pending=True) == 0
+
+
+async def test_entries_of_a_dead_writer_are_claimed(redis_client, pg_pool) -> None:
+    stream = f"test:ledger:{uid()}"
+    dead = Ledger(redis_client, pg_pool, stream=stream, consumer="dead")
+    alive = Ledger(redis_client, pg_pool, stream=stream, consumer="alive", claim_idle_seconds=0)
+    await dead.ensure_group()
+    user = uid()
+    await enqueue(redis_client, dead, [record(user), record(user)])
+    await redis_client.xreadgroup(GROUP, "dead", {stream: ">"}, count=10)  # then it dies
+    assert await alive.drain_once(block=False) == 0  # nothing new
+    assert await alive.claim_abandoned() == 2
+    assert await alive.drain_once(pending=True) == 2
+    assert await pg_pool.fetchval("select count(*) from usage_records where user_id = $1", user) == 2
+
+
+async def test_a_record_in_a_month_without_partition_creates_it(ledger, redis_client, pg_pool) -> None:
+    user = uid()
+    far = datetime(2031, 7, 15, tzinfo=timezone.utc).timestamp()
+    await pg_pool.execute("drop table if exists usage_records_203107")
+    await enqueue(redis_client, ledger, [record(user, at=far)])
+    assert await ledger.drain_once(block=False) == 1
+    assert await pg_pool.fetchval("select count(*) from usage_records_203107 where user_id = $1", user) == 1
+
+
+async def test_direct_write_when_redis_is_unreachable(pg_pool) -> None:
+    broken = aioredis.Redis.from_url("redis://127.0.0.1:1/0")
+    led = Ledger(broken, pg_pool, stream="unused")
+    r = record(uid())
+    await led.write_direct(r)
+    assert await pg_pool.fetchval("select total_tokens from usage_records where request_id = $1", r.request_id) == 30
+    await broken.aclose()
+
+
+async def test_views_report_what_the_records_say(ledger, redis_client, pg_pool) -> None:
+    user = uid()
+    await pg_pool.execute(
+        "insert into budgets (subject_type, subject, period, token_limit, warn_ratio) values ('user', $1, 'month', 100, 0.8)", user
+    )
+    await enqueue(redis_client, ledger, [record(user, 30), record(user, 55, model="other"), record(user, 0, status="blocked", http_status=429)])
+    await ledger.drain_once(block=False)
+    daily = await pg_pool.fetch("select model, requests, tokens from usage_daily where user_id = $1 order by model", user)
+    assert [tuple(r) for r in daily] == [("mock-gpt", 2, 30), ("other", 1, 55)]
+    status = await pg_pool.fetchrow("select * from budget_status where subject_type = 'user' and subject = $1", user)
+    assert (status["token_limit"], status["used"], status["remaining"], status["state"]) == (100, 85, 15, "warn")
+    assert float(status["percent"]) == 85.0
+    top = await pg_pool.fetchrow("select * from top_users_month where user_id = $1", user)
+    assert (top["requests"], top["tokens"], top["state"]) == (3, 85, "warn")
+    assert await pg_pool.fetchval("select count(*) from blocked_requests where user_id = $1", user) == 1
+    monthly = await pg_pool.fetchval("select sum(tokens) from usage_monthly where user_id = $1", user)
+    by_model = await pg_pool.fetchval("select count(*) from usage_by_model where model = 'other'")
+    assert monthly == 85 and by_model >= 1
+
+
+async def test_migrate_is_idempotent_and_safe_to_run_concurrently(base_settings) -> None:
+    conns = [await asyncpg.connect(base_settings.database_url) for _ in range(2)]
+    try:
+        results = await asyncio.gather(*(migrate(c) for c in conns))
+        assert results == [[], []]  # already applied by the session fixture; both runs wait their turn
+        versions = await conns[0].fetch("select version from schema_migrations order by version")
+        assert [v["version"] for v in versions] == ["001_schema.sql", "002_views.sql"]
+    finally:
+        for c in conns:
+            await c.close()
