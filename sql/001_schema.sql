@@ -35,7 +35,7 @@ create table if not exists budgets (
     subject      text        not null,
     period       text        not null default 'month' check (period in ('day', 'week', 'month', 'total')),
     token_limit  bigint      not null check (token_limit >= 0),
-    warn_ratio   real        not null default 0.8 check (warn_ratio > 0 and warn_ratio <= 1),
+    warn_ratio   double precision not null default 0.8 check (warn_ratio > 0 and warn_ratio <= 1),
     rpm_limit    integer,
     tpm_limit    integer,
     updated_at   timestamptz not null default now(),
