@@ -57,6 +57,7 @@ class Settings:
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
     upstream_max_connections: int = 512
+    upstream_max_concurrency: int = 1024
     ledger_stream: str = "quota:ledger"
     ledger_batch_size: int = 1000
     ledger_flush_seconds: float = 1.0

@@ -20,7 +20,15 @@ from . import metrics
 from .auth import Authenticator, Identity
 from .budget import BudgetEngine, Reservation
 from .config import Settings
-from .errors import BadRequest, PayloadTooLarge, ProxyError, QuotaExceeded, UpstreamError, UpstreamTimeout
+from .errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ProxyError,
+    QuotaExceeded,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from .forward import StreamThrough, Upstream, pass_headers
 from .ledger import Ledger, UsageRecord
 from .sse import StreamMeter, usage_totals
@@ -145,6 +153,7 @@ class Relay:
         self._upstream = upstream
         self._redis = client
         self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0  # requests holding a reservation, i.e. on their way upstream or streaming
 
     def identify(self, request: Request) -> Identity:
         return self._auth.authenticate(request.headers.get("authorization"))
@@ -162,6 +171,10 @@ class Relay:
         prompt = estimate_prompt(payload)
         ticket = Ticket(request_id, identity, endpoint, model, stream, wall_start, perf_start, prompt)
 
+        if self._in_flight >= self._settings.upstream_max_concurrency:
+            raise ServiceUnavailable(
+                f"The proxy is at its limit of {self._settings.upstream_max_concurrency:,} concurrent requests; try again shortly."
+            )
         cap_field, cap = completion_cap(payload)
         allowance = 0 if endpoint == "embeddings" else (cap or self._settings.completion_allowance)
         try:
@@ -170,6 +183,7 @@ class Relay:
             self._account(None, ticket.record("blocked", exc.status))
             exc.headers["X-Request-Id"] = request_id
             raise
+        self._in_flight += 1
         self._shape(payload, reservation.granted - prompt, cap_field, cap, endpoint, identity)
         hide_usage = stream and self._ask_usage(payload)
 
@@ -196,7 +210,9 @@ class Relay:
                 if usage is None:
                     completion = meter.completion_estimate
                     usage = (prompt, completion, prompt + completion)
-                record = ticket.record(outcome, 200, usage, estimated=estimated, cost=cost, ttft_ms=ttft_ms)
+                record = ticket.record(
+                    outcome, 200, usage, estimated=estimated, served_model=meter.model, cost=cost, ttft_ms=ttft_ms
+                )
                 self._account(reservation, record)
 
             return StreamThrough(upstream, headers, meter, on_end)  # type: ignore[return-value]
@@ -264,6 +280,8 @@ class Relay:
     # Accounting runs after the response, in tasks the request never waits on.
 
     def _account(self, reservation: Reservation | None, record: UsageRecord) -> None:
+        if reservation is not None:
+            self._in_flight -= 1
         metrics.REQUESTS.labels(record.endpoint, record.status).inc()
         if record.total_tokens:
             metrics.TOKENS.labels(record.endpoint).inc(record.total_tokens)

@@ -31,11 +31,12 @@ class StreamMeter:
     that extra chunk so the client sees the stream shape it asked for.
     """
 
-    __slots__ = ("hide_usage", "usage", "chars", "events", "_buf")
+    __slots__ = ("hide_usage", "usage", "model", "chars", "events", "_buf")
 
     def __init__(self, hide_usage: bool) -> None:
         self.hide_usage = hide_usage
         self.usage: dict[str, Any] | None = None
+        self.model: str | None = None  # the model that served the stream, as the chunks name it
         self.chars = 0
         self.events = 0
         self._buf = b""
@@ -76,6 +77,8 @@ class StreamMeter:
             return event
         if not isinstance(obj, dict):
             return event
+        if self.model is None and isinstance(obj.get("model"), str):
+            self.model = obj["model"]
         for choice in obj.get("choices") or ():
             if isinstance(choice, dict):
                 delta = choice.get("delta") or {}

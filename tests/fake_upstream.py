@@ -38,6 +38,7 @@ def chunk(content: str) -> bytes:
 class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.cancelled: list[str] = []  # models whose stream the proxy abandoned
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
                                      Route("/v1/models", self.models), Route("/health/liveliness", self.models)])  # fmt: skip
 
@@ -60,12 +61,26 @@ class FakeUpstream:
         return JSONResponse(completion())
 
     async def stream(self, model: str):  # type: ignore[no-untyped-def]
-        for i in range(3):
-            yield chunk(f"part{i} ")
-            if model == "slow-stream":
+        try:
+            if model == "slow-first-byte":
                 await asyncio.sleep(0.5)
-        if model == "cut-stream":
-            raise RuntimeError("upstream dies mid-stream")
-        if model != "no-usage-stream":
-            yield sse({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": USAGE})
-        yield b"data: [DONE]\n\n"
+            if model == "malformed":
+                yield b"data: {this is not json\n\n"
+            for i in range(3):
+                yield chunk(f"part{i} ")
+                if model in ("slow-stream", "endless"):
+                    await asyncio.sleep(0.3)
+            if model == "endless":
+                for i in range(1000):
+                    yield chunk(f"more{i} ")
+                    await asyncio.sleep(0.3)
+            if model == "stall":
+                await asyncio.sleep(30)
+            if model == "cut-stream":
+                raise RuntimeError("upstream dies mid-stream")
+            if model != "no-usage-stream":
+                yield sse({"id": "c", "object": "chat.completion.chunk", "model": "fake-served", "choices": [], "usage": USAGE})
+            yield b"data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled.append(model)
+            raise

@@ -169,3 +169,19 @@ def test_readyz_sees_all_three_dependencies(proxy_url: str) -> None:
     r = httpx.get(f"{proxy_url}/readyz")
     assert r.status_code == 200
     assert {k: v for k, v in r.json()["checks"].items() if k != "ledger_backlog"} == {"redis": "ok", "postgres": "ok", "litellm": "ok"}
+
+
+def test_user_stopping_a_long_answer_is_charged_what_was_streamed(proxy_url: str, env: dict[str, str]) -> None:
+    user = uid()
+    stream = client_for(proxy_url, user).chat.completions.create(
+        model="mock-long", messages=[{"role": "user", "content": "Tell me a long story"}], stream=True,
+        extra_headers={"X-Request-Id": (rid := uid("req"))},
+    )  # fmt: skip
+    first = next(iter(stream))
+    assert first.choices[0].delta.content
+    stream.close()  # the user presses "stop"
+    row = ledger_row(env, rid)
+    assert (row["status"], row["estimated"]) == ("cancelled", True)
+    full_answer = 1000 // 4  # mock-long is about 1,000 characters
+    assert 0 < row["completion_tokens"] < full_answer / 2
+    eventually(lambda: quota(proxy_url, user)["used"] == row["total_tokens"] and quota(proxy_url, user)["reserved"] == 0)

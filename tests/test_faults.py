@@ -1,0 +1,170 @@
+"""Every way a request can end, against an upstream that misbehaves on purpose.
+
+Each test checks what the client saw, what the ledger recorded, and what the budget moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+from typing import Iterator
+
+import httpx
+import orjson
+import pytest
+
+from proxy.app import create_app
+from proxy.config import Settings
+
+from .fake_upstream import USAGE, FakeUpstream
+from .helpers import eventually, pg_row, serve, token, uid
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream()
+    with serve(upstream.app) as url:
+        upstream.url = url  # type: ignore[attr-defined]
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def proxy_url(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
+    settings = replace(base_settings, litellm_base_url=fake.url, upstream_read_timeout=1.0)  # type: ignore[attr-defined]
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+class Call:
+    """One streamed chat request by a fresh user; what came back, and what was recorded."""
+
+    def __init__(self, proxy_url: str, model: str, dsn: str) -> None:
+        self.user, self.request_id, self.dsn, self.proxy_url = uid(), uid("req"), dsn, proxy_url
+        self.headers = {"Authorization": f"Bearer {token(self.user)}", "X-Request-Id": self.request_id}
+        self.body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hello there"}]}
+
+    def run(self) -> httpx.Response:
+        return httpx.post(f"{self.proxy_url}/v1/chat/completions", headers=self.headers, json=self.body, timeout=10)
+
+    def record(self):  # type: ignore[no-untyped-def]
+        return eventually(lambda: pg_row(self.dsn, "select * from usage_records where request_id = $1", self.request_id))
+
+    def quota(self) -> dict:
+        r = httpx.get(f"{self.proxy_url}/v1/quota", headers=self.headers)
+        return r.json()["budgets"][0]
+
+    def settled(self, used: int) -> None:
+        eventually(lambda: (self.quota()["used"], self.quota()["reserved"]) == (used, 0))
+
+
+def data_events(text: str) -> list[str]:
+    return [e[6:] for e in text.split("\n\n") if e.startswith("data: ")]
+
+
+def test_complete_stream_is_charged_its_usage(proxy_url: str, base_settings: Settings) -> None:
+    call = Call(proxy_url, "fake", base_settings.database_url)
+    r = call.run()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert data_events(r.text)[-1] == "[DONE]"
+    row = call.record()
+    assert (row["status"], row["total_tokens"], row["estimated"], row["served_model"]) == ("ok", USAGE["total_tokens"], False, "fake-served")
+    call.settled(USAGE["total_tokens"])
+
+
+def test_stream_without_usage_is_estimated_from_what_was_streamed(proxy_url: str, base_settings: Settings) -> None:
+    call = Call(proxy_url, "no-usage-stream", base_settings.database_url)
+    assert call.run().status_code == 200
+    row = call.record()
+    assert row["status"] == "ok" and row["estimated"] is True
+    assert row["completion_tokens"] == 5  # "part0 part1 part2 " is 18 characters
+    call.settled(row["total_tokens"])
+
+
+def test_upstream_dropping_the_connection_mid_stream(proxy_url: str, base_settings: Settings) -> None:
+    call = Call(proxy_url, "cut-stream", base_settings.database_url)
+    r = call.run()
+    assert r.status_code == 200  # the headers were out before the upstream broke
+    events = data_events(r.text)
+    assert [orjson.loads(e)["choices"][0]["delta"]["content"] for e in events[:3]] == ["part0 ", "part1 ", "part2 "]
+    error = orjson.loads(events[-1])["error"]
+    assert error["code"] == "upstream_error" and "broke off" in error["message"]
+    row = call.record()
+    assert (row["status"], row["estimated"], row["completion_tokens"]) == ("upstream_error", True, 5)
+    call.settled(row["total_tokens"])  # only what was delivered
+
+
+def test_upstream_stalling_mid_stream_hits_the_read_timeout(proxy_url: str, base_settings: Settings) -> None:
+    call = Call(proxy_url, "stall", base_settings.database_url)
+    started = time.monotonic()
+    r = call.run()
+    assert time.monotonic() - started < 5
+    error = orjson.loads(data_events(r.text)[-1])["error"]
+    assert error["code"] == "upstream_timeout"
+    row = call.record()
+    assert row["status"] == "upstream_error" and row["estimated"] is True
+    call.settled(row["total_tokens"])
+
+
+def test_malformed_sse_line_passes_through_and_the_rest_is_counted(proxy_url: str, base_settings: Settings) -> None:
+    call = Call(proxy_url, "malformed", base_settings.database_url)
+    r = call.run()
+    assert data_events(r.text)[0] == "{this is not json"
+    assert call.record()["total_tokens"] == USAGE["total_tokens"]
+
+
+def test_slow_first_byte_is_waited_for_and_measured(proxy_url: str, base_settings: Settings) -> None:
+    call = Call(proxy_url, "slow-first-byte", base_settings.database_url)
+    assert call.run().status_code == 200
+    row = call.record()
+    assert row["status"] == "ok" and 500 <= row["ttft_ms"] < 1500
+
+
+def test_upstream_errors_before_streaming_pass_through_with_their_status(proxy_url: str, base_settings: Settings) -> None:
+    for model, status in (("bad-request", 400), ("server-error", 500)):
+        call = Call(proxy_url, model, base_settings.database_url)
+        r = call.run()
+        assert r.status_code == status and "error" in r.json()
+        row = call.record()
+        assert (row["status"], row["http_status"], row["total_tokens"]) == ("upstream_error", status, 0)
+        call.settled(0)
+
+
+def test_client_hanging_up_cancels_the_upstream_and_charges_what_was_streamed(
+    proxy_url: str, fake: FakeUpstream, base_settings: Settings
+) -> None:
+    call = Call(proxy_url, "endless", base_settings.database_url)
+    with httpx.stream("POST", f"{proxy_url}/v1/chat/completions", headers=call.headers, json=call.body, timeout=10) as r:
+        seen = b""
+        for part in r.iter_bytes():
+            seen += part
+            if seen.count(b"part") >= 2:
+                break
+    hung_up = time.monotonic()
+    eventually(lambda: "endless" in fake.cancelled, timeout=5)
+    assert time.monotonic() - hung_up < 2  # the upstream request was closed promptly
+    row = call.record()
+    assert (row["status"], row["estimated"]) == ("cancelled", True)
+    assert 3 <= row["completion_tokens"] <= 5  # two or three "partN " deltas (12 or 18 characters), not the endless rest
+    call.settled(row["total_tokens"])
+
+
+def test_concurrency_cap_answers_503_when_saturated(base_settings: Settings, fake: FakeUpstream) -> None:
+    settings = replace(base_settings, litellm_base_url=fake.url, upstream_max_concurrency=2)  # type: ignore[attr-defined]
+    with serve(create_app(settings)) as url:
+        results: list[int] = []
+
+        def slow() -> None:
+            results.append(Call(url, "slow-stream", base_settings.database_url).run().status_code)
+
+        threads = [threading.Thread(target=slow) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        r = Call(url, "fake", base_settings.database_url).run()
+        assert r.status_code == 503 and "concurrent requests" in r.json()["error"]["message"]
+        for t in threads:
+            t.join()
+        assert results == [200, 200]
+        assert Call(url, "fake", base_settings.database_url).run().status_code == 200  # capacity is given back
