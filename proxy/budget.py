@@ -7,6 +7,7 @@ fresh budget by accident.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -19,7 +20,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from .auth import Identity
-from .errors import QuotaExceeded, ServiceUnavailable
+from .errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from .limits import BudgetBook, Limit
 
 _HERE = Path(__file__).resolve().parent
@@ -94,6 +95,17 @@ class Quota:
             "resets_at": self.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ") if self.resets_at else None,
         }
 
+    def notice(self) -> str | None:
+        """The line added to a streamed answer once the user is past the warn ratio."""
+        if self.state != "warn":
+            return None
+        percent = int(100 * self.used / self.limit.tokens)
+        period = _PERIOD_WORD[self.limit.period].lower()
+        return (
+            f"\n\n> You have used {percent} % of your {period} token budget "
+            f"({self.used:,} of {self.limit.tokens:,})."
+        )
+
     def refusal(self, subject: str) -> str:
         """What a person reads in LibreChat when this budget stops a request."""
         word = _PERIOD_WORD[self.limit.period]
@@ -123,12 +135,45 @@ class Scope:
     end: datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """The caller's per-minute limits and what the sliding window held before this request."""
+
+    rpm: int
+    tpm: int
+    requests: int
+    tokens: int
+    reset_seconds: int
+
+    def headers(self) -> dict[str, str]:
+        h: dict[str, str] = {}
+        if self.rpm:
+            h["X-RateLimit-Limit-Requests"] = str(self.rpm)
+            h["X-RateLimit-Remaining-Requests"] = str(max(self.rpm - self.requests - 1, 0))
+            h["X-RateLimit-Reset-Requests"] = f"{self.reset_seconds}s"
+        if self.tpm:
+            h["X-RateLimit-Limit-Tokens"] = str(self.tpm)
+            h["X-RateLimit-Remaining-Tokens"] = str(max(self.tpm - self.tokens, 0))
+            h["X-RateLimit-Reset-Tokens"] = f"{self.reset_seconds}s"
+        return h
+
+
 @dataclass(slots=True)
 class Reservation:
     request_id: str
     scopes: tuple[Scope, ...]
+    keys: tuple[str, ...]  # the scopes' counters, then the rate hash when there are rate limits
     granted: int
     quotas: list[Quota]
+    rates: Rates | None
+
+    def headers(self, used: int | None = None) -> dict[str, str]:
+        """Response headers: the user's budget (with `used` once the real usage is known), and rate limits."""
+        quota = self.quotas[0] if used is None else self.quotas[0].with_used(used)
+        h = quota.headers()
+        if self.rates is not None:
+            h.update(self.rates.headers())
+        return h
 
 
 class BudgetEngine:
@@ -149,10 +194,14 @@ class BudgetEngine:
         self._reserve = client.register_script(RESERVE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
 
-    def scopes(self, identity: Identity, now: float) -> tuple[Scope, ...]:
+    @staticmethod
+    def _tag(identity: Identity) -> str:
         # Every key of one request carries the same hash tag, so one Lua call may touch them all
         # on Redis Cluster too: the tenant's when there is one, else the user's.
-        tag = f"t:{quote(identity.tenant, safe='')}" if identity.tenant else f"u:{quote(identity.user, safe='')}"
+        return f"t:{quote(identity.tenant, safe='')}" if identity.tenant else f"u:{quote(identity.user, safe='')}"
+
+    def scopes(self, identity: Identity, now: float) -> tuple[Scope, ...]:
+        tag = self._tag(identity)
         scopes = [self._scope(tag, self._book.user(identity.user), identity.user, now)]
         tenant_limit = self._book.tenant(identity.tenant)
         if tenant_limit is not None and identity.tenant is not None:
@@ -168,11 +217,16 @@ class BudgetEngine:
     async def reserve(self, identity: Identity, request_id: str, prompt: int, wanted: int) -> Reservation:
         """Reserve up to `wanted` tokens; refuse unless every budget has room for more than `prompt`."""
         now = self._clock()
+        now_ms = int(now * 1000)
         scopes = self.scopes(identity, now)
+        user = scopes[0].limit
         keys = [s.key for s in scopes]
-        args: list[object] = [request_id, int(now * 1000), int(now * 1000) + self._ttl_ms, prompt, max(wanted, prompt + 1)]
+        if user.rpm or user.tpm:
+            keys.append(f"quota:{{{self._tag(identity)}}}:rate:{quote(identity.user, safe='')}")
+        args: list[object] = [request_id, now_ms, now_ms + self._ttl_ms, prompt, max(wanted, prompt + 1), len(scopes)]
         args += [s.limit.tokens for s in scopes]
         args += [self._key_expiry(s) for s in scopes]
+        args += [user.rpm, user.tpm]
         for _ in range(3):
             try:
                 result = await self._reserve(keys=keys, args=args)
@@ -180,9 +234,13 @@ class BudgetEngine:
                 raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
             if result[0] == 1:
                 quotas = [
-                    Quota(s.limit, int(result[2 + 2 * i]), int(result[3 + 2 * i]), s.end) for i, s in enumerate(scopes)
+                    Quota(s.limit, int(result[4 + 2 * i]), int(result[5 + 2 * i]), s.end) for i, s in enumerate(scopes)
                 ]
-                return Reservation(request_id, scopes, int(result[1]), quotas)
+                reset = 60 - int(now) % 60
+                rates = Rates(user.rpm, user.tpm, int(result[2]), int(result[3]), reset) if len(keys) > len(scopes) else None
+                return Reservation(request_id, scopes, tuple(keys), int(result[1]), quotas, rates)
+            if result[0] == 2:
+                raise self._rate_limited(user, int(result[1]), int(result[2]))
             if result[0] == 0:
                 scope = scopes[int(result[1]) - 1]
                 quota = Quota(scope.limit, int(result[2]), int(result[3]), scope.end)
@@ -193,16 +251,26 @@ class BudgetEngine:
             await self.rebuild(scopes[int(result[1]) - 1])
         raise ServiceUnavailable("Budget counters keep disappearing from Redis; try again shortly.")
 
+    @staticmethod
+    def _rate_limited(limit: Limit, kind: int, retry_after_ms: int) -> RateLimited:
+        what, per_minute = ("requests", limit.rpm) if kind == 1 else ("tokens", limit.tpm)
+        seconds = max(math.ceil(retry_after_ms / 1000), 1)
+        return RateLimited(
+            f"Rate limit reached: {per_minute:,} {what} per minute. Try again in {seconds} s.",
+            headers={"Retry-After": str(seconds)},
+        )
+
+    def _settle_args(self, reservation: Reservation, tokens: int) -> list[object]:
+        return [reservation.request_id, max(tokens, 0), len(reservation.scopes), int(self._clock() * 1000)]
+
     async def settle(self, reservation: Reservation, tokens: int) -> list[int]:
-        keys = [s.key for s in reservation.scopes]
-        if not keys:
-            return []
-        return [int(v) for v in await self._settle(keys=keys, args=[reservation.request_id, max(tokens, 0)])]
+        result = await self._settle(keys=list(reservation.keys), args=self._settle_args(reservation, tokens))
+        return [int(v) for v in result]
 
     def settle_into(self, pipe: Any, reservation: Reservation, tokens: int) -> None:
         """Queue the settle on a pipeline (sent with the ledger record, one round trip)."""
-        keys = [s.key for s in reservation.scopes]
-        pipe.evalsha(self._settle.sha, len(keys), *keys, reservation.request_id, max(tokens, 0))
+        keys = reservation.keys
+        pipe.evalsha(self._settle.sha, len(keys), *keys, *self._settle_args(reservation, tokens))
 
     async def snapshot(self, identity: Identity) -> list[Quota]:
         """Current state of every budget that applies, without reserving anything."""

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     bset.add_argument("--tenant", action="store_true", help="the subject is a tenant")
     bset.add_argument("--period", choices=PERIODS, help="default: BUDGET_PERIOD")
     bset.add_argument("--warn", type=float, help="warn ratio (default: WARN_RATIO)")
+    bset.add_argument("--rpm", type=int, default=0, help="requests per minute (users only; 0 = no limit)")
+    bset.add_argument("--tpm", type=int, default=0, help="tokens per minute (users only; 0 = no limit)")
     bshow = budget.add_parser("show", help="show a budget and what was used this period")
     bshow.add_argument("subject")
     bshow.add_argument("--tenant", action="store_true")
@@ -57,9 +59,13 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
     conn = await asyncpg.connect(settings.database_url)
     try:
         if args.action == "set":
-            limit = Limit(kind, args.subject, args.period or settings.budget_period, args.tokens, args.warn or settings.warn_ratio)
+            limit = Limit(
+                kind, args.subject, args.period or settings.budget_period, args.tokens,
+                args.warn or settings.warn_ratio, args.rpm, args.tpm,
+            )  # fmt: skip
             await set_budget(conn, limit)
-            print(f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period} (warn at {limit.warn_ratio:.0%})")
+            rates = "".join(f", {v:,} {k} per minute" for k, v in (("requests", limit.rpm), ("tokens", limit.tpm)) if v)
+            print(f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period} (warn at {limit.warn_ratio:.0%}){rates}")
             return
         limit = await fetch_limit(conn, kind, args.subject)
         if limit is None:
@@ -76,7 +82,7 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
         await conn.close()
     print(orjson.dumps({
         "subject_type": kind, "subject": args.subject, "budget_row": limit.subject, "period": limit.period,
-        "limit": limit.tokens, "used": used, "remaining": max(limit.tokens - used, 0), "warn_ratio": limit.warn_ratio,
+        "limit": limit.tokens, "rpm": limit.rpm, "tpm": limit.tpm, "used": used, "remaining": max(limit.tokens - used, 0), "warn_ratio": limit.warn_ratio,
         "period_start": start.isoformat(), "resets_at": end.isoformat() if end else None,
     }, option=orjson.OPT_INDENT_2).decode())  # fmt: skip
 

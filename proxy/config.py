@@ -50,6 +50,7 @@ class Settings:
     warn_ratio: float = 0.8
     completion_allowance: int = 4096
     clamp_max_tokens: bool = True
+    quota_notice: str = "inline"
     reservation_ttl_seconds: int = 900
     budget_refresh_seconds: float = 5.0
     fail_mode: str = "closed"
@@ -98,5 +99,7 @@ class Settings:
             raise ValueError(f"BUDGET_PERIOD must be one of {', '.join(PERIODS)}, not {self.budget_period!r}")
         if not 0 < self.warn_ratio <= 1:
             raise ValueError("WARN_RATIO must be in (0, 1]")
+        if self.quota_notice not in ("inline", "off"):
+            raise ValueError("QUOTA_NOTICE must be 'inline' or 'off'")
         if self.fail_mode not in ("closed", "open"):
             raise ValueError("FAIL_MODE must be 'closed' or 'open'")

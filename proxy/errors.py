@@ -62,6 +62,11 @@ class QuotaExceeded(ProxyError):
     status, type, code = 429, "insufficient_quota", "insufficient_quota"
 
 
+class RateLimited(ProxyError):
+    # Retry-After <= 60 s: LangChain and the OpenAI SDKs wait and retry, which is right here.
+    status, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
+
+
 class UpstreamError(ProxyError):
     status, type, code = 502, "api_error", "upstream_error"
 

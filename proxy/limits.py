@@ -22,6 +22,8 @@ class Limit:
     period: str
     tokens: int
     warn_ratio: float
+    rpm: int = 0  # requests per minute, 0 = no limit
+    tpm: int = 0  # tokens per minute, 0 = no limit
 
 
 def env_defaults(settings: Settings) -> list[Limit]:
@@ -34,17 +36,20 @@ def env_defaults(settings: Settings) -> list[Limit]:
 
 
 _UPSERT = """
-insert into budgets (subject_type, subject, period, token_limit, warn_ratio, updated_at)
-values ($1, $2, $3, $4, $5, now())
+insert into budgets (subject_type, subject, period, token_limit, warn_ratio, rpm_limit, tpm_limit, updated_at)
+values ($1, $2, $3, $4, $5, nullif($6, 0), nullif($7, 0), now())
 on conflict (subject_type, subject) do update
-set period = excluded.period, token_limit = excluded.token_limit, warn_ratio = excluded.warn_ratio, updated_at = now()
+set period = excluded.period, token_limit = excluded.token_limit, warn_ratio = excluded.warn_ratio,
+    rpm_limit = excluded.rpm_limit, tpm_limit = excluded.tpm_limit, updated_at = now()
 """
 
 
 async def set_budget(conn: asyncpg.Connection, limit: Limit) -> None:
     if limit.period not in PERIODS:
         raise ValueError(f"period must be one of {', '.join(PERIODS)}")
-    await conn.execute(_UPSERT, limit.subject_type, limit.subject, limit.period, limit.tokens, limit.warn_ratio)
+    await conn.execute(
+        _UPSERT, limit.subject_type, limit.subject, limit.period, limit.tokens, limit.warn_ratio, limit.rpm, limit.tpm
+    )
 
 
 async def sync_defaults(conn: asyncpg.Connection, settings: Settings) -> None:
@@ -62,9 +67,14 @@ async def fetch_limit(conn: asyncpg.Connection, subject_type: str, subject: str)
         subject,
         DEFAULT,
     )
-    if row is None:
-        return None
-    return Limit(row["subject_type"], row["subject"], row["period"], row["token_limit"], row["warn_ratio"])
+    return None if row is None else _limit(row)
+
+
+def _limit(row: asyncpg.Record) -> Limit:
+    return Limit(
+        row["subject_type"], row["subject"], row["period"], row["token_limit"], row["warn_ratio"],
+        row["rpm_limit"] or 0, row["tpm_limit"] or 0,
+    )  # fmt: skip
 
 
 class BudgetBook:
@@ -88,12 +98,10 @@ class BudgetBook:
         return self._rows.get(("tenant", tenant)) or self._rows.get(("tenant", DEFAULT))
 
     async def load(self, pool: asyncpg.Pool) -> None:
-        records = await pool.fetch("select subject_type, subject, period, token_limit, warn_ratio from budgets")
         rows = {(l.subject_type, l.subject): l for l in env_defaults(self._settings)}
-        for r in records:
-            rows[(r["subject_type"], r["subject"])] = Limit(
-                r["subject_type"], r["subject"], r["period"], r["token_limit"], r["warn_ratio"]
-            )
+        for record in await pool.fetch("select * from budgets"):
+            limit = _limit(record)
+            rows[(limit.subject_type, limit.subject)] = limit
         self._rows = rows
 
     async def refresh_forever(self, pool: asyncpg.Pool) -> None:

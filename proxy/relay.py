@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import orjson
@@ -25,6 +25,7 @@ from .errors import (
     PayloadTooLarge,
     ProxyError,
     QuotaExceeded,
+    RateLimited,
     ServiceUnavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -179,8 +180,8 @@ class Relay:
         allowance = 0 if endpoint == "embeddings" else (cap or self._settings.completion_allowance)
         try:
             reservation = await self._budget.reserve(identity, request_id, prompt, prompt + allowance)
-        except QuotaExceeded as exc:
-            self._account(None, ticket.record("blocked", exc.status))
+        except (QuotaExceeded, RateLimited) as exc:
+            self._account(None, ticket.record("blocked" if isinstance(exc, QuotaExceeded) else "rate_limited", exc.status))
             exc.headers["X-Request-Id"] = request_id
             raise
         self._in_flight += 1
@@ -198,9 +199,9 @@ class Relay:
 
         headers = pass_headers(upstream.headers)
         headers["X-Request-Id"] = request_id
-        headers.update(reservation.quotas[0].headers())
+        headers.update(reservation.headers())
         if stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
-            meter = StreamMeter(hide_usage)
+            meter = StreamMeter(hide_usage, self._notice_hook(reservation) if endpoint == "chat" else None)
             cost = _cost(upstream.headers)
 
             def on_end(outcome: str, first_byte: float | None) -> None:
@@ -240,7 +241,7 @@ class Relay:
             ),
         )  # fmt: skip
         if usage:
-            headers.update(reservation.quotas[0].with_used(reservation.quotas[0].used + usage[2]).headers())
+            headers.update(reservation.headers(used=reservation.quotas[0].used + usage[2]))
         return Response(body, status_code=upstream.status, headers=headers)
 
     def _shape(
@@ -252,6 +253,17 @@ class Relay:
             return
         if (cap is not None and cap > room) or (cap is None and room < self._settings.completion_allowance):
             payload[cap_field] = max(room, 1)
+
+    def _notice_hook(self, reservation: Reservation) -> Callable[[dict[str, Any]], str | None] | None:
+        if self._settings.quota_notice != "inline":
+            return None
+        quota = reservation.quotas[0]
+
+        def notice(usage: dict[str, Any]) -> str | None:
+            totals = usage_totals(usage)
+            return quota.with_used(quota.used + totals[2]).notice() if totals else None
+
+        return notice
 
     @staticmethod
     def _ask_usage(payload: dict[str, Any]) -> bool:

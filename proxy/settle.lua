@@ -1,11 +1,12 @@
 -- Replace a request's reservation with its real usage, on every budget it was reserved against.
--- KEYS[i]: counter hashes (as in reserve.lua). ARGV: request_id, tokens_used.
+-- KEYS[1..n]: counter hashes (as in reserve.lua); KEYS[n+1], if present: the user's rate hash.
+-- ARGV: request_id, tokens_used, n, now_ms.
 -- A counter that vanished since the reservation (Redis flushed) is left alone: it is rebuilt from
 -- PostgreSQL, which will hold this request's ledger record, so counting it here would count it twice.
 -- Returns the settled `used` of each counter (-1 where it was missing).
-local rid, tokens = ARGV[1], tonumber(ARGV[2])
+local rid, tokens, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
-for i = 1, #KEYS do
+for i = 1, n do
   local key = KEYS[i]
   if redis.call('HEXISTS', key, 'used') == 0 then
     out[i] = -1
@@ -18,5 +19,10 @@ for i = 1, #KEYS do
     end
     out[i] = redis.call('HINCRBY', key, 'used', tokens)
   end
+end
+local rate = KEYS[n + 1]
+if rate and tokens > 0 then
+  redis.call('HINCRBY', rate, 't:' .. math.floor(tonumber(ARGV[4]) / 60000), tokens)
+  redis.call('PEXPIRE', rate, 180000)
 end
 return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -31,10 +31,14 @@ class StreamMeter:
     that extra chunk so the client sees the stream shape it asked for.
     """
 
-    __slots__ = ("hide_usage", "usage", "model", "chars", "events", "_buf")
+    __slots__ = ("hide_usage", "usage", "model", "chars", "events", "_buf", "_on_usage", "_id", "_notice")
 
-    def __init__(self, hide_usage: bool) -> None:
+    def __init__(self, hide_usage: bool, on_usage: Callable[[dict[str, Any]], str | None] | None = None) -> None:
         self.hide_usage = hide_usage
+        # Given the usage, may return text to add to the answer as a last content delta before [DONE].
+        self._on_usage = on_usage
+        self._id: str | None = None
+        self._notice: bytes | None = None
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None  # the model that served the stream, as the chunks name it
         self.chars = 0
@@ -70,6 +74,8 @@ class StreamMeter:
             return event
         payload = event[data_at + 5 :].strip()
         if not payload.startswith(b"{"):
+            if payload == b"[DONE]" and self._notice is not None:
+                event, self._notice = self._notice + b"\n\n" + event, None
             return event  # [DONE] or a comment
         try:
             obj = orjson.loads(payload)
@@ -79,6 +85,8 @@ class StreamMeter:
             return event
         if self.model is None and isinstance(obj.get("model"), str):
             self.model = obj["model"]
+        if self._id is None and isinstance(obj.get("id"), str):
+            self._id = obj["id"]
         for choice in obj.get("choices") or ():
             if isinstance(choice, dict):
                 delta = choice.get("delta") or {}
@@ -91,12 +99,24 @@ class StreamMeter:
         if usage is None:
             return event
         self.usage = usage
+        if self._on_usage is not None and isinstance(usage, dict):
+            text = self._on_usage(usage)
+            if text:
+                self._notice = self._content_chunk(text)
         if not self.hide_usage:
             return event
         if not obj.get("choices") or all(_empty_choice(c) for c in obj["choices"]):
             return None
         del obj["usage"]
         return event[:data_at] + b"data: " + orjson.dumps(obj)
+
+
+    def _content_chunk(self, text: str) -> bytes:
+        chunk = {
+            "id": self._id or "quota-notice", "object": "chat.completion.chunk", "model": self.model,
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+        }  # fmt: skip
+        return b"data: " + orjson.dumps(chunk)
 
 
 def _empty_choice(choice: Any) -> bool:

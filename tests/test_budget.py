@@ -154,3 +154,50 @@ async def test_grant_shrinks_to_the_room_left(redis_client, pg_pool, base_settin
     me = Identity(uid())
     r = await engine.reserve(me, "big", prompt=10, wanted=4106)
     assert r.granted == 100
+
+
+async def engine_with_limits(redis_client, pg_pool, settings, user: str, clock, **limits: int) -> BudgetEngine:  # type: ignore[no-untyped-def]
+    from proxy.limits import Limit, set_budget
+
+    async with pg_pool.acquire() as conn:
+        await set_budget(conn, Limit("user", user, "month", limits.pop("tokens", 100_000), 0.8, **limits))
+    book = BudgetBook(settings)
+    await book.load(pg_pool)
+    return BudgetEngine(redis_client, book, pg_pool, clock=clock)
+
+
+async def test_requests_per_minute_slide_over_the_last_minute(redis_client, pg_pool, base_settings) -> None:
+    from proxy.errors import RateLimited
+
+    me = Identity(uid())
+    t0 = (int(time.time()) // 60 + 1) * 60  # the start of a minute
+    now = [t0 + 30.0]
+    engine = await engine_with_limits(redis_client, pg_pool, base_settings, me.user, lambda: now[0], rpm=3)
+    for i in range(3):
+        r = await engine.reserve(me, f"r{i}", 10, 20)
+        await engine.settle(r, 15)
+    assert r.headers()["X-RateLimit-Remaining-Requests"] == "0" and r.headers()["X-RateLimit-Limit-Requests"] == "3"
+    with pytest.raises(RateLimited) as info:
+        await engine.reserve(me, "r3", 10, 20)
+    assert info.value.status == 429 and info.value.code == "rate_limit_exceeded"
+    assert info.value.headers["Retry-After"] == "30"  # the current minute is full until it ends
+    assert info.value.message == "Rate limit reached: 3 requests per minute. Try again in 30 s."
+    now[0] = t0 + 61  # 59/60 of the previous minute's 3 requests still count
+    with pytest.raises(RateLimited) as info:
+        await engine.reserve(me, "r4", 10, 20)
+    assert info.value.headers["Retry-After"] == "19"  # 3 * (1 - 20/60) + 1 = 3 fits at t0 + 80
+    now[0] = t0 + 80
+    await engine.reserve(me, "r5", 10, 20)
+
+
+async def test_tokens_per_minute_count_settled_usage(redis_client, pg_pool, base_settings) -> None:
+    from proxy.errors import RateLimited
+
+    me = Identity(uid())
+    t0 = (int(time.time()) // 60 + 1) * 60
+    engine = await engine_with_limits(redis_client, pg_pool, base_settings, me.user, lambda: t0 + 10.0, tpm=100)
+    r = await engine.reserve(me, "a", 10, 20)
+    assert r.headers()["X-RateLimit-Remaining-Tokens"] == "100"
+    await engine.settle(r, 100)
+    with pytest.raises(RateLimited, match="100 tokens per minute"):
+        await engine.reserve(me, "b", 10, 20)

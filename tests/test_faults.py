@@ -168,3 +168,28 @@ def test_concurrency_cap_answers_503_when_saturated(base_settings: Settings, fak
             t.join()
         assert results == [200, 200]
         assert Call(url, "fake", base_settings.database_url).run().status_code == 200  # capacity is given back
+
+
+def test_streamed_answer_past_the_warn_ratio_ends_with_a_notice(base_settings: Settings, fake: FakeUpstream) -> None:
+    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=75)  # type: ignore[attr-defined]
+    with serve(create_app(settings)) as url:
+        call = Call(url, "fake", base_settings.database_url)
+        for used in (12, 24, 36, 48):  # up to 64 %: no notice
+            assert "budget" not in call.run().text
+            call.settled(used)
+        r = call.run()  # 60 of 75: 80 %
+        deltas = [orjson.loads(e)["choices"][0]["delta"].get("content") for e in data_events(r.text)[:-1]]
+        assert deltas[-1] == "\n\n> You have used 80 % of your monthly token budget (60 of 75)."
+        assert r.headers["x-quota-state"] == "ok"  # the headers went out before the usage was known
+        call.settled(60)
+        plain = httpx.post(f"{url}/v1/chat/completions", headers=call.headers, json={**call.body, "stream": False})
+        assert plain.json()["choices"][0]["message"]["content"] == "ok"  # non-streamed bodies are never altered
+        assert plain.headers["x-quota-state"] == "warn"  # 72 of 75
+
+
+def test_no_notice_below_the_warn_ratio_or_when_off(base_settings: Settings, fake: FakeUpstream) -> None:
+    for budget, notice in ((1000, "inline"), (14, "off")):
+        settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=budget, quota_notice=notice)  # type: ignore[attr-defined]
+        with serve(create_app(settings)) as url:
+            r = Call(url, "fake", base_settings.database_url).run()
+            assert "budget" not in r.text

@@ -66,3 +66,24 @@ def test_usage_totals_never_below_prompt_plus_completion() -> None:
     assert usage_totals({"prompt_tokens": 10, "completion_tokens": 0, "total_tokens": 0}) == (10, 0, 10)
     assert usage_totals({"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}) == (7, 5, 12)
     assert usage_totals(None) is None
+
+
+def test_notice_is_added_as_a_last_delta_before_done() -> None:
+    seen = []
+
+    def on_usage(usage: dict) -> str:
+        seen.append(usage)
+        return "\n\n> You have used 83 % of your monthly token budget (83,000 of 100,000)."
+
+    meter = StreamMeter(hide_usage=True, on_usage=on_usage)
+    out = events(meter.feed(STREAM))
+    assert seen == [USAGE]
+    assert out[-1] == b"data: [DONE]"
+    notice = orjson.loads(out[-2][6:])
+    assert notice["id"] == "c1" and notice["object"] == "chat.completion.chunk"
+    assert notice["choices"][0]["delta"]["content"].endswith("(83,000 of 100,000).")
+
+
+def test_no_notice_when_the_hook_has_nothing_to_say() -> None:
+    meter = StreamMeter(hide_usage=True, on_usage=lambda usage: None)
+    assert events(meter.feed(STREAM)) == events(chunk("Hel") + chunk("lo") + b"data: [DONE]\n\n")
