@@ -55,7 +55,9 @@ class Services:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.redis_timeout, socket_connect_timeout=settings.redis_timeout
+        )
         self.pool: asyncpg.Pool | None = None
         self.book = BudgetBook(settings)
         self.upstream = Upstream(
@@ -95,6 +97,7 @@ class Services:
         self._tasks = [
             asyncio.create_task(self.ledger.run(), name="ledger-writer"),
             asyncio.create_task(self.book.refresh_forever(self.pool), name="budget-refresh"),
+            asyncio.create_task(self.budget.reconcile_forever(), name="budget-reconcile"),
         ]
 
     async def stop(self) -> None:

@@ -7,6 +7,7 @@ fresh budget by accident.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -124,6 +125,14 @@ class Quota:
         )
 
 
+def unknown_quota_headers(quota: Quota) -> dict[str, str]:
+    """While Redis is unreachable the limit is known, the spend is not."""
+    h = quota.headers()
+    del h["X-Quota-Used"], h["X-Quota-Remaining"]
+    h["X-Quota-State"] = "unknown"
+    return h
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """A budget that applies to a request, and where its counter lives in Redis."""
@@ -166,9 +175,12 @@ class Reservation:
     granted: int
     quotas: list[Quota]
     rates: Rates | None
+    metered: bool = True  # False: let through while Redis was unreachable (FAIL_MODE=open)
 
     def headers(self, used: int | None = None) -> dict[str, str]:
         """Response headers: the user's budget (with `used` once the real usage is known), and rate limits."""
+        if not self.metered:
+            return unknown_quota_headers(self.quotas[0])
         quota = self.quotas[0] if used is None else self.quotas[0].with_used(used)
         h = quota.headers()
         if self.rates is not None:
@@ -193,6 +205,8 @@ class BudgetEngine:
         self._clock = clock
         self._reserve = client.register_script(RESERVE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
+        # Tokens spent while Redis was unreachable, added to the counters once it answers again.
+        self._owed: dict[tuple[str, ...], tuple[Reservation, int]] = {}
 
     @staticmethod
     def _tag(identity: Identity) -> str:
@@ -250,6 +264,41 @@ class BudgetEngine:
                 )
             await self.rebuild(scopes[int(result[1]) - 1])
         raise ServiceUnavailable("Budget counters keep disappearing from Redis; try again shortly.")
+
+    def unmetered(self, identity: Identity, request_id: str, wanted: int) -> Reservation:
+        """A pass for one request while Redis is unreachable (FAIL_MODE=open): nothing is reserved."""
+        scopes = self.scopes(identity, self._clock())
+        quotas = [Quota(s.limit, 0, 0, s.end) for s in scopes]
+        return Reservation(request_id, scopes, tuple(s.key for s in scopes), wanted, quotas, None, metered=False)
+
+    def owe(self, reservation: Reservation, tokens: int) -> None:
+        """Remember a settle that could not reach Redis; `reconcile` applies it later."""
+        if tokens <= 0:
+            return
+        counters = tuple(s.key for s in reservation.scopes)
+        previous = self._owed.get(counters)
+        self._owed[counters] = (reservation, tokens + (previous[1] if previous else 0))
+
+    @property
+    def owed(self) -> int:
+        return sum(tokens for _, tokens in self._owed.values())
+
+    async def reconcile(self) -> None:
+        """Add the tokens owed to their counters. A counter Redis lost is skipped: its rebuild from
+        PostgreSQL includes those records, which were written there directly."""
+        for counters, (reservation, tokens) in list(self._owed.items()):
+            counted = Reservation(f"reconcile:{reservation.request_id}", reservation.scopes, counters, 0, [], None)
+            await self.settle(counted, tokens)
+            del self._owed[counters]
+
+    async def reconcile_forever(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self._owed:
+                try:
+                    await self.reconcile()
+                except RedisError:
+                    pass  # still down: try again next time
 
     @staticmethod
     def _rate_limited(limit: Limit, kind: int, retry_after_ms: int) -> RateLimited:

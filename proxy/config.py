@@ -34,6 +34,7 @@ def _bool(value: str) -> bool:
 class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout: float = 2.0
     litellm_base_url: str = "http://127.0.0.1:4000"
     litellm_master_key: str = ""
     jwt_secret: str = ""

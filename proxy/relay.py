@@ -180,6 +180,10 @@ class Relay:
         allowance = 0 if endpoint == "embeddings" else (cap or self._settings.completion_allowance)
         try:
             reservation = await self._budget.reserve(identity, request_id, prompt, prompt + allowance)
+        except ServiceUnavailable:
+            if self._settings.fail_mode != "open":
+                raise
+            reservation = self._budget.unmetered(identity, request_id, prompt + allowance)
         except (QuotaExceeded, RateLimited) as exc:
             self._account(None, ticket.record("blocked" if isinstance(exc, QuotaExceeded) else "rate_limited", exc.status))
             exc.headers["X-Request-Id"] = request_id
@@ -278,7 +282,12 @@ class Relay:
         """GET /v1/models: forwarded as is, never charged, with the caller's quota headers."""
         identity = self.identify(request)
         request_id = request_id_of(request)
-        quotas = await self._budget.snapshot(identity)
+        try:
+            quota_headers = (await self._budget.snapshot(identity))[0].headers()
+        except ServiceUnavailable:
+            if self._settings.fail_mode != "open":
+                raise
+            quota_headers = self._budget.unmetered(identity, request_id, 0).headers()
         upstream = await self._upstream.send("GET", path, query=request.url.query, request_id=request_id)
         try:
             body = await upstream.read()
@@ -286,7 +295,7 @@ class Relay:
             upstream.release()
         headers = pass_headers(upstream.headers)
         headers["X-Request-Id"] = request_id
-        headers.update(quotas[0].headers())
+        headers.update(quota_headers)
         return Response(body, status_code=upstream.status, headers=headers)
 
     # Accounting runs after the response, in tasks the request never waits on.
@@ -312,11 +321,13 @@ class Relay:
             if reservation is not None and isinstance(results[0], NoScriptError):
                 await self._budget.settle(reservation, record.total_tokens)  # loads the script, once per Redis restart
         except RedisError as exc:
-            # Redis is gone: the budget counter will be rebuilt from PostgreSQL, so the record
-            # must reach PostgreSQL directly or the spend is lost.
+            # Redis is unreachable: the record goes to PostgreSQL directly, and the tokens are
+            # added to the counters when Redis answers again.
             metrics.BACKGROUND_ERRORS.inc()
-            log.warning("settle_failed", request_id=record.request_id, error=str(exc))
+            log.warning("settle_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
             await self._ledger.write_direct(record)
+            if reservation is not None:
+                self._budget.owe(reservation, record.total_tokens)
 
     async def drain(self) -> None:
         """Wait for accounting still in flight (on shutdown)."""

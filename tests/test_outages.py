@@ -1,0 +1,89 @@
+"""Redis dying under the proxy, in both fail modes. The tests start and kill a Redis of their own."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from proxy.app import create_app
+from proxy.config import Settings
+
+from .fake_upstream import FakeUpstream
+from .helpers import RedisProcess, eventually, pg_row, serve, token, uid
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream()
+    with serve(upstream.app) as url:
+        upstream.url = url  # type: ignore[attr-defined]
+        yield upstream
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """Persists every write (AOF, fsync always): a restart keeps the counters."""
+    server = RedisProcess(str(tmp_path), appendonly=True).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def volatile_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """Keeps nothing: a restart starts empty."""
+    server = RedisProcess(str(tmp_path), appendonly=False).start()
+    yield server
+    server.kill()
+
+
+def rows(dsn: str, user: str) -> int:
+    return pg_row(dsn, "select count(*) from usage_records where user_id = $1", user)[0]
+
+
+def test_closed_mode_refuses_with_503_then_recovers_from_postgres(
+    base_settings: Settings, fake: FakeUpstream, volatile_redis: RedisProcess
+) -> None:
+    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=volatile_redis.url, fail_mode="closed")  # type: ignore[attr-defined]
+    user = uid()
+    headers = {"Authorization": f"Bearer {token(user)}"}
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.post("/v1/chat/completions", headers=headers, json=CHAT).status_code == 200
+        eventually(lambda: rows(settings.database_url, user) == 1)
+        volatile_redis.kill()
+        sent = len(fake.requests)
+        r = client.post("/v1/chat/completions", headers=headers, json=CHAT)
+        assert r.status_code == 503
+        assert r.json()["error"]["message"].startswith("Budget service unavailable")
+        assert len(fake.requests) == sent  # nothing went upstream unmetered
+        assert client.get("/readyz").status_code == 503
+        # Redis comes back empty (no persistence): the user's spend is rebuilt from PostgreSQL.
+        volatile_redis.start()
+        r = eventually(lambda: (resp := client.post("/v1/chat/completions", headers=headers, json=CHAT)).status_code == 200 and resp)
+        assert r.headers["x-quota-used"] == "24"
+
+
+def test_open_mode_serves_records_and_reconciles_when_redis_returns(
+    base_settings: Settings, fake: FakeUpstream, private_redis: RedisProcess
+) -> None:
+    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=private_redis.url, fail_mode="open")  # type: ignore[attr-defined]
+    user = uid()
+    headers = {"Authorization": f"Bearer {token(user)}"}
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.post("/v1/chat/completions", headers=headers, json=CHAT).status_code == 200
+        eventually(lambda: rows(settings.database_url, user) == 1)
+        private_redis.kill()
+        for _ in range(2):
+            r = client.post("/v1/chat/completions", headers=headers, json=CHAT)
+            assert r.status_code == 200 and r.headers["x-quota-state"] == "unknown"
+            assert "x-quota-used" not in r.headers and r.headers["x-quota-limit"] == "100000"
+        assert client.get("/v1/models", headers=headers).headers["x-quota-state"] == "unknown"
+        eventually(lambda: rows(settings.database_url, user) == 3)  # written to PostgreSQL directly
+        # Redis restarts with its data (AOF): the counter says 12, the reconcile adds the 24 spent meanwhile.
+        private_redis.start()
+        eventually(lambda: client.get("/v1/quota", headers=headers).json()["budgets"][0]["used"] == 36)
