@@ -49,14 +49,16 @@ def serve(app: Any, port: int | None = None) -> Iterator[str]:
 
 
 def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Call `check` until it returns something truthy without failing an assert (accounting runs after the response)."""
+    """Call `check` until it returns something truthy without raising (accounting runs after the response,
+    servers take a moment to start); past the deadline the last failure is raised."""
     deadline = time.monotonic() + timeout
+    result = None
     while True:
         try:
             result = check()
             if result:
                 return result
-        except AssertionError:
+        except Exception:
             if time.monotonic() > deadline:
                 raise
         if time.monotonic() > deadline:

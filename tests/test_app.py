@@ -132,3 +132,37 @@ def test_health_and_metrics(client: httpx.Client) -> None:
     assert ready.json()["checks"]["redis"] == "ok" and ready.json()["checks"]["postgres"] == "ok"
     client.post("/v1/chat/completions", headers=auth(), json=CHAT)
     assert 'quota_requests_total{endpoint="chat",status="ok"}' in client.get("/metrics").text
+
+
+def test_fifty_concurrent_requests_through_the_proxy_never_overrun(base_settings: Settings, fake: tuple[FakeUpstream, str]) -> None:
+    import concurrent.futures
+
+    # Room for 5 requests of 12 tokens; each asks for at most 2 tokens of answer.
+    settings = replace(base_settings, litellm_base_url=fake[1], default_token_budget=60)
+    user = uid()
+    headers = auth(user)
+    body = {**CHAT, "max_tokens": 2}
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=50)) as c:
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            statuses = list(pool.map(lambda _: c.post("/v1/chat/completions", headers=headers, json=body).status_code, range(50)))
+        quota = lambda: c.get("/v1/quota", headers=headers).json()["budgets"][0]  # noqa: E731
+        eventually(lambda: quota()["reserved"] == 0)
+        served = statuses.count(200)
+        assert statuses.count(429) == 50 - served and 1 <= served <= 5
+        assert quota()["used"] == 12 * served <= 60
+
+
+def test_max_tokens_is_clamped_to_what_the_budget_has_left(base_settings: Settings, fake: tuple[FakeUpstream, str]) -> None:
+    settings = replace(base_settings, litellm_base_url=fake[1], default_token_budget=100)
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as c:
+        prompt = 3 + 4 + 1  # the estimate for one message "hi"
+        assert c.post("/v1/chat/completions", headers=auth(), json=CHAT).status_code == 200
+        assert fake[0].requests[-1]["max_tokens"] == 100 - prompt  # no cap asked, the budget is the cap
+        c.post("/v1/chat/completions", headers=auth(), json={**CHAT, "max_completion_tokens": 500})
+        assert fake[0].requests[-1]["max_completion_tokens"] == 100 - prompt
+        c.post("/v1/chat/completions", headers=auth(), json={**CHAT, "max_tokens": 50})
+        assert fake[0].requests[-1]["max_tokens"] == 50  # a cap that fits is left alone
+    roomy = replace(base_settings, litellm_base_url=fake[1], default_token_budget=1_000_000)
+    with serve(create_app(roomy)) as url, httpx.Client(base_url=url, timeout=10) as c:
+        c.post("/v1/chat/completions", headers=auth(), json=CHAT)
+        assert "max_tokens" not in fake[0].requests[-1]  # plenty of room: the request is not changed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 import time
@@ -15,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from proxy.auth import Identity
 from proxy.budget import BudgetEngine
 from proxy.config import Settings
-from proxy.devstack import free_port
+from proxy.devstack import port_open
 from proxy.errors import QuotaExceeded
 from proxy.limits import BudgetBook
 
@@ -24,11 +25,20 @@ from .helpers import eventually, redis_server_executable, uid
 pytestmark = pytest.mark.anyio
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        if not port_open("127.0.0.1", port) and not port_open("127.0.0.1", port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
     exe = redis_server_executable()
     cli = shutil.which("redis-cli") or str(Path(exe).with_name("redis-cli"))
-    ports = [free_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3)]
     procs = []
     try:
         for port in ports:
