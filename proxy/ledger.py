@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -48,18 +48,14 @@ class UsageRecord:
     ttft_ms: float | None
 
     def encode(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson serialises dataclasses natively, ~20x faster than asdict
 
 
 COLUMNS = [f.name for f in fields(UsageRecord)]
-# One statement per batch: each column travels as one array and is unnested into rows.
-_INSERT = f"""
-insert into usage_records ({", ".join(COLUMNS)})
-select * from unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                     $8::int[], $9::int[], $10::int[], $11::numeric[], $12::text[], $13::int[], $14::bool[],
-                     $15::bool[], $16::real[], $17::real[])
-on conflict do nothing
-"""
+# Batches arrive by binary COPY into a session-local staging table, then move over in one statement
+# that skips request ids already recorded (a redelivered batch).
+_STAGE = "create temp table if not exists usage_staging (like usage_records including defaults) on commit delete rows"
+_MOVE = "insert into usage_records select * from usage_staging on conflict do nothing"
 
 
 def month_start(ts: datetime) -> datetime:
@@ -67,14 +63,18 @@ def month_start(ts: datetime) -> datetime:
 
 
 async def insert_records(conn: asyncpg.Connection, records: list[dict[str, Any]], known_months: set[datetime]) -> int:
-    """Insert in one statement (column arrays through unnest); duplicates are skipped. Returns rows added."""
+    """Insert a batch in one transaction; duplicates are skipped. Returns the rows added."""
+    rows = []
     for r in records:
         r["created_at"] = datetime.fromtimestamp(r["created_at"], timezone.utc)
+        rows.append(tuple(r[c] for c in COLUMNS))
     for month in {month_start(r["created_at"]) for r in records} - known_months:
         await conn.execute("select quota_ensure_partition($1)", month)
         known_months.add(month)
-    columns = [[r.get(c) for r in records] for c in COLUMNS]
-    status = await conn.execute(_INSERT, *columns)
+    async with conn.transaction():
+        await conn.execute(_STAGE)
+        await conn.copy_records_to_table("usage_staging", records=rows, columns=COLUMNS)
+        status = await conn.execute(_MOVE)
     return int(status.rsplit(" ", 1)[-1])
 
 

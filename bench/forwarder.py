@@ -1,0 +1,45 @@
+"""The reference: a bare Starlette forwarder on aiohttp, with no auth, budget or ledger."""
+
+from __future__ import annotations
+
+import os
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+UPSTREAM = os.environ["UPSTREAM"]
+session: aiohttp.ClientSession | None = None
+
+
+async def forward(request: Request) -> Response:
+    assert session is not None
+    body = await request.body()
+    upstream = await session.post(f"{UPSTREAM}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    if upstream.content_type == "text/event-stream":
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            async for chunk in upstream.content.iter_any():
+                yield chunk
+            upstream.release()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+    data = await upstream.read()
+    upstream.release()
+    return Response(data, media_type="application/json")
+
+
+async def startup() -> None:
+    global session
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
+
+
+async def health(request: Request) -> Response:
+    return Response("ok")
+
+
+app = Starlette(
+    routes=[Route("/v1/chat/completions", forward, methods=["POST"]), Route("/health", health)], on_startup=[startup]
+)

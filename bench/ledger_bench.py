@@ -1,0 +1,86 @@
+"""Ledger throughput (records/s from the Redis Stream to committed PostgreSQL rows) and enqueue cost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncpg  # noqa: E402
+import redis.asyncio as redis  # noqa: E402
+
+from proxy.db import migrate  # noqa: E402
+from proxy.ledger import Ledger, UsageRecord  # noqa: E402
+
+RECORDS = 100_000
+
+
+def record(user: str, i: int) -> UsageRecord:
+    return UsageRecord(
+        request_id=f"{user}-{i}", created_at=time.time(), user_id=user, tenant_id="bench", model="bench",
+        served_model="bench", endpoint="chat", prompt_tokens=12, completion_tokens=10, total_tokens=22,
+        cost_usd=None, status="ok", http_status=200, stream=False, estimated=False, latency_ms=1.2, ttft_ms=None,
+    )  # fmt: skip
+
+
+async def run() -> dict[str, object]:
+    dsn = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    client = redis.Redis.from_url(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11"))
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    user = f"ledger-bench-{uuid.uuid4().hex[:8]}"
+    stream = f"bench:ledger:{user}"
+    ledger = Ledger(client, pool, stream=stream, consumer="bench", batch_size=1000)
+    await ledger.ensure_group()
+
+    # Request-path cost: encode one record and XADD it (one round trip, as when pipelined with the settle).
+    samples = []
+    for i in range(2000):
+        t0 = time.perf_counter()
+        async with client.pipeline(transaction=False) as pipe:
+            ledger.enqueue(pipe, record(user, i))
+            await pipe.execute()
+        samples.append(time.perf_counter() - t0)
+    encode = []
+    for i in range(2000):
+        t0 = time.perf_counter()
+        record(user, i).encode()
+        encode.append(time.perf_counter() - t0)
+    # Fill the stream, then time the writer draining it into PostgreSQL.
+    for start in range(2000, RECORDS, 5000):
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(start, min(start + 5000, RECORDS)):
+                ledger.enqueue(pipe, record(user, i))
+            await pipe.execute()
+    t0 = time.perf_counter()
+    moved = 0
+    while True:
+        n = await ledger.drain_once(block=False)
+        if not n:
+            break
+        moved += n
+    elapsed = time.perf_counter() - t0
+    rows = await pool.fetchval("select count(*) from usage_records where user_id = $1", user)
+    await pool.execute("delete from usage_records where user_id = $1", user)
+    await client.delete(stream)
+    await client.aclose()
+    await pool.close()
+    samples.sort()
+    encode.sort()
+    return {
+        "records moved": f"{moved:,} ({rows:,} rows committed)",
+        "throughput (batches of 1,000)": f"{moved / elapsed:,.0f} records/s",
+        "enqueue (XADD round trip) p50 / p99 µs": f"{samples[len(samples) // 2] * 1e6:.0f} / {samples[int(len(samples) * 0.99)] * 1e6:.0f}",
+        "record encoding p50 µs": f"{encode[len(encode) // 2] * 1e6:.1f}",
+    }
+
+
+if __name__ == "__main__":
+    for k, v in asyncio.run(run()).items():
+        print(f"{k:45} {v}")
