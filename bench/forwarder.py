@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import AsyncIterator
 
 import aiohttp
 from starlette.applications import Starlette
@@ -31,9 +33,12 @@ async def forward(request: Request) -> Response:
     return Response(data, media_type="application/json")
 
 
-async def startup() -> None:
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
     global session
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
+    yield
+    await session.close()
 
 
 async def health(request: Request) -> Response:
@@ -41,5 +46,5 @@ async def health(request: Request) -> Response:
 
 
 app = Starlette(
-    routes=[Route("/v1/chat/completions", forward, methods=["POST"]), Route("/health", health)], on_startup=[startup]
+    routes=[Route("/v1/chat/completions", forward, methods=["POST"]), Route("/health", health)], lifespan=lifespan
 )

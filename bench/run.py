@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import platform
 import secrets
@@ -151,12 +152,8 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,16,128")
     p.add_argument("--no-litellm", action="store_true")
     a = p.parse_args()
-    try:
-        import litellm  # noqa: F401  (only to know it is installed; nothing of it runs in this process)
-
-        with_litellm = not a.no_litellm
-    except ImportError:
-        with_litellm = False
+    # Only whether it is installed: importing litellm would fetch its cost map from the network.
+    with_litellm = not a.no_litellm and importlib.util.find_spec("litellm") is not None
     info = machine()
     print(f"HTTP path ({a.seconds:.0f} s per point):", flush=True)
     http = http_benchmark(a.seconds, [int(c) for c in a.concurrency.split(",")], with_litellm)

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from . import metrics
 from .auth import Authenticator
 from .budget import BudgetEngine
+from .coalesce import Coalescer
 from .config import Settings
 from .db import create_pool
 from .errors import ProxyError, error_for_status, error_response
@@ -83,7 +84,10 @@ class Services:
             await self.book.load(self.pool)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
             log.warning("postgres_unavailable_at_start", error=str(exc), using="environment defaults")
-        self.budget = BudgetEngine(self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds)
+        # Two lanes: reserves on the request path never queue behind settles and ledger records.
+        self.budget = BudgetEngine(
+            self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds, coalescer=Coalescer(self.redis)
+        )
         self.ledger = Ledger(
             self.redis,
             self.pool,
@@ -93,7 +97,7 @@ class Services:
             flush_seconds=s.ledger_flush_seconds,
         )
         await self.upstream.start()
-        self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, self.redis)
+        self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, Coalescer(self.redis))
         self._tasks = [
             asyncio.create_task(self.ledger.run(), name="ledger-writer"),
             asyncio.create_task(self.book.refresh_forever(self.pool), name="budget-refresh"),

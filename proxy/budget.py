@@ -18,9 +18,11 @@ from urllib.parse import quote
 
 import asyncpg
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from .auth import Identity
+from .coalesce import Coalescer
 from .errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from .limits import BudgetBook, Limit
 
@@ -197,8 +199,10 @@ class BudgetEngine:
         *,
         reservation_ttl: float = 900,
         clock: Callable[[], float] = time.time,
+        coalescer: Coalescer | None = None,
     ) -> None:
         self._redis = client
+        self._co = coalescer or Coalescer(client)
         self._book = book
         self._pool = pool
         self._ttl_ms = int(reservation_ttl * 1000)
@@ -243,7 +247,7 @@ class BudgetEngine:
         args += [user.rpm, user.tpm]
         for _ in range(3):
             try:
-                result = await self._reserve(keys=keys, args=args)
+                result = await self._eval(self._reserve, keys, args)
             except RedisError as exc:
                 raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
             if result[0] == 1:
@@ -309,17 +313,24 @@ class BudgetEngine:
             headers={"Retry-After": str(seconds)},
         )
 
+    async def _eval(self, script: AsyncScript, keys: list[str], args: list[object]) -> Any:
+        try:
+            return await self._co.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a restarted Redis: redis-py's Script loads it and runs it
+            return await script(keys=keys, args=args)
+
     def _settle_args(self, reservation: Reservation, tokens: int) -> list[object]:
         return [reservation.request_id, max(tokens, 0), len(reservation.scopes), int(self._clock() * 1000)]
 
     async def settle(self, reservation: Reservation, tokens: int) -> list[int]:
-        result = await self._settle(keys=list(reservation.keys), args=self._settle_args(reservation, tokens))
+        result = await self._eval(self._settle, list(reservation.keys), self._settle_args(reservation, tokens))
         return [int(v) for v in result]
 
-    def settle_into(self, pipe: Any, reservation: Reservation, tokens: int) -> None:
-        """Queue the settle on a pipeline (sent with the ledger record, one round trip)."""
+    def settle_command(self, reservation: Reservation, tokens: int) -> tuple[Any, ...]:
+        """The settle as a raw command, for sending with other work after the response. If it fails
+        with NoScriptError (Redis restarted), `settle` loads the script and runs it."""
         keys = reservation.keys
-        pipe.evalsha(self._settle.sha, len(keys), *keys, *self._settle_args(reservation, tokens))
+        return ("EVALSHA", self._settle.sha, len(keys), *keys, *self._settle_args(reservation, tokens))
 
     async def snapshot(self, identity: Identity) -> list[Quota]:
         """Current state of every budget that applies, without reserving anything."""

@@ -102,9 +102,12 @@ class Ledger:
         self._backlog_warn = backlog_warn
         self._months: set[datetime] = set()
 
+    def command(self, record: UsageRecord) -> tuple[Any, ...]:
+        """The XADD that hands a record to the writer."""
+        return ("XADD", self.stream, "*", "r", record.encode())
+
     def enqueue(self, pipe: Any, record: UsageRecord) -> None:
-        """Add the XADD to a pipeline the caller executes (with the settle, in one round trip)."""
-        pipe.xadd(self.stream, {"r": record.encode()})
+        pipe.execute_command(*self.command(record))
 
     async def write_direct(self, record: UsageRecord) -> None:
         """Straight to PostgreSQL, for when the stream itself is unreachable."""

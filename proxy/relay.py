@@ -10,15 +10,15 @@ from typing import Any, Callable
 
 import aiohttp
 import orjson
-import redis.asyncio as redis
 import structlog
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from . import metrics
 from .auth import Authenticator, Identity
 from .budget import BudgetEngine, Reservation
+from .coalesce import Coalescer
 from .config import Settings
 from .errors import (
     BadRequest,
@@ -145,14 +145,14 @@ class Relay:
         budget: BudgetEngine,
         ledger: Ledger,
         upstream: Upstream,
-        client: redis.Redis,
+        coalescer: Coalescer,
     ) -> None:
         self._settings = settings
         self._auth = auth
         self._budget = budget
         self._ledger = ledger
         self._upstream = upstream
-        self._redis = client
+        self._co = coalescer
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0  # requests holding a reservation, i.e. on their way upstream or streaming
 
@@ -301,36 +301,49 @@ class Relay:
     # Accounting runs after the response, in tasks the request never waits on.
 
     def _account(self, reservation: Reservation | None, record: UsageRecord) -> None:
+        """Settle the reservation and hand the record to the ledger, without the request waiting."""
         if reservation is not None:
             self._in_flight -= 1
         metrics.REQUESTS.labels(record.endpoint, record.status).inc()
         if record.total_tokens:
             metrics.TOKENS.labels(record.endpoint).inc(record.total_tokens)
         metrics.LATENCY.labels(record.endpoint).observe(record.latency_ms / 1000 if record.latency_ms else 0)
-        task = asyncio.get_running_loop().create_task(self._settle_and_record(reservation, record))
+        settled = self._co.submit(*self._budget.settle_command(reservation, record.total_tokens)) if reservation else None
+        recorded = self._co.submit(*self._ledger.command(record))
+        recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done))
+
+    def _accounted(
+        self,
+        reservation: Reservation | None,
+        record: UsageRecord,
+        settled: asyncio.Future[Any] | None,
+        recorded: asyncio.Future[Any],
+    ) -> None:
+        settle_error = settled.exception() if settled is not None else None
+        record_error = recorded.exception()
+        if settle_error is None and record_error is None:
+            return
+        if isinstance(settle_error, NoScriptError) and record_error is None:
+            self._spawn(self._budget.settle(reservation, record.total_tokens))  # type: ignore[arg-type]
+            return
+        # Redis is unreachable: the record goes to PostgreSQL directly, and the tokens are added
+        # to the counters when Redis answers again.
+        metrics.BACKGROUND_ERRORS.inc()
+        error = record_error or settle_error
+        log.warning("settle_failed", request_id=record.request_id, error=str(error) or error.__class__.__name__)
+        if record_error is not None:
+            self._spawn(self._ledger.write_direct(record))
+        if settle_error is not None and reservation is not None:
+            self._budget.owe(reservation, record.total_tokens)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle_and_record(self, reservation: Reservation | None, record: UsageRecord) -> None:
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                if reservation is not None:
-                    self._budget.settle_into(pipe, reservation, record.total_tokens)
-                self._ledger.enqueue(pipe, record)
-                results = await pipe.execute(raise_on_error=False)
-            if reservation is not None and isinstance(results[0], NoScriptError):
-                await self._budget.settle(reservation, record.total_tokens)  # loads the script, once per Redis restart
-        except RedisError as exc:
-            # Redis is unreachable: the record goes to PostgreSQL directly, and the tokens are
-            # added to the counters when Redis answers again.
-            metrics.BACKGROUND_ERRORS.inc()
-            log.warning("settle_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
-            await self._ledger.write_direct(record)
-            if reservation is not None:
-                self._budget.owe(reservation, record.total_tokens)
-
     async def drain(self) -> None:
         """Wait for accounting still in flight (on shutdown)."""
+        await self._co.idle()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
