@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Iterator
 
 import httpx
@@ -19,17 +19,9 @@ import pytest
 from proxy.config import Settings
 from proxy.devstack import ROOT, free_port, start_proxy, stop
 
-from .helpers import eventually, pg_row, token, uid
+from .helpers import eventually, pg_row, settings_env, token, uid
 
 MOCK_TEXT = "Hello from the mock model. This answer is fixed so tests can rely on it."
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {}
-    for f in fields(settings):
-        value = getattr(settings, f.name)
-        env[f.name.upper()] = ",".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
-    return env
 
 
 @pytest.fixture(scope="module")
