@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime, timezone
 from typing import AsyncIterator
 
 import asyncpg
@@ -30,6 +31,7 @@ from .forward import Upstream
 from .ledger import Ledger
 from .limits import BudgetBook, sync_defaults
 from .relay import Relay
+from .statement import statement
 
 log = structlog.get_logger("proxy.app")
 
@@ -95,6 +97,7 @@ class Services:
             consumer=s.ledger_consumer,
             batch_size=s.ledger_batch_size,
             flush_seconds=s.ledger_flush_seconds,
+            backlog_warn=s.ledger_backlog_warn,
         )
         await self.upstream.start()
         self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, Coalescer(self.redis))
@@ -150,6 +153,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         body = {"user": identity.user, "tenant": identity.tenant, "budgets": [q.as_json() for q in quotas]}
         return json_response(body, headers=quotas[0].headers())
 
+    async def usage(request: Request) -> Response:
+        identity = relay().identify(request)
+        assert services.pool is not None and services.budget is not None
+        body = await statement(services.pool, identity.user, request.query_params, datetime.now(timezone.utc))
+        try:
+            body["budgets"] = [q.as_json() for q in await services.budget.snapshot(identity)]
+        except ProxyError:
+            body["budgets"] = None  # Redis is down: the history still answers
+        return json_response(body)
+
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
 
@@ -188,6 +201,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/models", models, methods=["GET"]),
         Route("/v1/quota", quota, methods=["GET"]),
+        Route("/v1/usage", usage, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),

@@ -64,6 +64,7 @@ class Settings:
     ledger_batch_size: int = 1000
     ledger_flush_seconds: float = 1.0
     ledger_consumer: str = ""
+    ledger_backlog_warn: int = 100_000
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080

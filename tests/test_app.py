@@ -166,3 +166,42 @@ def test_max_tokens_is_clamped_to_what_the_budget_has_left(base_settings: Settin
     with serve(create_app(roomy)) as url, httpx.Client(base_url=url, timeout=10) as c:
         c.post("/v1/chat/completions", headers=auth(), json=CHAT)
         assert "max_tokens" not in fake[0].requests[-1]  # plenty of room: the request is not changed
+
+
+def test_usage_statement_is_the_callers_own_and_pages(client: httpx.Client, base_settings: Settings) -> None:
+    me, other = uid(), uid()
+    for _ in range(5):
+        assert client.post("/v1/chat/completions", headers=auth(me), json=CHAT).status_code == 200
+    client.post("/v1/chat/completions", headers=auth(other), json=CHAT)
+    eventually(lambda: client.get("/v1/usage", headers=auth(me)).json()["totals"]["requests"] == 5)
+    first = client.get("/v1/usage", headers=auth(me), params={"limit": 2}).json()
+    assert first["user"] == me and first["totals"]["total_tokens"] == 60
+    assert len(first["data"]) == 2 and first["has_more"] is True
+    seen = [r["request_id"] for r in first["data"]]
+    cursor = first["next_cursor"]
+    while cursor:
+        page = client.get("/v1/usage", headers=auth(me), params={"limit": 2, "cursor": cursor}).json()
+        seen += [r["request_id"] for r in page["data"]]
+        cursor = page["next_cursor"]
+    assert len(seen) == len(set(seen)) == 5
+    assert first["budgets"][0]["used"] == 60
+    # Another user's token sees only their own records; there is no parameter to ask for someone else's.
+    theirs = client.get("/v1/usage", headers=auth(other), params={"user": me}).json()
+    assert theirs["user"] == other and theirs["totals"]["requests"] == 1
+
+
+@pytest.mark.parametrize("params", [{"limit": "0"}, {"limit": "x"}, {"from": "yesterday"}, {"cursor": "bogus"},
+                                    {"from": "2026-11-10", "to": "2026-11-01"}])  # fmt: skip
+def test_usage_statement_rejects_bad_parameters(client: httpx.Client, params: dict[str, str]) -> None:
+    r = client.get("/v1/usage", headers=auth(), params=params)
+    assert r.status_code == 400 and r.json()["error"]["param"] in {"limit", "from", "to", "cursor"}
+
+
+def test_admin_views_agree_with_the_redis_counters(client: httpx.Client, base_settings: Settings) -> None:
+    users = [uid() for _ in range(3)]
+    for i, user in enumerate(users):
+        for _ in range(i + 1):
+            client.post("/v1/chat/completions", headers=auth(user), json=CHAT)
+    view = lambda u: pg_row(base_settings.database_url, "select used from budget_status where subject = $1", u)["used"]  # noqa: E731
+    counter = lambda u: client.get("/v1/quota", headers=auth(u)).json()["budgets"][0]["used"]  # noqa: E731
+    eventually(lambda: [view(u) for u in users] == [counter(u) for u in users] == [12, 24, 36])

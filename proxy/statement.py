@@ -1,0 +1,83 @@
+"""`GET /v1/usage`: a caller's own usage records and totals, from PostgreSQL, paginated."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import asyncpg
+
+from .errors import BadRequest, ServiceUnavailable
+
+MAX_LIMIT = 1000
+_FIELDS = (
+    "request_id, created_at, model, served_model, endpoint, prompt_tokens, completion_tokens, total_tokens, "
+    "cost_usd, status, http_status, stream, estimated, latency_ms"
+)
+
+
+def _instant(value: str, name: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"'{name}' must be an ISO 8601 date or time, such as 2026-11-01.", param=name) from None
+    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+
+
+def _cursor(value: str) -> tuple[datetime, str]:
+    stamp, _, request_id = value.partition("~")
+    try:
+        return datetime.fromtimestamp(int(stamp) / 1e6, timezone.utc), request_id
+    except ValueError:
+        raise BadRequest("'cursor' is not one this API returned.", param="cursor") from None
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+async def statement(pool: asyncpg.Pool, user: str, params: Mapping[str, str], now: datetime) -> dict[str, Any]:
+    """Records newest first within [from, to), `limit` a page; `next_cursor` continues the list."""
+    start = _instant(params["from"], "from") if "from" in params else now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = _instant(params["to"], "to") if "to" in params else now
+    try:
+        limit = int(params.get("limit", "100"))
+    except ValueError:
+        raise BadRequest("'limit' must be a whole number.", param="limit") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"'limit' must be between 1 and {MAX_LIMIT}.", param="limit")
+    if end <= start:
+        raise BadRequest("'to' must be after 'from'.", param="to")
+    before_at, before_id = _cursor(params["cursor"]) if "cursor" in params else (end, "")
+    try:
+        async with pool.acquire(timeout=5) as conn:
+            rows = await conn.fetch(
+                f"select {_FIELDS} from usage_records where user_id = $1 and created_at >= $2 and created_at < $3"
+                " and (created_at, request_id) < ($4, $5) order by created_at desc, request_id desc limit $6",
+                user, start, end, before_at, before_id or "\uffff", limit + 1,
+            )  # fmt: skip
+            totals = await conn.fetchrow(
+                "select count(*) as requests, coalesce(sum(prompt_tokens), 0) as prompt_tokens,"
+                " coalesce(sum(completion_tokens), 0) as completion_tokens, coalesce(sum(total_tokens), 0) as total_tokens,"
+                " sum(cost_usd) as cost_usd from usage_records where user_id = $1 and created_at >= $2 and created_at < $3",
+                user, start, end,
+            )  # fmt: skip
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+        raise ServiceUnavailable("Usage history is unavailable right now (database unreachable); try again shortly.") from exc
+    page = rows[:limit]
+    data = [
+        {**dict(r), "created_at": _iso(r["created_at"]), "cost_usd": float(r["cost_usd"]) if r["cost_usd"] is not None else None}
+        for r in page
+    ]
+    last = page[-1] if len(rows) > limit else None
+    return {
+        "object": "list",
+        "user": user,
+        "from": _iso(start),
+        "to": _iso(end),
+        "totals": {**dict(totals), "cost_usd": float(totals["cost_usd"]) if totals["cost_usd"] is not None else None},
+        "data": data,
+        "has_more": last is not None,
+        "next_cursor": f"{int(last['created_at'].timestamp() * 1e6)}~{last['request_id']}" if last else None,
+    }
