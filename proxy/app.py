@@ -147,14 +147,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return await relay().passthrough_get(request, "/v1/models")
 
     async def quota(request: Request) -> Response:
-        identity = relay().identify(request)
+        identity = await relay().identify(request)
         assert services.budget is not None
         quotas = await services.budget.snapshot(identity)
         body = {"user": identity.user, "tenant": identity.tenant, "budgets": [q.as_json() for q in quotas]}
         return json_response(body, headers=quotas[0].headers())
 
     async def usage(request: Request) -> Response:
-        identity = relay().identify(request)
+        identity = await relay().identify(request)
         assert services.pool is not None and services.budget is not None
         body = await statement(services.pool, identity.user, request.query_params, datetime.now(timezone.utc))
         try:

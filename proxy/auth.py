@@ -1,23 +1,49 @@
-"""Who is calling: verify the bearer JWT and turn its claims into an Identity."""
+"""Who is calling: verify the bearer JWT, and find the user a request is charged to."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import jwt
 
 from .config import Settings
-from .errors import Unauthorized
+from .errors import BadRequest, Unauthorized
+from .jwks import JwksKeys
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+MAX_TOKEN_BYTES = 16 * 1024
 _CACHE_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
+    """The user a request is charged to."""
+
     user: str
     tenant: str | None = None
+    via: str | None = None  # the service token that sent it on the user's behalf
+    email: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The holder of the token."""
+
+    identity: Identity
+    admin: bool = False
+    delegate: bool = False  # may name the end user (X-User-Id, or the body's `user`)
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in ("true", "1", "yes"))
+
+
+def default_algorithms(settings: Settings) -> tuple[str, ...]:
+    if settings.jwt_algorithms:
+        return settings.jwt_algorithms
+    return ("HS256",) if settings.jwt_secret else ("RS256", "ES256", "EdDSA")
 
 
 class Authenticator:
@@ -27,23 +53,23 @@ class Authenticator:
     signature check once.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, jwks: JwksKeys | None = None) -> None:
         self._settings = settings
-        self._algorithms = list(settings.jwt_algorithms)
+        self._algorithms = list(default_algorithms(settings))
         if "none" in (a.lower() for a in self._algorithms):
             raise ValueError("JWT_ALGORITHMS must not contain 'none'")
         hmac = [a for a in self._algorithms if a in HMAC_ALGORITHMS]
-        asym = [a for a in self._algorithms if a not in HMAC_ALGORITHMS]
-        # One key type per verifier: mixing a shared secret and a public key in one
-        # list is what algorithm-confusion attacks exploit.
-        if hmac and asym:
+        # One key type per verifier: accepting both a shared secret and a public key is what
+        # algorithm-confusion attacks exploit.
+        if hmac and len(hmac) != len(self._algorithms):
             raise ValueError("JWT_ALGORITHMS mixes HMAC and public-key algorithms")
         self._key: str = settings.jwt_secret if hmac else settings.jwt_public_key
-        if not self._key:
-            raise ValueError("JWT_SECRET (HS*) or JWT_PUBLIC_KEY (RS*/ES*/EdDSA) must be set")
-        self._cache: dict[str, tuple[Identity, float]] = {}
+        self._jwks = jwks if jwks is not None or hmac or not settings.jwt_jwks_url else JwksKeys(settings.jwt_jwks_url)
+        if not self._key and self._jwks is None:
+            raise ValueError("set JWT_SECRET (HS*), or JWT_PUBLIC_KEY or JWT_JWKS_URL (RS*/ES*/EdDSA)")
+        self._cache: dict[str, tuple[Principal, float]] = {}
 
-    def authenticate(self, authorization: str | None) -> Identity:
+    async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise Unauthorized("Missing bearer token: send 'Authorization: Bearer <token>'.", code="missing_token")
         scheme, _, token = authorization.partition(" ")
@@ -55,18 +81,32 @@ class Authenticator:
             if cached[1] > time.time():
                 return cached[0]
             del self._cache[token]
-        identity, expires = self._verify(token)
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Unauthorized("Token is too large.", code="invalid_token")
+        key = self._key or await self._jwks_key(token)
+        principal, expires = self._verify(token, key)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
-        self._cache[token] = (identity, expires)
-        return identity
+        self._cache[token] = (principal, expires)
+        return principal
 
-    def _verify(self, token: str) -> tuple[Identity, float]:
+    async def _jwks_key(self, token: str) -> Any:
+        assert self._jwks is not None
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"Invalid token: {exc}.", code="invalid_token") from None
+        if header.get("alg") not in self._algorithms:
+            raise Unauthorized(f"Invalid token: algorithm {header.get('alg')!r} is not allowed.", code="invalid_token")
+        kid = header.get("kid")
+        return (await self._jwks.key(kid if isinstance(kid, str) else None)).key
+
+    def _verify(self, token: str, key: Any) -> tuple[Principal, float]:
         s = self._settings
         try:
             claims = jwt.decode(
                 token,
-                self._key,
+                key,
                 algorithms=self._algorithms,
                 issuer=s.jwt_issuer or None,
                 audience=s.jwt_audience or None,
@@ -81,8 +121,40 @@ class Authenticator:
         if not isinstance(user, str) or not user:
             raise Unauthorized(f"Token has no '{s.jwt_user_claim}' claim naming the user.", code="invalid_token")
         tenant = claims.get(s.jwt_tenant_claim)
-        identity = Identity(user=user, tenant=tenant if isinstance(tenant, str) and tenant else None)
-        return identity, float(claims["exp"])
+        principal = Principal(
+            Identity(user=user, tenant=tenant if isinstance(tenant, str) and tenant else None),
+            admin=_truthy(claims.get(s.jwt_admin_claim)),
+            delegate=_truthy(claims.get(s.jwt_delegate_claim)),
+        )
+        return principal, float(claims["exp"])
+
+
+def _named_user(value: Any) -> str | None:
+    """A usable end-user id, or None. A `{{…}}` placeholder LibreChat left unresolved is never one."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if not value or len(value) > 256 or "{{" in value or "}}" in value or not value.isprintable():
+        return None
+    return value
+
+
+def charged_identity(principal: Principal, headers: Mapping[str, str], body_user: Any = None, *, required: bool = True) -> Identity:
+    """The user a request is charged to: the token's own, or for a delegating service token the
+    end user it names (`X-User-Id`, else the body's `user`). Other tokens cannot name anyone."""
+    if not principal.delegate:
+        return principal.identity
+    user = _named_user(headers.get("x-user-id")) or _named_user(body_user)
+    if user is None:
+        if not required:
+            return principal.identity
+        raise BadRequest(
+            "This service token acts for end users: send the user in 'X-User-Id' (LibreChat: "
+            "headers: {X-User-Id: '{{LIBRECHAT_USER_ID}}'}) or the body's 'user' field.",
+            code="missing_user",
+        )
+    service = principal.identity
+    return Identity(user=user, tenant=service.tenant, via=service.user, email=_named_user(headers.get("x-user-email")))
 
 
 def parse_ttl(text: str) -> int:
@@ -94,18 +166,30 @@ def parse_ttl(text: str) -> int:
     return int(text)
 
 
-def issue_token(settings: Settings, sub: str, tenant: str | None = None, ttl_seconds: int = 30 * 86400) -> str:
-    """Mint an HS256 token with the configured secret (for `token issue` and the demo)."""
+def issue_token(
+    settings: Settings,
+    sub: str,
+    tenant: str | None = None,
+    ttl_seconds: int = 30 * 86400,
+    *,
+    admin: bool = False,
+    delegate: bool = False,
+) -> str:
+    """Mint an HMAC token with the configured secret (for `token issue` and the demo)."""
     if not settings.jwt_secret:
-        raise ValueError("JWT_SECRET is not set")
+        raise ValueError("JWT_SECRET is not set (token issue mints HMAC tokens; tokens of an identity provider come from it)")
     now = int(time.time())
     claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + ttl_seconds}
     claims[settings.jwt_user_claim] = sub
     if tenant:
         claims[settings.jwt_tenant_claim] = tenant
+    if admin:
+        claims[settings.jwt_admin_claim] = True
+    if delegate:
+        claims[settings.jwt_delegate_claim] = True
     if settings.jwt_issuer:
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_audience:
         claims["aud"] = settings.jwt_audience
-    algorithm = next((a for a in settings.jwt_algorithms if a in HMAC_ALGORITHMS), "HS256")
+    algorithm = next((a for a in default_algorithms(settings) if a in HMAC_ALGORITHMS), "HS256")
     return jwt.encode(claims, settings.jwt_secret, algorithm=algorithm)

@@ -39,11 +39,14 @@ class Settings:
     litellm_master_key: str = ""
     jwt_secret: str = ""
     jwt_public_key: str = ""
-    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_jwks_url: str = ""
+    jwt_algorithms: tuple[str, ...] = ()  # empty: HS256 with a secret, else RS256, ES256, EdDSA
     jwt_issuer: str = ""
     jwt_audience: str = ""
     jwt_user_claim: str = "sub"
     jwt_tenant_claim: str = "tenant"
+    jwt_admin_claim: str = "quota_admin"
+    jwt_delegate_claim: str = "quota_delegate"
     jwt_leeway_seconds: int = 30
     default_token_budget: int = 100_000
     default_tenant_budget: int = 0  # 0: tenants have no budget unless one is set

@@ -46,6 +46,8 @@ class UsageRecord:
     estimated: bool
     latency_ms: float | None
     ttft_ms: float | None
+    via: str | None = None
+    user_email: str | None = None
 
     def encode(self) -> bytes:
         return orjson.dumps(self)  # orjson serialises dataclasses natively, ~20x faster than asdict
@@ -67,7 +69,7 @@ async def insert_records(conn: asyncpg.Connection, records: list[dict[str, Any]]
     rows = []
     for r in records:
         r["created_at"] = datetime.fromtimestamp(r["created_at"], timezone.utc)
-        rows.append(tuple(r[c] for c in COLUMNS))
+        rows.append(tuple(r.get(c) for c in COLUMNS))  # .get: records queued by an older version lack new fields
     for month in {month_start(r["created_at"]) for r in records} - known_months:
         await conn.execute("select quota_ensure_partition($1)", month)
         known_months.add(month)

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import metrics
-from .auth import Authenticator, Identity
+from .auth import Authenticator, Identity, Principal, charged_identity
 from .budget import BudgetEngine, Reservation
 from .coalesce import Coalescer
 from .config import Settings
@@ -115,6 +115,8 @@ class Ticket:
             estimated=estimated,
             latency_ms=round((time.perf_counter() - self.perf_start) * 1000, 3),
             ttft_ms=ttft_ms,
+            via=self.identity.via,
+            user_email=self.identity.email,
         )
 
 
@@ -156,15 +158,21 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0  # requests holding a reservation, i.e. on their way upstream or streaming
 
-    def identify(self, request: Request) -> Identity:
-        return self._auth.authenticate(request.headers.get("authorization"))
+    async def identify(self, request: Request, body_user: Any = None, *, required: bool = False) -> Identity:
+        """The user charged: the token's, or the end user a delegating service token names."""
+        principal = await self._auth.authenticate(request.headers.get("authorization"))
+        return charged_identity(principal, request.headers, body_user, required=required)
+
+    async def principal(self, request: Request) -> Principal:
+        return await self._auth.authenticate(request.headers.get("authorization"))
 
     async def completion(self, request: Request, endpoint: str) -> Response:
         """POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
         perf_start, wall_start = time.perf_counter(), time.time()
-        identity = self.identify(request)
+        principal = await self._auth.authenticate(request.headers.get("authorization"))
         request_id = request_id_of(request)
         payload = await read_json(request, self._settings.max_body_bytes)
+        identity = charged_identity(principal, request.headers, payload.get("user"))
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("Request body needs a 'model' string.", param="model", code="missing_model")
@@ -280,7 +288,7 @@ class Relay:
 
     async def passthrough_get(self, request: Request, path: str) -> Response:
         """GET /v1/models: forwarded as is, never charged, with the caller's quota headers."""
-        identity = self.identify(request)
+        identity = await self.identify(request, request.query_params.get("user"))
         request_id = request_id_of(request)
         try:
             quota_headers = (await self._budget.snapshot(identity))[0].headers()

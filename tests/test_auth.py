@@ -5,7 +5,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.auth import Authenticator, issue_token, parse_ttl
+import asyncio
+
+from proxy.auth import Authenticator, Principal, issue_token, parse_ttl
 from proxy.config import Settings
 from proxy.errors import Unauthorized
 
@@ -18,14 +20,18 @@ def bearer(t: str) -> str:
     return f"Bearer {t}"
 
 
+def verify(auth: Authenticator, header: str | None) -> Principal:
+    return asyncio.run(auth.authenticate(header))
+
+
 def test_valid_token_gives_user_and_tenant() -> None:
-    identity = Authenticator(SETTINGS).authenticate(bearer(token("alice", tenant="acme")))
+    identity = verify(Authenticator(SETTINGS), bearer(token("alice", tenant="acme"))).identity
     assert (identity.user, identity.tenant) == ("alice", "acme")
 
 
 def test_issued_token_round_trips() -> None:
     t = issue_token(SETTINGS, "bob", "team", parse_ttl("2h"))
-    identity = Authenticator(SETTINGS).authenticate(bearer(t))
+    identity = verify(Authenticator(SETTINGS), bearer(t)).identity
     assert (identity.user, identity.tenant) == ("bob", "team")
     assert jwt.decode(t, options={"verify_signature": False})["exp"] - time.time() > 7000
 
@@ -58,7 +64,7 @@ BAD = {
 @pytest.mark.parametrize("header, code", BAD.values(), ids=BAD.keys())
 def test_bad_tokens_are_401_with_a_code(header: str | None, code: str) -> None:
     with pytest.raises(Unauthorized) as info:
-        Authenticator(SETTINGS).authenticate(header)
+        verify(Authenticator(SETTINGS), header)
     assert info.value.status == 401
     assert info.value.code == code
     assert info.value.message
@@ -67,19 +73,19 @@ def test_bad_tokens_are_401_with_a_code(header: str | None, code: str) -> None:
 def test_issuer_and_audience_are_checked_when_configured() -> None:
     s = Settings(jwt_secret=JWT_SECRET, jwt_issuer="https://idp", jwt_audience="quota")
     auth = Authenticator(s)
-    assert auth.authenticate(bearer(token("a", iss="https://idp", aud="quota"))).user == "a"
+    assert verify(auth, bearer(token("a", iss="https://idp", aud="quota"))).identity.user == "a"
     for claims in ({"iss": "https://evil", "aud": "quota"}, {"iss": "https://idp", "aud": "other"}, {}):
         with pytest.raises(Unauthorized):
-            auth.authenticate(bearer(token("a", **claims)))
+            verify(auth, bearer(token("a", **claims)))
 
 
 def test_cached_token_still_expires() -> None:
     auth = Authenticator(Settings(jwt_secret=JWT_SECRET, jwt_leeway_seconds=0))
     t = token("alice", ttl=1)
-    assert auth.authenticate(bearer(t)).user == "alice"  # now cached
+    assert verify(auth, bearer(t)).identity.user == "alice"  # now cached
     time.sleep(1.2)
     with pytest.raises(Unauthorized) as info:
-        auth.authenticate(bearer(t))
+        verify(auth, bearer(t))
     assert info.value.code == "token_expired"
 
 
