@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import metrics
+from . import admin, metrics
 from .auth import Authenticator
 from .budget import BudgetEngine
 from .coalesce import Coalescer
@@ -163,6 +163,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
             body["budgets"] = None  # Redis is down: the history still answers
         return json_response(body)
 
+    async def admin_usage(request: Request) -> Response:
+        assert services.pool is not None
+        return json_response(await admin.usage(services.pool, await relay().principal(request), request))
+
+    async def admin_budget(request: Request) -> Response:
+        assert services.pool is not None
+        principal = await relay().principal(request)
+        return json_response(await admin.put_budget(services.pool, settings, principal, request))
+
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
 
@@ -202,6 +211,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/models", models, methods=["GET"]),
         Route("/v1/quota", quota, methods=["GET"]),
         Route("/v1/usage", usage, methods=["GET"]),
+        Route("/admin/usage", admin_usage, methods=["GET"]),
+        Route("/admin/budgets/{subject}", admin_budget, methods=["PUT"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),

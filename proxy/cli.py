@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--sub", required=True, help="user id")
     issue.add_argument("--tenant", help="tenant (team) id")
     issue.add_argument("--ttl", default="30d", help="lifetime: 90s, 15m, 12h, 30d (default 30d)")
+    issue.add_argument("--admin", action="store_true", help="may call /admin/*")
+    issue.add_argument("--delegate", action="store_true", help="a service token that names the end user (X-User-Id)")
 
     budget = sub.add_parser("budget", help="set or show budgets").add_subparsers(dest="action", required=True)
     bset = budget.add_parser("set", help="set a user's (or, with --tenant, a tenant's) token limit")
@@ -114,7 +116,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
     elif args.command == "token":
-        print(issue_token(settings, args.sub, args.tenant, parse_ttl(args.ttl)))
+        print(issue_token(settings, args.sub, args.tenant, parse_ttl(args.ttl), admin=args.admin, delegate=args.delegate))
     elif args.command == "budget":
         asyncio.run(_budget(settings, args))
     return 0

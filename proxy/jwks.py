@@ -15,7 +15,7 @@ log = structlog.get_logger("proxy.jwks")
 
 
 class JwksKeys:
-    def __init__(self, url: str, *, min_refresh_seconds: float = 30.0, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, url: str, *, min_refresh_seconds: float = 10.0, client: httpx.AsyncClient | None = None) -> None:
         self._url = url
         self._min_refresh = min_refresh_seconds
         self._client = client

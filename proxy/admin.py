@@ -1,0 +1,58 @@
+"""Admin API for tools: another user's usage, and setting budgets. Admins may equally use SQL."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import asyncpg
+import orjson
+from starlette.requests import Request
+
+from .auth import Principal
+from .config import PERIODS, Settings
+from .errors import BadRequest, Forbidden
+from .limits import Limit, set_budget
+from .statement import statement
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.admin:
+        raise Forbidden("This needs an admin token.")
+
+
+async def usage(pool: asyncpg.Pool, principal: Principal, request: Request) -> dict[str, object]:
+    """GET /admin/usage?user=…: the statement of any user."""
+    require_admin(principal)
+    user = request.query_params.get("user")
+    if not user:
+        raise BadRequest("Name the user: /admin/usage?user=<id>.", param="user")
+    return await statement(pool, user, request.query_params, datetime.now(timezone.utc))
+
+
+async def put_budget(pool: asyncpg.Pool, settings: Settings, principal: Principal, request: Request) -> dict[str, object]:
+    """PUT /admin/budgets/{subject} with {"tokens": …, "period"?, "warn_ratio"?, "rpm"?, "tpm"?, "type"?: "user"|"tenant"}."""
+    require_admin(principal)
+    subject = request.path_params["subject"]
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise BadRequest("Body must be JSON, e.g. {\"tokens\": 100000}.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("Body must be a JSON object.", code="invalid_json")
+    kind = body.get("type", "user")
+    period = body.get("period", settings.budget_period)
+    tokens, warn = body.get("tokens"), body.get("warn_ratio", settings.warn_ratio)
+    rpm, tpm = body.get("rpm", 0), body.get("tpm", 0)
+    if kind not in ("user", "tenant"):
+        raise BadRequest("'type' is 'user' or 'tenant'.", param="type")
+    if period not in PERIODS:
+        raise BadRequest(f"'period' is one of {', '.join(PERIODS)}.", param="period")
+    for name, value in (("tokens", tokens), ("rpm", rpm), ("tpm", tpm)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise BadRequest(f"'{name}' must be a whole number of 0 or more.", param=name)
+    if not isinstance(warn, (int, float)) or not 0 < warn <= 1:
+        raise BadRequest("'warn_ratio' must be above 0 and at most 1.", param="warn_ratio")
+    limit = Limit(kind, subject, period, tokens, float(warn), rpm, tpm)  # type: ignore[arg-type]
+    async with pool.acquire() as conn:
+        await set_budget(conn, limit)
+    return {"type": kind, "subject": subject, "period": period, "tokens": tokens, "warn_ratio": float(warn), "rpm": rpm, "tpm": tpm}
