@@ -19,7 +19,8 @@ import pytest
 from proxy.config import Settings
 from proxy.devstack import ROOT, free_port, start_proxy, stop
 
-from .helpers import eventually, pg_row, settings_env, token, uid
+from .helpers import eventually, pg_row, serve, settings_env, token, uid
+from .keys import JwksServer, KeyPair
 
 MOCK_TEXT = "Hello from the mock model. This answer is fixed so tests can rely on it."
 
@@ -177,3 +178,94 @@ def test_user_stopping_a_long_answer_is_charged_what_was_streamed(proxy_url: str
     full_answer = 1000 // 4  # mock-long is about 1,000 characters
     assert 0 < row["completion_tokens"] < full_answer / 2
     eventually(lambda: quota(proxy_url, user)["used"] == row["total_tokens"] and quota(proxy_url, user)["reserved"] == 0)
+
+
+# --- LibreChat, as its OpenAI client calls a custom endpoint (../shared/fixtures/librechat-requests.md) ---
+
+MONGO_ID = "6650f1c2a9b8c7d6e5f40312"  # LibreChat user ids are MongoDB ObjectIds
+LIBRECHAT_HEADERS = {"User-Agent": "langchainjs-openai/1.0.0 ((node/v22.11.0; linux; x64))", "X-Stainless-Retry-Count": "0"}
+
+
+def librechat_client(proxy_url: str, api_key: str, headers: dict[str, str] | None = None) -> openai.OpenAI:
+    # LibreChat runs its client with maxRetries 0 and sends the yaml `headers` on every call.
+    return openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=api_key, max_retries=0,
+                         default_headers={**LIBRECHAT_HEADERS, **(headers or {})})  # fmt: skip
+
+
+def librechat_chat(client: openai.OpenAI, request_id: str) -> str:
+    """A normal message: streamed, no stream_options, `user` always in the body."""
+    stream = client.chat.completions.create(
+        model="mock-gpt", stream=True, user=MONGO_ID, extra_headers={"X-Request-Id": request_id},
+        messages=[{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi! How can I help?"},
+                  {"role": "user", "content": "Explain TCP slow start"}],
+    )  # fmt: skip
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def librechat_title(client: openai.OpenAI, request_id: str) -> str:
+    """The title call after the first exchange: not streamed."""
+    answer = client.chat.completions.create(
+        model="mock-gpt", stream=False, user=MONGO_ID, extra_headers={"X-Request-Id": request_id},
+        messages=[{"role": "user", "content": "Provide a concise, 5-word-or-less title for the conversation, using title "
+                   "case conventions. Only return the title itself.\n\nConversation:\nUser: Explain TCP slow start\nAI: ..."}],
+    )  # fmt: skip
+    return answer.choices[0].message.content or ""
+
+
+def test_librechat_per_user_key(proxy_url: str, env: dict[str, str]) -> None:
+    """Mode 1: the admin mints a token per user, the user pastes it (apiKey: user_provided)."""
+    user = uid()
+    client = librechat_client(proxy_url, token(user))
+    assert librechat_chat(client, rid := uid("req")) == MOCK_TEXT
+    assert librechat_title(client, tid := uid("req")) == MOCK_TEXT
+    for request_id in (rid, tid):
+        row = ledger_row(env, request_id)
+        assert row["user_id"] == user and row["via"] is None  # the body's `user` cannot re-assign the charge
+
+
+def test_librechat_service_token_with_user_headers(proxy_url: str, env: dict[str, str]) -> None:
+    """Mode 2: one service token with the delegation claim; LibreChat fills X-User-Id per request."""
+    service = cli(env, "token", "issue", "--sub", "librechat", "--tenant", "acme", "--delegate").strip()
+    end_user = f"{MONGO_ID[:-6]}{uid()[-6:]}"
+    client = librechat_client(proxy_url, service, {"X-User-Id": end_user, "X-User-Email": "bob@acme.example"})
+    assert librechat_chat(client, rid := uid("req")) == MOCK_TEXT
+    assert librechat_title(client, tid := uid("req")) == MOCK_TEXT
+    for request_id in (rid, tid):
+        row = ledger_row(env, request_id)
+        assert (row["user_id"], row["tenant_id"], row["via"], row["user_email"]) == (end_user, "acme", "librechat", "bob@acme.example")
+    # The model fetch goes out with the yaml headers unresolved (and ?user= with userIdQuery): it must work.
+    raw = httpx.get(f"{proxy_url}/v1/models", params={"user": end_user}, headers={
+        "Authorization": f"Bearer {service}", "X-User-Id": "{{LIBRECHAT_USER_ID}}", "X-User-Email": "{{LIBRECHAT_USER_EMAIL}}",
+        "User-Agent": "axios/1.7.7", "Accept": "application/json, text/plain, */*"})  # fmt: skip
+    assert raw.status_code == 200 and "mock-gpt" in [m["id"] for m in raw.json()["data"]]
+    unresolved = librechat_client(proxy_url, service, {"X-User-Id": "{{LIBRECHAT_USER_ID}}"})
+    assert {m.id for m in unresolved.models.list()} >= {"mock-gpt"}
+    # A chat whose header is still a placeholder is charged to the body's user, never to "{{LIBRECHAT_USER_ID}}".
+    librechat_chat(unresolved, pid := uid("req"))
+    assert ledger_row(env, pid)["user_id"] == MONGO_ID
+
+
+def test_librechat_openid_token_verified_through_jwks(e2e_settings, tmp_path_factory: pytest.TempPathFactory) -> None:  # type: ignore[no-untyped-def]
+    """Mode 3: LibreChat forwards the user's identity-provider token; the proxy verifies it with the JWKS."""
+    idp_key = KeyPair("RS256", "idp-1")
+    idp = JwksServer(idp_key)
+    with serve(idp.app) as idp_url:
+        settings = replace(
+            e2e_settings, jwt_secret="", jwt_jwks_url=f"{idp_url}/jwks", jwt_issuer="https://idp.acme.example/realms/acme",
+            jwt_audience="librechat", jwt_user_claim="preferred_username", ledger_stream=f"test:oidc:{uid()}",
+        )  # fmt: skip
+        env = settings_env(settings)
+        port = free_port()
+        proc = start_proxy(env, port, tmp_path_factory.mktemp("oidc") / "proxy.log")
+        try:
+            user = uid("oidc")
+            access_token = idp_key.token("9c1e-uuid", preferred_username=user, iss="https://idp.acme.example/realms/acme", aud="librechat")
+            client = librechat_client(f"http://127.0.0.1:{port}", "unused", {"Authorization": f"Bearer {access_token}"})
+            assert librechat_chat(client, rid := uid("req")) == MOCK_TEXT
+            assert ledger_row(env, rid)["user_id"] == user
+            wrong_audience = idp_key.token("x", preferred_username=user, iss="https://idp.acme.example/realms/acme", aud="other")
+            with pytest.raises(openai.AuthenticationError):
+                librechat_client(f"http://127.0.0.1:{port}", wrong_audience).models.list()
+            assert idp.hits == 1
+        finally:
+            stop(proc)
