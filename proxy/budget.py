@@ -8,6 +8,7 @@ fresh budget by accident.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ def period_bounds(period: str, now: float) -> tuple[datetime, datetime | None]:
     return start, end
 
 
+@functools.lru_cache(maxsize=64)
+def rfc3339(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     """One budget as the caller sees it."""
@@ -81,7 +87,7 @@ class Quota:
             f"{prefix}State": self.state,
         }
         if self.resets_at is not None:
-            h[f"{prefix}Reset"] = self.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            h[f"{prefix}Reset"] = rfc3339(self.resets_at)
         return h
 
     def as_json(self) -> dict[str, object]:
@@ -95,7 +101,7 @@ class Quota:
             "remaining": self.remaining,
             "percent": round(100.0 * self.used / tokens, 1) if tokens else 100.0,
             "state": self.state,
-            "resets_at": self.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ") if self.resets_at else None,
+            "resets_at": rfc3339(self.resets_at) if self.resets_at else None,
         }
 
     def notice(self) -> str | None:
@@ -209,6 +215,8 @@ class BudgetEngine:
         self._clock = clock
         self._reserve = client.register_script(RESERVE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
+        # Scopes per identity until the earliest of their periods ends or the budgets change.
+        self._scopes: dict[Identity, tuple[tuple[Scope, ...], float, int]] = {}
         # Tokens spent while Redis was unreachable, added to the counters once it answers again.
         self._owed: dict[tuple[str, ...], tuple[Reservation, int]] = {}
 
@@ -219,6 +227,17 @@ class BudgetEngine:
         return f"t:{quote(identity.tenant, safe='')}" if identity.tenant else f"u:{quote(identity.user, safe='')}"
 
     def scopes(self, identity: Identity, now: float) -> tuple[Scope, ...]:
+        cached = self._scopes.get(identity)
+        if cached is not None and now < cached[1] and cached[2] == self._book.version:
+            return cached[0]
+        scopes = self._make_scopes(identity, now)
+        ends = [s.end.timestamp() for s in scopes if s.end is not None]
+        if len(self._scopes) >= 100_000:
+            self._scopes.clear()
+        self._scopes[identity] = (scopes, min(ends, default=float("inf")), self._book.version)
+        return scopes
+
+    def _make_scopes(self, identity: Identity, now: float) -> tuple[Scope, ...]:
         tag = self._tag(identity)
         scopes = [self._scope(tag, self._book.user(identity.user), identity.user, now)]
         tenant_limit = self._book.tenant(identity.tenant)

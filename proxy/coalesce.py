@@ -39,6 +39,8 @@ class Coalescer:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((command, future))
         if not self._busy:
+            # At once, not after a short wait: a record whose response is out must reach Redis
+            # before anything else can happen to this process.
             self._busy = True
             self._release()
         return future

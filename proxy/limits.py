@@ -87,6 +87,7 @@ class BudgetBook:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._rows: dict[tuple[str, str], Limit] = {(l.subject_type, l.subject): l for l in env_defaults(settings)}
+        self.version = 0  # changes whenever the rows do, so derived caches know to drop
 
     def user(self, user: str) -> Limit:
         rows = self._rows
@@ -102,7 +103,9 @@ class BudgetBook:
         for record in await pool.fetch("select * from budgets"):
             limit = _limit(record)
             rows[(limit.subject_type, limit.subject)] = limit
-        self._rows = rows
+        if rows != self._rows:
+            self._rows = rows
+            self.version += 1
 
     async def refresh_forever(self, pool: asyncpg.Pool) -> None:
         while True:

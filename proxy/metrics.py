@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -19,3 +22,17 @@ LEDGER_BACKLOG = Gauge("quota_ledger_backlog", "Usage records waiting in the str
 LEDGER_WRITTEN = Counter("quota_ledger_written", "Usage records committed to PostgreSQL", registry=REGISTRY)
 LEDGER_ERRORS = Counter("quota_ledger_errors", "Failed ledger writes (retried)", ["stage"], registry=REGISTRY)
 BACKGROUND_ERRORS = Counter("quota_settle_errors", "Settles or enqueues that failed after the response", registry=REGISTRY)
+
+
+@functools.lru_cache(maxsize=256)
+def _children(endpoint: str, status: str) -> tuple[Any, Any, Any]:
+    return REQUESTS.labels(endpoint, status), TOKENS.labels(endpoint), LATENCY.labels(endpoint)
+
+
+def observe(endpoint: str, status: str, tokens: int, seconds: float) -> None:
+    """Count one finished request (label lookups cached: they cost more than the increments)."""
+    requests, token_counter, latency = _children(endpoint, status)
+    requests.inc()
+    if tokens:
+        token_counter.inc(tokens)
+    latency.observe(seconds)

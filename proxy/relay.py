@@ -312,10 +312,7 @@ class Relay:
         """Settle the reservation and hand the record to the ledger, without the request waiting."""
         if reservation is not None:
             self._in_flight -= 1
-        metrics.REQUESTS.labels(record.endpoint, record.status).inc()
-        if record.total_tokens:
-            metrics.TOKENS.labels(record.endpoint).inc(record.total_tokens)
-        metrics.LATENCY.labels(record.endpoint).observe(record.latency_ms / 1000 if record.latency_ms else 0)
+        metrics.observe(record.endpoint, record.status, record.total_tokens, (record.latency_ms or 0) / 1000)
         settled = self._co.submit(*self._budget.settle_command(reservation, record.total_tokens)) if reservation else None
         recorded = self._co.submit(*self._ledger.command(record))
         recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done))
