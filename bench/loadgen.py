@@ -52,7 +52,7 @@ async def run(url: str, token: str, concurrency: int, seconds: float, stream: bo
                 else:
                     errors += 1
 
-        warm = time.perf_counter() + min(1.0, seconds / 3)
+        warm = time.perf_counter() + 2.0  # pools, caches and the interpreter warm up first
         await asyncio.gather(*(worker(warm, False) for _ in range(concurrency)))
         started = time.perf_counter()
         await asyncio.gather(*(worker(started + seconds, True) for _ in range(concurrency)))

@@ -148,7 +148,7 @@ def markdown(summary: list[dict[str, object]], extra: dict[str, object], info: d
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--concurrency", default="1,16,128")
     p.add_argument("--no-litellm", action="store_true")
     a = p.parse_args()
