@@ -25,7 +25,7 @@ from .auth import Authenticator
 from .budget import BudgetEngine
 from .coalesce import Coalescer
 from .config import Settings
-from .db import create_pool
+from .db import PG_UNAVAILABLE, create_pool
 from .errors import ProxyError, error_for_status, error_response
 from .forward import Upstream
 from .ledger import Ledger
@@ -84,7 +84,7 @@ class Services:
             async with self.pool.acquire(timeout=5) as conn:
                 await sync_defaults(conn, s)
             await self.book.load(self.pool)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+        except PG_UNAVAILABLE as exc:
             log.warning("postgres_unavailable_at_start", error=str(exc), using="environment defaults")
         # Two lanes: reserves on the request path never queue behind settles and ledger records.
         self.budget = BudgetEngine(
@@ -188,7 +188,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             assert services.pool is not None
             await asyncio.wait_for(services.pool.fetchval("select 1"), 2)
             checks["postgres"] = "ok"
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+        except PG_UNAVAILABLE as exc:
             checks["postgres"] = f"error: {exc.__class__.__name__}"
         try:
             up = await asyncio.wait_for(services.upstream.send("GET", "/health/liveliness"), 2)

@@ -26,6 +26,7 @@ from .auth import Identity
 from .coalesce import Coalescer
 from .errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from .limits import BudgetBook, Limit
+from .db import PG_UNAVAILABLE
 
 _HERE = Path(__file__).resolve().parent
 RESERVE_LUA = (_HERE / "reserve.lua").read_text()
@@ -378,7 +379,7 @@ class BudgetEngine:
                 scope.start,
                 *([scope.end] if scope.end else []),
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except PG_UNAVAILABLE as exc:
             raise ServiceUnavailable(
                 "Budget counters are being rebuilt but PostgreSQL is unreachable; try again shortly."
             ) from exc

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
+
+# What a query raises when PostgreSQL is down, restarting or unreachable.
+PG_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 # Any constant works; it only has to be the same for every instance running `migrate`.

@@ -21,6 +21,7 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from . import metrics
+from .db import PG_UNAVAILABLE
 
 log = structlog.get_logger("proxy.ledger")
 
@@ -119,7 +120,7 @@ class Ledger:
         try:
             async with self._pool.acquire() as conn:
                 await insert_records(conn, [orjson.loads(record.encode())], self._months)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except PG_UNAVAILABLE as exc:
             log.error("usage_record_lost", request_id=record.request_id, error=str(exc), record=record.encode().decode())
 
     async def backlog(self) -> int:
@@ -179,7 +180,7 @@ class Ledger:
                 delay = 0.1
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            except (RedisError, *PG_UNAVAILABLE) as exc:
                 stage = "redis" if isinstance(exc, RedisError) else "postgres"
                 metrics.LEDGER_ERRORS.labels(stage).inc()
                 log.warning("ledger_write_failed", stage=stage, error=str(exc) or exc.__class__.__name__, retry_in=delay)

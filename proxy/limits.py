@@ -9,6 +9,7 @@ import asyncpg
 import structlog
 
 from .config import PERIODS, Settings
+from .db import PG_UNAVAILABLE
 
 log = structlog.get_logger("proxy.limits")
 
@@ -112,5 +113,5 @@ class BudgetBook:
             await asyncio.sleep(self._settings.budget_refresh_seconds)
             try:
                 await self.load(pool)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            except PG_UNAVAILABLE as exc:
                 log.warning("budget_refresh_failed", error=str(exc))

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import asyncpg
 
 from .errors import BadRequest, ServiceUnavailable
+from .db import PG_UNAVAILABLE
 
 MAX_LIMIT = 1000
 _FIELDS = (
@@ -63,7 +64,7 @@ async def statement(pool: asyncpg.Pool, user: str, params: Mapping[str, str], no
                 " sum(cost_usd) as cost_usd from usage_records where user_id = $1 and created_at >= $2 and created_at < $3",
                 user, start, end,
             )  # fmt: skip
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+    except PG_UNAVAILABLE as exc:
         raise ServiceUnavailable("Usage history is unavailable right now (database unreachable); try again shortly.") from exc
     page = rows[:limit]
     data = [

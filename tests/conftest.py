@@ -17,7 +17,8 @@ from proxy.config import Settings
 from proxy.db import migrate
 from proxy.devstack import free_port, start_litellm, stop
 
-from .helpers import JWT_SECRET
+from .fake_upstream import FakeUpstream
+from .helpers import JWT_SECRET, serve
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -96,3 +97,12 @@ def e2e_settings(base_settings: Settings, litellm: tuple[str, str]) -> Settings:
 
 def read_log(path: Path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeUpstream]:
+    """An OpenAI-shaped upstream that misbehaves on request (tests/fake_upstream.py), served on loopback."""
+    upstream = FakeUpstream()
+    with serve(upstream.app) as url:
+        upstream.url = url
+        yield upstream

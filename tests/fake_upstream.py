@@ -39,6 +39,7 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.cancelled: list[str] = []  # models whose stream the proxy abandoned
+        self.url = ""  # set once it is served
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
                                      Route("/v1/models", self.models), Route("/health/liveliness", self.models)])  # fmt: skip
 

@@ -18,15 +18,8 @@ from .helpers import eventually, pg_row, serve, token, uid
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[tuple[FakeUpstream, str]]:
-    upstream = FakeUpstream()
-    with serve(upstream.app) as url:
-        yield upstream, url
-
-
-@pytest.fixture(scope="module")
-def proxy_url(base_settings: Settings, fake: tuple[FakeUpstream, str]) -> Iterator[str]:
-    settings = replace(base_settings, litellm_base_url=fake[1], max_body_bytes=64 * 1024)
+def proxy_url(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
+    settings = replace(base_settings, litellm_base_url=fake.url, max_body_bytes=64 * 1024)
     with serve(create_app(settings)) as url:
         yield url
 
@@ -59,9 +52,9 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("method, path, headers, body, status", BAD_INPUT.values(), ids=BAD_INPUT.keys())
 def test_bad_input_is_an_openai_shaped_error_and_never_reaches_upstream(
-    client: httpx.Client, fake: tuple[FakeUpstream, str], method: str, path: str, headers: dict, body: object, status: int
+    client: httpx.Client, fake: FakeUpstream, method: str, path: str, headers: dict, body: object, status: int
 ) -> None:
-    before = len(fake[0].requests)
+    before = len(fake.requests)
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
     r = client.request(method, path, headers=headers, **kwargs)
     assert r.status_code == status
@@ -69,14 +62,14 @@ def test_bad_input_is_an_openai_shaped_error_and_never_reaches_upstream(
     error = r.json()["error"]
     assert set(error) == {"message", "type", "code", "param"} and error["message"]
     assert "Traceback" not in r.text
-    assert len(fake[0].requests) == before
+    assert len(fake.requests) == before
 
 
-def test_upstream_gets_the_master_key_the_user_id_and_a_usage_request(client: httpx.Client, fake: tuple[FakeUpstream, str]) -> None:
+def test_upstream_gets_the_master_key_the_user_id_and_a_usage_request(client: httpx.Client, fake: FakeUpstream) -> None:
     user = uid()
     r = client.post("/v1/chat/completions", headers=auth(user), json={**CHAT, "stream": True, "user": "spoofed"})
     assert r.status_code == 200
-    sent = fake[0].requests[-1]
+    sent = fake.requests[-1]
     assert sent["_headers"]["authorization"] == "Bearer sk-unused"
     assert sent["user"] == user
     assert sent["stream_options"] == {"include_usage": True}
@@ -134,11 +127,11 @@ def test_health_and_metrics(client: httpx.Client) -> None:
     assert 'quota_requests_total{endpoint="chat",status="ok"}' in client.get("/metrics").text
 
 
-def test_fifty_concurrent_requests_through_the_proxy_never_overrun(base_settings: Settings, fake: tuple[FakeUpstream, str]) -> None:
+def test_fifty_concurrent_requests_through_the_proxy_never_overrun(base_settings: Settings, fake: FakeUpstream) -> None:
     import concurrent.futures
 
     # Room for 5 requests of 12 tokens; each asks for at most 2 tokens of answer.
-    settings = replace(base_settings, litellm_base_url=fake[1], default_token_budget=60)
+    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=60)
     user = uid()
     headers = auth(user)
     body = {**CHAT, "max_tokens": 2}
@@ -152,20 +145,20 @@ def test_fifty_concurrent_requests_through_the_proxy_never_overrun(base_settings
         assert quota()["used"] == 12 * served <= 60
 
 
-def test_max_tokens_is_clamped_to_what_the_budget_has_left(base_settings: Settings, fake: tuple[FakeUpstream, str]) -> None:
-    settings = replace(base_settings, litellm_base_url=fake[1], default_token_budget=100)
+def test_max_tokens_is_clamped_to_what_the_budget_has_left(base_settings: Settings, fake: FakeUpstream) -> None:
+    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=100)
     with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as c:
         prompt = 3 + 4 + 1  # the estimate for one message "hi"
         assert c.post("/v1/chat/completions", headers=auth(), json=CHAT).status_code == 200
-        assert fake[0].requests[-1]["max_tokens"] == 100 - prompt  # no cap asked, the budget is the cap
+        assert fake.requests[-1]["max_tokens"] == 100 - prompt  # no cap asked, the budget is the cap
         c.post("/v1/chat/completions", headers=auth(), json={**CHAT, "max_completion_tokens": 500})
-        assert fake[0].requests[-1]["max_completion_tokens"] == 100 - prompt
+        assert fake.requests[-1]["max_completion_tokens"] == 100 - prompt
         c.post("/v1/chat/completions", headers=auth(), json={**CHAT, "max_tokens": 50})
-        assert fake[0].requests[-1]["max_tokens"] == 50  # a cap that fits is left alone
-    roomy = replace(base_settings, litellm_base_url=fake[1], default_token_budget=1_000_000)
+        assert fake.requests[-1]["max_tokens"] == 50  # a cap that fits is left alone
+    roomy = replace(base_settings, litellm_base_url=fake.url, default_token_budget=1_000_000)
     with serve(create_app(roomy)) as url, httpx.Client(base_url=url, timeout=10) as c:
         c.post("/v1/chat/completions", headers=auth(), json=CHAT)
-        assert "max_tokens" not in fake[0].requests[-1]  # plenty of room: the request is not changed
+        assert "max_tokens" not in fake.requests[-1]  # plenty of room: the request is not changed
 
 
 def test_usage_statement_is_the_callers_own_and_pages(client: httpx.Client, base_settings: Settings) -> None:

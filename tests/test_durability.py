@@ -25,14 +25,6 @@ from .helpers import PostgresProcess, eventually, serve, settings_env, token, ui
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream()
-    with serve(upstream.app) as url:
-        upstream.url = url  # type: ignore[attr-defined]
-        yield upstream
-
-
 @pytest.fixture
 def private_pg() -> Iterator[PostgresProcess]:
     server = PostgresProcess().init()
@@ -60,7 +52,7 @@ def count_rows(dsn: str, ids: list[str]) -> int:
 
 def proxy_env(base: Settings, fake: FakeUpstream, pg: PostgresProcess) -> dict[str, str]:
     settings = replace(
-        base, database_url=pg.url, litellm_base_url=fake.url, ledger_stream=f"test:durable:{uid()}",  # type: ignore[attr-defined]
+        base, database_url=pg.url, litellm_base_url=fake.url, ledger_stream=f"test:durable:{uid()}",
         ledger_consumer=f"writer-{uid()}", ledger_flush_seconds=0.05, budget_refresh_seconds=0.5,
     )  # fmt: skip
     return settings_env(settings)

@@ -23,16 +23,8 @@ from .helpers import eventually, pg_row, serve, token, uid
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream()
-    with serve(upstream.app) as url:
-        upstream.url = url  # type: ignore[attr-defined]
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def proxy_url(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
-    settings = replace(base_settings, litellm_base_url=fake.url, upstream_read_timeout=1.0)  # type: ignore[attr-defined]
+    settings = replace(base_settings, litellm_base_url=fake.url, upstream_read_timeout=1.0)
     with serve(create_app(settings)) as url:
         yield url
 
@@ -151,7 +143,7 @@ def test_client_hanging_up_cancels_the_upstream_and_charges_what_was_streamed(
 
 
 def test_concurrency_cap_answers_503_when_saturated(base_settings: Settings, fake: FakeUpstream) -> None:
-    settings = replace(base_settings, litellm_base_url=fake.url, upstream_max_concurrency=2)  # type: ignore[attr-defined]
+    settings = replace(base_settings, litellm_base_url=fake.url, upstream_max_concurrency=2)
     with serve(create_app(settings)) as url:
         results: list[int] = []
 
@@ -171,7 +163,7 @@ def test_concurrency_cap_answers_503_when_saturated(base_settings: Settings, fak
 
 
 def test_streamed_answer_past_the_warn_ratio_ends_with_a_notice(base_settings: Settings, fake: FakeUpstream) -> None:
-    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=75)  # type: ignore[attr-defined]
+    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=75)
     with serve(create_app(settings)) as url:
         call = Call(url, "fake", base_settings.database_url)
         for used in (12, 24, 36, 48):  # up to 64 %: no notice
@@ -189,7 +181,7 @@ def test_streamed_answer_past_the_warn_ratio_ends_with_a_notice(base_settings: S
 
 def test_no_notice_below_the_warn_ratio_or_when_off(base_settings: Settings, fake: FakeUpstream) -> None:
     for budget, notice in ((1000, "inline"), (14, "off")):
-        settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=budget, quota_notice=notice)  # type: ignore[attr-defined]
+        settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=budget, quota_notice=notice)
         with serve(create_app(settings)) as url:
             r = Call(url, "fake", base_settings.database_url).run()
             assert "budget" not in r.text

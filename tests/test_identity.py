@@ -124,16 +124,8 @@ def test_an_unresolved_placeholder_never_becomes_a_user() -> None:
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream()
-    with serve(upstream.app) as url:
-        upstream.url = url  # type: ignore[attr-defined]
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def proxy_url(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
-    settings = replace(base_settings, litellm_base_url=fake.url, max_body_bytes=32 * 1024, budget_refresh_seconds=0.2)  # type: ignore[attr-defined]
+    settings = replace(base_settings, litellm_base_url=fake.url, max_body_bytes=32 * 1024, budget_refresh_seconds=0.2)
     with serve(create_app(settings)) as url:
         yield url
 

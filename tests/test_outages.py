@@ -18,14 +18,6 @@ from .helpers import RedisProcess, eventually, pg_row, serve, token, uid
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream()
-    with serve(upstream.app) as url:
-        upstream.url = url  # type: ignore[attr-defined]
-        yield upstream
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     """Persists every write (AOF, fsync always): a restart keeps the counters."""
@@ -49,7 +41,7 @@ def rows(dsn: str, user: str) -> int:
 def test_closed_mode_refuses_with_503_then_recovers_from_postgres(
     base_settings: Settings, fake: FakeUpstream, volatile_redis: RedisProcess
 ) -> None:
-    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=volatile_redis.url, fail_mode="closed")  # type: ignore[attr-defined]
+    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=volatile_redis.url, fail_mode="closed")
     user = uid()
     headers = {"Authorization": f"Bearer {token(user)}"}
     with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
@@ -71,7 +63,7 @@ def test_closed_mode_refuses_with_503_then_recovers_from_postgres(
 def test_open_mode_serves_records_and_reconciles_when_redis_returns(
     base_settings: Settings, fake: FakeUpstream, private_redis: RedisProcess
 ) -> None:
-    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=private_redis.url, fail_mode="open")  # type: ignore[attr-defined]
+    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=private_redis.url, fail_mode="open")
     user = uid()
     headers = {"Authorization": f"Bearer {token(user)}"}
     with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
