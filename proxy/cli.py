@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 
 from .auth import issue_token, parse_ttl
-from .budget import period_bounds
+from .quota import period_bounds
 from .config import PERIODS, Settings
 from .db import migrate
 from .limits import Limit, fetch_limit, set_budget, sync_defaults

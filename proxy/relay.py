@@ -17,7 +17,8 @@ from starlette.responses import Response
 
 from . import metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
-from .budget import BudgetEngine, Reservation
+from .budget import BudgetEngine
+from .quota import Reservation
 from .coalesce import Coalescer
 from .config import Settings
 from .errors import (

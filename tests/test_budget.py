@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.auth import Identity
-from proxy.budget import BudgetEngine, period_bounds
+from proxy.budget import BudgetEngine
+from proxy.quota import period_bounds
 from proxy.config import Settings
 from proxy.errors import QuotaExceeded
 from proxy.ledger import insert_records

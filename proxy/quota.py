@@ -1,0 +1,175 @@
+"""What a budget looks like to the caller: its period, its state, its headers and its messages."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from .limits import Limit
+
+_PERIOD_WORD = {"day": "Daily", "week": "Weekly", "month": "Monthly", "total": "Total"}
+
+
+def period_bounds(period: str, now: float) -> tuple[datetime, datetime | None]:
+    """[start, end) of the UTC period containing `now`; weeks start on Monday; 'total' never ends."""
+    at = datetime.fromtimestamp(now, timezone.utc)
+    if period == "total":
+        return datetime(1970, 1, 1, tzinfo=timezone.utc), None
+    if period == "day":
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    if period == "week":
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=at.weekday())
+        return start, start + timedelta(days=7)
+    start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start, end
+
+
+@functools.lru_cache(maxsize=64)
+def rfc3339(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """One budget as the caller sees it."""
+
+    limit: Limit
+    used: int
+    reserved: int
+    resets_at: datetime | None
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit.tokens - self.used, 0)
+
+    @property
+    def state(self) -> str:
+        if self.used >= self.limit.tokens:
+            return "blocked"
+        if self.used >= self.limit.warn_ratio * self.limit.tokens:
+            return "warn"
+        return "ok"
+
+    def with_used(self, used: int) -> "Quota":
+        return Quota(self.limit, used, self.reserved, self.resets_at)
+
+    def headers(self, prefix: str = "X-Quota-") -> dict[str, str]:
+        h = {
+            f"{prefix}Limit": str(self.limit.tokens),
+            f"{prefix}Used": str(self.used),
+            f"{prefix}Remaining": str(self.remaining),
+            f"{prefix}State": self.state,
+        }
+        if self.resets_at is not None:
+            h[f"{prefix}Reset"] = rfc3339(self.resets_at)
+        return h
+
+    def as_json(self) -> dict[str, object]:
+        tokens = self.limit.tokens
+        return {
+            "subject_type": self.limit.subject_type,
+            "period": self.limit.period,
+            "limit": tokens,
+            "used": self.used,
+            "reserved": self.reserved,
+            "remaining": self.remaining,
+            "percent": round(100.0 * self.used / tokens, 1) if tokens else 100.0,
+            "state": self.state,
+            "resets_at": rfc3339(self.resets_at) if self.resets_at else None,
+        }
+
+    def notice(self) -> str | None:
+        """The line added to a streamed answer once the user is past the warn ratio."""
+        if self.state != "warn":
+            return None
+        percent = int(100 * self.used / self.limit.tokens)
+        period = _PERIOD_WORD[self.limit.period].lower()
+        return (
+            f"\n\n> You have used {percent} % of your {period} token budget "
+            f"({self.used:,} of {self.limit.tokens:,})."
+        )
+
+    def refusal(self, subject: str) -> str:
+        """What a person reads in LibreChat when this budget stops a request."""
+        word = _PERIOD_WORD[self.limit.period]
+        owner = "" if self.limit.subject_type == "user" else f"Your team's ({subject}) "
+        what = f"{owner}{word if not owner else word.lower()} token budget"
+        resets = (
+            f"It resets on {self.resets_at:%Y-%m-%d %H:%M} UTC."
+            if self.resets_at
+            else "It does not reset; ask your administrator for more."
+        )
+        if self.used >= self.limit.tokens:
+            return f"{what} used up: {self.used:,} of {self.limit.tokens:,} tokens. {resets}"
+        return (
+            f"{what} is fully taken by requests in progress: {self.used:,} of {self.limit.tokens:,} tokens used, "
+            f"{self.reserved:,} reserved. Try again when they finish. {resets}"
+        )
+
+
+def unknown_quota_headers(quota: Quota) -> dict[str, str]:
+    """While Redis is unreachable the limit is known, the spend is not."""
+    h = quota.headers()
+    del h["X-Quota-Used"], h["X-Quota-Remaining"]
+    h["X-Quota-State"] = "unknown"
+    return h
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """A budget that applies to a request, and where its counter lives in Redis."""
+
+    limit: Limit
+    subject: str
+    key: str
+    start: datetime
+    end: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """The caller's per-minute limits and what the sliding window held before this request."""
+
+    rpm: int
+    tpm: int
+    requests: int
+    tokens: int
+    reset_seconds: int
+
+    def headers(self) -> dict[str, str]:
+        h: dict[str, str] = {}
+        if self.rpm:
+            h["X-RateLimit-Limit-Requests"] = str(self.rpm)
+            h["X-RateLimit-Remaining-Requests"] = str(max(self.rpm - self.requests - 1, 0))
+            h["X-RateLimit-Reset-Requests"] = f"{self.reset_seconds}s"
+        if self.tpm:
+            h["X-RateLimit-Limit-Tokens"] = str(self.tpm)
+            h["X-RateLimit-Remaining-Tokens"] = str(max(self.tpm - self.tokens, 0))
+            h["X-RateLimit-Reset-Tokens"] = f"{self.reset_seconds}s"
+        return h
+
+
+@dataclass(slots=True)
+class Reservation:
+    request_id: str
+    scopes: tuple[Scope, ...]
+    keys: tuple[str, ...]  # the scopes' counters, then the rate hash when there are rate limits
+    granted: int
+    quotas: list[Quota]
+    rates: Rates | None
+    metered: bool = True  # False: let through while Redis was unreachable (FAIL_MODE=open)
+
+    def headers(self, used: int | None = None) -> dict[str, str]:
+        """Response headers: the user's budget (with `used` once the real usage is known), and rate limits."""
+        if not self.metered:
+            return unknown_quota_headers(self.quotas[0])
+        quota = self.quotas[0] if used is None else self.quotas[0].with_used(used)
+        h = quota.headers()
+        if self.rates is not None:
+            h.update(self.rates.headers())
+        return h
+
+
