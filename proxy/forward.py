@@ -118,6 +118,8 @@ class StreamThrough:
             await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
             if pump.done() and not pump.cancelled() and pump.exception() is None:
                 outcome = pump.result()
+            elif self._meter.done:
+                outcome = "ok"  # clients hang up once they read [DONE], sometimes before the body's end
         finally:
             for task in (pump, watch):
                 task.cancel()

@@ -101,6 +101,7 @@ class Ledger:
         self._consumer = consumer or os.environ.get("HOSTNAME") or socket.gethostname()
         self._batch = batch_size
         self._block_ms = max(int(flush_seconds * 1000), 1)
+        self._linger = flush_seconds / 2  # with the blocking read, records reach PostgreSQL within flush_seconds
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
         self._backlog_warn = backlog_warn
         self._months: set[datetime] = set()
@@ -164,20 +165,26 @@ class Ledger:
 
     async def run(self) -> None:
         """The writer task: drain forever; on any failure keep the entries and retry with back-off."""
+        loop = asyncio.get_running_loop()
         delay = 0.1
         pending = True  # after a restart our own unacknowledged entries come first
-        last_claim = 0.0
+        last_claim = last_report = float("-inf")
         while True:
             try:
-                if last_claim + 30 < asyncio.get_running_loop().time():
+                if last_claim + 30 < loop.time():
                     await self.ensure_group()
                     pending = await self.claim_abandoned() > 0 or pending
-                    last_claim = asyncio.get_running_loop().time()
+                    last_claim = loop.time()
                 moved = await self.drain_once(pending=pending)
                 if pending and moved == 0:
                     pending = False
-                await self._report_backlog()
+                if last_report + 1 < loop.time():
+                    await self._report_backlog()
+                    last_report = loop.time()
                 delay = 0.1
+                if 0 < moved < self._batch and not pending:
+                    # A partial batch: let records gather rather than pay a transaction for each one.
+                    await asyncio.sleep(self._linger)
             except asyncio.CancelledError:
                 raise
             except (RedisError, *PG_UNAVAILABLE) as exc:

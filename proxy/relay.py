@@ -33,7 +33,7 @@ from .errors import (
 )
 from .forward import StreamThrough, Upstream, pass_headers
 from .ledger import Ledger, UsageRecord
-from .sse import StreamMeter, usage_totals
+from .sse import StreamMeter, answer_chars, usage_totals
 from .tokens import completion_cap, estimate_prompt, text_tokens
 
 log = structlog.get_logger("proxy.relay")
@@ -161,8 +161,7 @@ class Relay:
 
     async def identify(self, request: Request, body_user: Any = None, *, required: bool = False) -> Identity:
         """The user charged: the token's, or the end user a delegating service token names."""
-        principal = await self._auth.authenticate(request.headers.get("authorization"))
-        return charged_identity(principal, request.headers, body_user, required=required)
+        return charged_identity(await self.principal(request), request.headers, body_user, required=required)
 
     async def principal(self, request: Request) -> Principal:
         return await self._auth.authenticate(request.headers.get("authorization"))
@@ -170,7 +169,7 @@ class Relay:
     async def completion(self, request: Request, endpoint: str) -> Response:
         """POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
         perf_start, wall_start = time.perf_counter(), time.time()
-        principal = await self._auth.authenticate(request.headers.get("authorization"))
+        principal = await self.principal(request)
         request_id = request_id_of(request)
         payload = await read_json(request, self._settings.max_body_bytes)
         identity = charged_identity(principal, request.headers, payload.get("user"))
@@ -244,7 +243,7 @@ class Relay:
         ok = 200 <= upstream.status < 300
         estimated = ok and usage is None
         if estimated:
-            completion = text_tokens(len(body)) if endpoint != "embeddings" else 0
+            completion = text_tokens(answer_chars(obj)) if obj else 0
             usage = (prompt, completion, prompt + completion)
         self._account(
             reservation,

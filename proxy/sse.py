@@ -23,6 +23,18 @@ def usage_totals(usage: Any) -> tuple[int, int, int] | None:
     return prompt, completion, total
 
 
+def answer_chars(response: dict[str, Any]) -> int:
+    """Characters of answer text in a (non-streamed) completion, for an estimate when usage is missing."""
+    total = 0
+    for choice in response.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(text, str):
+                total += len(text)
+    return total
+
+
 class StreamMeter:
     """Feeds on upstream bytes and returns the bytes to send on, event by event.
 
@@ -31,7 +43,7 @@ class StreamMeter:
     that extra chunk so the client sees the stream shape it asked for.
     """
 
-    __slots__ = ("hide_usage", "usage", "model", "chars", "events", "_buf", "_on_usage", "_id", "_notice")
+    __slots__ = ("hide_usage", "usage", "model", "chars", "events", "done", "_buf", "_on_usage", "_id", "_notice")
 
     def __init__(self, hide_usage: bool, on_usage: Callable[[dict[str, Any]], str | None] | None = None) -> None:
         self.hide_usage = hide_usage
@@ -43,6 +55,7 @@ class StreamMeter:
         self.model: str | None = None  # the model that served the stream, as the chunks name it
         self.chars = 0
         self.events = 0
+        self.done = False  # [DONE] went through: the client has the whole answer
         self._buf = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -74,8 +87,10 @@ class StreamMeter:
             return event
         payload = event[data_at + 5 :].strip()
         if not payload.startswith(b"{"):
-            if payload == b"[DONE]" and self._notice is not None:
-                event, self._notice = self._notice + b"\n\n" + event, None
+            if payload == b"[DONE]":
+                self.done = True
+                if self._notice is not None:
+                    event, self._notice = self._notice + b"\n\n" + event, None
             return event  # [DONE] or a comment
         try:
             obj = orjson.loads(payload)

@@ -119,7 +119,8 @@ def test_user_past_the_budget_gets_a_readable_429_without_retries(proxy_url: str
         client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "Hello"}])
         return True
 
-    eventually(first_request_allowed)  # the proxy sees the new budget within BUDGET_REFRESH_SECONDS
+    eventually(lambda: quota(proxy_url, user)["limit"] == 30)  # the proxy sees it within BUDGET_REFRESH_SECONDS
+    eventually(first_request_allowed)
     eventually(lambda: quota(proxy_url, user)["used"] == 30)
     with pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "Again"}])

@@ -87,3 +87,11 @@ def test_notice_is_added_as_a_last_delta_before_done() -> None:
 def test_no_notice_when_the_hook_has_nothing_to_say() -> None:
     meter = StreamMeter(hide_usage=True, on_usage=lambda usage: None)
     assert events(meter.feed(STREAM)) == events(chunk("Hel") + chunk("lo") + b"data: [DONE]\n\n")
+
+
+def test_done_marks_a_complete_stream() -> None:
+    meter = StreamMeter(hide_usage=True)
+    meter.feed(STREAM[:-16])
+    assert not meter.done
+    meter.feed(STREAM[-16:])
+    assert meter.done
