@@ -23,7 +23,7 @@ from starlette.routing import Route
 from . import admin, metrics
 from .auth import Authenticator
 from .budget import BudgetEngine
-from .coalesce import Coalescer
+from .coalesce import Coalescer, connect
 from .config import Settings
 from .db import PG_UNAVAILABLE, create_pool
 from .errors import ProxyError, error_for_status, error_response
@@ -58,9 +58,7 @@ class Services:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.redis_timeout, socket_connect_timeout=settings.redis_timeout
-        )
+        self.redis = connect(settings.redis_url, settings.redis_timeout)
         self.pool: asyncpg.Pool | None = None
         self.book = BudgetBook(settings)
         self.upstream = Upstream(

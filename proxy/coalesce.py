@@ -1,4 +1,4 @@
-"""Coalescing Redis commands: concurrent requests share round trips.
+"""Cheap Redis round trips: concurrent requests share them, and commands are packed in C.
 
 redis-py spends far more CPU per command than Redis does, so under load the budget's
 reserve/settle and the ledger's XADD cost more than the upstream call itself. The first
@@ -11,9 +11,28 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import hiredis
 import redis.asyncio as redis
+from redis.asyncio.connection import Connection
 
 Command = tuple[Any, ...]
+
+
+class _HiredisPacking(Connection):
+    """redis-py's asyncio connection packs commands in Python; hiredis does it in C (pipelined
+    commands measured 37 -> 26 µs each here)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # "CLIENT SETINFO" and the like
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+def connect(url: str, timeout: float) -> redis.Redis:
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if url.startswith("redis://"):  # TLS (rediss://) and unix sockets keep redis-py's own classes
+        options["connection_class"] = _HiredisPacking
+    return redis.Redis.from_url(url, **options)
 
 
 class Coalescer:
