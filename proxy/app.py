@@ -32,6 +32,7 @@ from .ledger import Ledger
 from .limits import BudgetBook, sync_defaults
 from .relay import Relay
 from .statement import statement
+from .tokens import Tokenizer
 
 log = structlog.get_logger("proxy.app")
 
@@ -98,7 +99,8 @@ class Services:
             backlog_warn=s.ledger_backlog_warn,
         )
         await self.upstream.start()
-        self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, Coalescer(self.redis))
+        tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # ~0.5 s, off the event loop
+        self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, Coalescer(self.redis), tokenizer)
         self._tasks = [
             asyncio.create_task(self.ledger.run(), name="ledger-writer"),
             asyncio.create_task(self.book.refresh_forever(self.pool), name="budget-refresh"),

@@ -52,6 +52,7 @@ class Settings:
     default_tenant_budget: int = 0  # 0: tenants have no budget unless one is set
     budget_period: str = "month"
     warn_ratio: float = 0.8
+    tokenizer_file: str = ""  # a cl100k_base.tiktoken file; default: the copy LiteLLM ships, if installed
     completion_allowance: int = 4096
     clamp_max_tokens: bool = True
     quota_notice: str = "inline"

@@ -33,8 +33,8 @@ from .errors import (
 )
 from .forward import StreamThrough, Upstream, pass_headers
 from .ledger import Ledger, UsageRecord
-from .sse import StreamMeter, answer_chars, usage_totals
-from .tokens import completion_cap, estimate_prompt, text_tokens
+from .sse import StreamMeter, answer_text, usage_totals
+from .tokens import Tokenizer, completion_cap, estimate_prompt
 
 log = structlog.get_logger("proxy.relay")
 
@@ -149,6 +149,7 @@ class Relay:
         ledger: Ledger,
         upstream: Upstream,
         coalescer: Coalescer,
+        tokenizer: Tokenizer,
     ) -> None:
         self._settings = settings
         self._auth = auth
@@ -156,6 +157,7 @@ class Relay:
         self._ledger = ledger
         self._upstream = upstream
         self._co = coalescer
+        self._tokens = tokenizer
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0  # requests holding a reservation, i.e. on their way upstream or streaming
 
@@ -221,8 +223,7 @@ class Relay:
                 usage = usage_totals(meter.usage)
                 estimated = usage is None
                 if usage is None:
-                    completion = meter.completion_estimate
-                    usage = (prompt, completion, prompt + completion)
+                    usage = self._estimate(payload, meter.text)
                 record = ticket.record(
                     outcome, 200, usage, estimated=estimated, served_model=meter.model, cost=cost, ttft_ms=ttft_ms
                 )
@@ -243,8 +244,7 @@ class Relay:
         ok = 200 <= upstream.status < 300
         estimated = ok and usage is None
         if estimated:
-            completion = text_tokens(answer_chars(obj)) if obj else 0
-            usage = (prompt, completion, prompt + completion)
+            usage = self._estimate(payload, answer_text(obj) if obj else "")
         self._account(
             reservation,
             ticket.record(
@@ -255,6 +255,11 @@ class Relay:
         if usage:
             headers.update(reservation.headers(used=reservation.quotas[0].used + usage[2]))
         return Response(body, status_code=upstream.status, headers=headers)
+
+    def _estimate(self, payload: dict[str, Any], answer: str) -> tuple[int, int, int]:
+        """Usage the upstream did not report, counted from the request and the answer text."""
+        prompt, completion = self._tokens.prompt(payload), self._tokens.count(answer)
+        return prompt, completion, prompt + completion
 
     def _shape(
         self, payload: dict[str, Any], room: int, cap_field: str, cap: int | None, endpoint: str, identity: Identity

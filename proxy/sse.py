@@ -6,7 +6,6 @@ from typing import Any, Callable
 
 import orjson
 
-from .tokens import text_tokens
 
 
 def usage_totals(usage: Any) -> tuple[int, int, int] | None:
@@ -23,16 +22,16 @@ def usage_totals(usage: Any) -> tuple[int, int, int] | None:
     return prompt, completion, total
 
 
-def answer_chars(response: dict[str, Any]) -> int:
-    """Characters of answer text in a (non-streamed) completion, for an estimate when usage is missing."""
-    total = 0
+def answer_text(response: dict[str, Any]) -> str:
+    """The answer text of a (non-streamed) completion, for counting when usage is missing."""
+    parts = []
     for choice in response.get("choices") or ():
         if isinstance(choice, dict):
             message = choice.get("message")
             text = message.get("content") if isinstance(message, dict) else choice.get("text")
             if isinstance(text, str):
-                total += len(text)
-    return total
+                parts.append(text)
+    return "".join(parts)
 
 
 class StreamMeter:
@@ -43,7 +42,7 @@ class StreamMeter:
     that extra chunk so the client sees the stream shape it asked for.
     """
 
-    __slots__ = ("hide_usage", "usage", "model", "chars", "events", "done", "_buf", "_on_usage", "_id", "_notice")
+    __slots__ = ("hide_usage", "usage", "model", "chars", "events", "done", "_parts", "_buf", "_on_usage", "_id", "_notice")
 
     def __init__(self, hide_usage: bool, on_usage: Callable[[dict[str, Any]], str | None] | None = None) -> None:
         self.hide_usage = hide_usage
@@ -54,6 +53,7 @@ class StreamMeter:
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None  # the model that served the stream, as the chunks name it
         self.chars = 0
+        self._parts: list[str] = []  # the answer text, for counting when no usage arrives
         self.events = 0
         self.done = False  # [DONE] went through: the client has the whole answer
         self._buf = b""
@@ -77,8 +77,8 @@ class StreamMeter:
         return rest
 
     @property
-    def completion_estimate(self) -> int:
-        return text_tokens(self.chars)
+    def text(self) -> str:
+        return "".join(self._parts)
 
     def _event(self, event: bytes) -> bytes | None:
         self.events += 1
@@ -106,10 +106,10 @@ class StreamMeter:
             if isinstance(choice, dict):
                 delta = choice.get("delta") or {}
                 content = delta.get("content") if isinstance(delta, dict) else None
-                if isinstance(content, str):
-                    self.chars += len(content)
-                elif isinstance(choice.get("text"), str):
-                    self.chars += len(choice["text"])
+                text = content if isinstance(content, str) else choice.get("text")
+                if isinstance(text, str):
+                    self.chars += len(text)
+                    self._parts.append(text)
         usage = obj.get("usage")
         if usage is None:
             return event

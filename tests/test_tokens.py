@@ -23,3 +23,30 @@ def test_completion_cap_prefers_max_completion_tokens() -> None:
     assert completion_cap({"max_completion_tokens": 70, "max_tokens": 50}) == ("max_completion_tokens", 70)
     assert completion_cap({"max_tokens": True}) == ("max_tokens", None)
     assert completion_cap({}) == ("max_tokens", None)
+
+
+def test_missing_usage_is_counted_with_cl100k_from_a_local_file(tmp_path) -> None:
+    from proxy.tokens import Tokenizer, _bundled_bpe
+
+    bundled = _bundled_bpe()
+    assert bundled is not None, "the dev install has LiteLLM, which ships the cl100k_base file"
+    tok = Tokenizer.load()
+    assert tok.exact
+    assert tok.count("Hello world") == 2  # ['Hello', ' world'] in cl100k_base
+    assert tok.count("") == 0
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]}
+    assert tok.prompt(chat) == tok.count("Be brief.\nHello world") + 3 + 2 * 4
+    copy = tmp_path / "cl100k_base.tiktoken"
+    copy.write_bytes(bundled.read_bytes())
+    assert Tokenizer.load(str(copy)).count("Hello world") == 2
+
+
+def test_a_wrong_or_missing_file_falls_back_to_the_rule_of_thumb(tmp_path) -> None:
+    from proxy.tokens import Tokenizer
+
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(b"aGVsbG8= 0\n")
+    for path in (str(bad), str(tmp_path / "missing")):
+        tok = Tokenizer.load(path)
+        assert not tok.exact and tok.count("x" * 40) == 10
+    assert bad.exists()  # never deleted, unlike tiktoken's own cache handling
