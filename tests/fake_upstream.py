@@ -57,9 +57,10 @@ class FakeUpstream:
             return JSONResponse({"error": {"message": "boom", "type": "api_error"}}, 500)
         if model == "no-usage":
             return JSONResponse(completion("four score and seven", usage=None))
+        cost = {"x-litellm-response-cost": "0.00042"}  # as LiteLLM sends it when it knows the price
         if body.get("stream"):
-            return StreamingResponse(self.stream(model), media_type="text/event-stream")
-        return JSONResponse(completion())
+            return StreamingResponse(self.stream(model), media_type="text/event-stream", headers=cost)
+        return JSONResponse(completion(), headers=cost)
 
     async def stream(self, model: str):  # type: ignore[no-untyped-def]
         try:

@@ -204,3 +204,11 @@ def test_admin_views_agree_with_the_redis_counters(client: httpx.Client, base_se
     view = lambda u: pg_row(base_settings.database_url, "select used from budget_status where subject = $1", u)["used"]  # noqa: E731
     counter = lambda u: client.get("/v1/quota", headers=auth(u)).json()["budgets"][0]["used"]  # noqa: E731
     eventually(lambda: [view(u) for u in users] == [counter(u) for u in users] == [12, 24, 36])
+
+
+def test_litellm_cost_header_lands_in_the_ledger(client: httpx.Client, base_settings: Settings) -> None:
+    for stream in (False, True):
+        rid = uid("req")
+        client.post("/v1/chat/completions", headers={**auth(), "X-Request-Id": rid}, json={**CHAT, "stream": stream})
+        row = eventually(lambda: pg_row(base_settings.database_url, "select * from usage_records where request_id = $1", rid))
+        assert float(row["cost_usd"]) == pytest.approx(0.00042)
