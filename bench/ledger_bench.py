@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg  # noqa: E402
 import redis.asyncio as redis  # noqa: E402
 
+from proxy.coalesce import Coalescer  # noqa: E402
 from proxy.db import migrate  # noqa: E402
 from proxy.ledger import Ledger, UsageRecord  # noqa: E402
 
@@ -47,20 +48,23 @@ async def run() -> dict[str, object]:
             ledger.enqueue(pipe, record(user, i))
             await pipe.execute()
         samples.append(time.perf_counter() - t0)
-    encode = []
+    # What the request path pays: build the record and hand it over, not waiting for Redis.
+    coalescer = Coalescer(client)
+    handed = []
     for i in range(2000):
         t0 = time.perf_counter()
-        record(user, i).encode()
-        encode.append(time.perf_counter() - t0)
+        future = coalescer.submit(*ledger.command(record(user, 2000 + i)))
+        handed.append(time.perf_counter() - t0)
+        await future
     # Fill the stream, then time the writer draining it into PostgreSQL.
-    for start in range(2000, RECORDS, 5000):
+    for start in range(4000, RECORDS, 5000):
         async with client.pipeline(transaction=False) as pipe:
             for i in range(start, min(start + 5000, RECORDS)):
                 ledger.enqueue(pipe, record(user, i))
             await pipe.execute()
     t0 = time.perf_counter()
     moved = 0
-    while True:
+    while True:  # the 4,000 enqueued above, then the fill
         n = await ledger.drain_once(block=False)
         if not n:
             break
@@ -72,12 +76,12 @@ async def run() -> dict[str, object]:
     await client.aclose()
     await pool.close()
     samples.sort()
-    encode.sort()
+    handed.sort()
     return {
         "records moved": f"{moved:,} ({rows:,} rows committed)",
         "throughput (batches of 1,000)": f"{moved / elapsed:,.0f} records/s",
-        "enqueue (XADD round trip) p50 / p99 µs": f"{samples[len(samples) // 2] * 1e6:.0f} / {samples[int(len(samples) * 0.99)] * 1e6:.0f}",
-        "record encoding p50 µs": f"{encode[len(encode) // 2] * 1e6:.1f}",
+        "request-path enqueue (build, encode, hand over) p50 / p99 µs": f"{handed[len(handed) // 2] * 1e6:.1f} / {handed[int(len(handed) * 0.99)] * 1e6:.1f}",
+        "XADD round trip, after the response, p50 / p99 µs": f"{samples[len(samples) // 2] * 1e6:.0f} / {samples[int(len(samples) * 0.99)] * 1e6:.0f}",
     }
 
 
