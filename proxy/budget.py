@@ -137,10 +137,6 @@ class BudgetEngine:
         previous = self._owed.get(counters)
         self._owed[counters] = (reservation, tokens + (previous[1] if previous else 0))
 
-    @property
-    def owed(self) -> int:
-        return sum(tokens for _, tokens in self._owed.values())
-
     async def reconcile(self) -> None:
         """Add the tokens owed to their counters. A counter Redis lost is skipped: its rebuild from
         PostgreSQL includes those records, which were written there directly."""

@@ -91,7 +91,6 @@ class Ticket:
     stream: bool
     wall_start: float
     perf_start: float
-    prompt_estimate: int
 
     def record(
         self,
@@ -187,7 +186,7 @@ class Relay:
             raise BadRequest("Request body needs a 'model' string.", param="model", code="missing_model")
         stream = endpoint != "embeddings" and payload.get("stream") is True
         prompt = estimate_prompt(payload)
-        ticket = Ticket(request_id, identity, endpoint, model, stream, wall_start, perf_start, prompt)
+        ticket = Ticket(request_id, identity, endpoint, model, stream, wall_start, perf_start)
 
         if self._in_flight >= self._settings.upstream_max_concurrency:
             raise ServiceUnavailable(

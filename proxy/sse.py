@@ -42,7 +42,7 @@ class StreamMeter:
     that extra chunk so the client sees the stream shape it asked for.
     """
 
-    __slots__ = ("hide_usage", "usage", "model", "chars", "events", "done", "_parts", "_buf", "_on_usage", "_id", "_notice")
+    __slots__ = ("hide_usage", "usage", "model", "done", "_parts", "_buf", "_on_usage", "_id", "_notice")
 
     def __init__(self, hide_usage: bool, on_usage: Callable[[dict[str, Any]], str | None] | None = None) -> None:
         self.hide_usage = hide_usage
@@ -52,9 +52,7 @@ class StreamMeter:
         self._notice: bytes | None = None
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None  # the model that served the stream, as the chunks name it
-        self.chars = 0
         self._parts: list[str] = []  # the answer text, for counting when no usage arrives
-        self.events = 0
         self.done = False  # [DONE] went through: the client has the whole answer
         self._buf = b""
 
@@ -81,7 +79,6 @@ class StreamMeter:
         return "".join(self._parts)
 
     def _event(self, event: bytes) -> bytes | None:
-        self.events += 1
         data_at = event.find(b"data:")
         if data_at < 0:
             return event
@@ -108,7 +105,6 @@ class StreamMeter:
                 content = delta.get("content") if isinstance(delta, dict) else None
                 text = content if isinstance(content, str) else choice.get("text")
                 if isinstance(text, str):
-                    self.chars += len(text)
                     self._parts.append(text)
         usage = obj.get("usage")
         if usage is None:
