@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,6 @@ from redis.asyncio.cluster import RedisCluster
 from proxy.auth import Identity
 from proxy.budget import BudgetEngine
 from proxy.config import Settings
-from proxy.devstack import port_open
 from proxy.errors import QuotaExceeded
 from proxy.limits import BudgetBook
 
@@ -25,11 +25,21 @@ from .helpers import eventually, redis_server_executable, uid
 pytestmark = pytest.mark.anyio
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    for _ in range(200):
-        port = random.randint(20000, 45000)
-        if not port_open("127.0.0.1", port) and not port_open("127.0.0.1", port + 10000):
+    """A port whose cluster bus port (port + 10000) is free too, both below the ephemeral range
+    (32768 and up on Linux), where an outgoing connection may be holding either."""
+    for _ in range(500):
+        port = random.randint(11000, 22000)
+        if _bindable(port) and _bindable(port + 10000):
             return port
     raise RuntimeError("no free port pair for a cluster node")
 
@@ -46,7 +56,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
             procs.append(subprocess.Popen(
                 [exe, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file",
                  str(node / "nodes.conf"), "--dir", str(node), "--save", "", "--appendonly", "no"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=open(node / "redis.log", "wb"), stderr=subprocess.STDOUT,
             ))  # fmt: skip
         for port in ports:
             eventually(lambda: redis.Redis(port=port).ping(), timeout=10)
