@@ -52,8 +52,8 @@ class BudgetEngine:
         self._settle = client.register_script(SETTLE_LUA)
         # Scopes per identity until the earliest of their periods ends or the budgets change.
         self._scopes: dict[Identity, tuple[tuple[Scope, ...], float, int]] = {}
-        # Tokens spent while Redis was unreachable, added to the counters once it answers again.
-        self._owed: dict[tuple[str, ...], tuple[Reservation, int]] = {}
+        # Settles that could not reach Redis, applied once it answers again.
+        self._owed: list[tuple[Reservation, int]] = []
 
     @staticmethod
     def _tag(identity: Identity) -> str:
@@ -130,20 +130,16 @@ class BudgetEngine:
         return Reservation(request_id, scopes, tuple(s.key for s in scopes), wanted, quotas, None, metered=False)
 
     def owe(self, reservation: Reservation, tokens: int) -> None:
-        """Remember a settle that could not reach Redis; `reconcile` applies it later."""
-        if tokens <= 0:
-            return
-        counters = tuple(s.key for s in reservation.scopes)
-        previous = self._owed.get(counters)
-        self._owed[counters] = (reservation, tokens + (previous[1] if previous else 0))
+        """Remember a settle that did not happen (Redis unreachable, or restarted without the script)."""
+        self._owed.append((reservation, tokens))
 
     async def reconcile(self) -> None:
-        """Add the tokens owed to their counters. A counter Redis lost is skipped: its rebuild from
-        PostgreSQL includes those records, which were written there directly."""
-        for counters, (reservation, tokens) in list(self._owed.items()):
-            counted = Reservation(f"reconcile:{reservation.request_id}", reservation.scopes, counters, 0, [], None)
-            await self.settle(counted, tokens)
-            del self._owed[counters]
+        """Apply the owed settles, each under its own request id so its reservation is released too.
+        A counter Redis lost is skipped by the script: its rebuild from PostgreSQL counts those records."""
+        while self._owed:
+            reservation, tokens = self._owed[0]
+            await self.settle(reservation, tokens)  # loads the script if Redis lost it
+            self._owed.pop(0)
 
     async def reconcile_forever(self, interval: float = 1.0) -> None:
         while True:

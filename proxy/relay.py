@@ -316,7 +316,7 @@ class Relay:
         headers.update(quota_headers)
         return Response(body, status_code=upstream.status, headers=headers)
 
-    # Accounting runs after the response, in tasks the request never waits on.
+    # Accounting runs after the response: submitted to Redis, never awaited by the request.
 
     def _account(self, reservation: Reservation | None, record: UsageRecord) -> None:
         """Settle the reservation and hand the record to the ledger, without the request waiting."""
@@ -336,20 +336,15 @@ class Relay:
     ) -> None:
         settle_error = settled.exception() if settled is not None else None
         record_error = recorded.exception()
-        if settle_error is None and record_error is None:
-            return
-        if isinstance(settle_error, NoScriptError) and record_error is None:
-            self._spawn(self._budget.settle(reservation, record.total_tokens))  # type: ignore[arg-type]
-            return
-        # Redis is unreachable: the record goes to PostgreSQL directly, and the tokens are added
-        # to the counters when Redis answers again.
-        metrics.BACKGROUND_ERRORS.inc()
-        error = record_error or settle_error
-        log.warning("settle_failed", request_id=record.request_id, error=str(error) or error.__class__.__name__)
-        if record_error is not None:
-            self._spawn(self._ledger.write_direct(record))
         if settle_error is not None and reservation is not None:
+            # Redis unreachable, or restarted without the script: the reconcile task settles it later.
             self._budget.owe(reservation, record.total_tokens)
+        if record_error is not None:
+            self._spawn(self._ledger.write_direct(record))  # the stream is unreachable: straight to PostgreSQL
+        error = record_error or (settle_error if not isinstance(settle_error, NoScriptError) else None)
+        if error is not None:
+            metrics.BACKGROUND_ERRORS.inc()
+            log.warning("settle_failed", request_id=record.request_id, error=str(error) or error.__class__.__name__)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

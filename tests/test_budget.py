@@ -202,3 +202,14 @@ async def test_tokens_per_minute_count_settled_usage(redis_client, pg_pool, base
     await engine.settle(r, 100)
     with pytest.raises(RateLimited, match="100 tokens per minute"):
         await engine.reserve(me, "b", 10, 20)
+
+
+async def test_reconcile_settles_each_owed_request_and_releases_its_reservation(redis_client, pg_pool, base_settings) -> None:
+    engine = engine_for(redis_client, pg_pool, base_settings)
+    me = Identity(uid())
+    first, second = await engine.reserve(me, "a", 10, 100), await engine.reserve(me, "b", 10, 100)
+    engine.owe(first, 30)  # their settles could not reach Redis
+    engine.owe(second, 20)
+    await engine.reconcile()
+    (q,) = await engine.snapshot(me)
+    assert (q.used, q.reserved) == (50, 0)  # the tokens counted, the reservations released at once
