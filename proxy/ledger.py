@@ -110,9 +110,6 @@ class Ledger:
         """The XADD that hands a record to the writer."""
         return ("XADD", self.stream, "*", "r", record.encode())
 
-    def enqueue(self, pipe: Any, record: UsageRecord) -> None:
-        pipe.execute_command(*self.command(record))
-
     async def write_direct(self, record: UsageRecord) -> None:
         """Straight to PostgreSQL, for when the stream itself is unreachable."""
         if self._pool is None:

@@ -56,15 +56,15 @@ class Quota:
     def with_used(self, used: int) -> "Quota":
         return Quota(self.limit, used, self.reserved, self.resets_at)
 
-    def headers(self, prefix: str = "X-Quota-") -> dict[str, str]:
+    def headers(self) -> dict[str, str]:
         h = {
-            f"{prefix}Limit": str(self.limit.tokens),
-            f"{prefix}Used": str(self.used),
-            f"{prefix}Remaining": str(self.remaining),
-            f"{prefix}State": self.state,
+            "X-Quota-Limit": str(self.limit.tokens),
+            "X-Quota-Used": str(self.used),
+            "X-Quota-Remaining": str(self.remaining),
+            "X-Quota-State": self.state,
         }
         if self.resets_at is not None:
-            h[f"{prefix}Reset"] = rfc3339(self.resets_at)
+            h["X-Quota-Reset"] = rfc3339(self.resets_at)
         return h
 
     def as_json(self) -> dict[str, object]:

@@ -33,7 +33,7 @@ def record(user: str, tokens: int = 30, at: float | None = None, **kw: object) -
 async def enqueue(client: aioredis.Redis, ledger: Ledger, records: list[UsageRecord]) -> None:
     async with client.pipeline(transaction=False) as pipe:
         for r in records:
-            ledger.enqueue(pipe, r)
+            pipe.execute_command(*ledger.command(r))
         await pipe.execute()
 
 
