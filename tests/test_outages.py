@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
@@ -38,16 +40,25 @@ def rows(dsn: str, user: str) -> int:
     return pg_row(dsn, "select count(*) from usage_records where user_id = $1", user)[0]
 
 
-def test_closed_mode_refuses_with_503_then_recovers_from_postgres(
-    base_settings: Settings, fake: FakeUpstream, volatile_redis: RedisProcess
-) -> None:
-    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=volatile_redis.url, fail_mode="closed")
+@contextlib.contextmanager
+def served_then_redis_dies(
+    base_settings: Settings, fake: FakeUpstream, redis: RedisProcess, fail_mode: str
+) -> Iterator[tuple[httpx.Client, dict[str, str], str]]:
+    """A proxy on `redis` that served one request (recorded in PostgreSQL), then lost its Redis."""
+    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=redis.url, fail_mode=fail_mode)
     user = uid()
     headers = {"Authorization": f"Bearer {token(user)}"}
     with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
         assert client.post("/v1/chat/completions", headers=headers, json=CHAT).status_code == 200
         eventually(lambda: rows(settings.database_url, user) == 1)
-        volatile_redis.kill()
+        redis.kill()
+        yield client, headers, user
+
+
+def test_closed_mode_refuses_with_503_then_recovers_from_postgres(
+    base_settings: Settings, fake: FakeUpstream, volatile_redis: RedisProcess
+) -> None:
+    with served_then_redis_dies(base_settings, fake, volatile_redis, "closed") as (client, headers, _):
         sent = len(fake.requests)
         r = client.post("/v1/chat/completions", headers=headers, json=CHAT)
         assert r.status_code == 503
@@ -63,19 +74,13 @@ def test_closed_mode_refuses_with_503_then_recovers_from_postgres(
 def test_open_mode_serves_records_and_reconciles_when_redis_returns(
     base_settings: Settings, fake: FakeUpstream, private_redis: RedisProcess
 ) -> None:
-    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=private_redis.url, fail_mode="open")
-    user = uid()
-    headers = {"Authorization": f"Bearer {token(user)}"}
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
-        assert client.post("/v1/chat/completions", headers=headers, json=CHAT).status_code == 200
-        eventually(lambda: rows(settings.database_url, user) == 1)
-        private_redis.kill()
+    with served_then_redis_dies(base_settings, fake, private_redis, "open") as (client, headers, user):
         for _ in range(2):
             r = client.post("/v1/chat/completions", headers=headers, json=CHAT)
             assert r.status_code == 200 and r.headers["x-quota-state"] == "unknown"
             assert "x-quota-used" not in r.headers and r.headers["x-quota-limit"] == "100000"
         assert client.get("/v1/models", headers=headers).headers["x-quota-state"] == "unknown"
-        eventually(lambda: rows(settings.database_url, user) == 3)  # written to PostgreSQL directly
+        eventually(lambda: rows(base_settings.database_url, user) == 3)  # written to PostgreSQL directly
         # Redis restarts with its data (AOF): the counter says 12, the reconcile adds the 24 spent meanwhile.
         private_redis.start()
         eventually(lambda: client.get("/v1/quota", headers=headers).json()["budgets"][0]["used"] == 36)
