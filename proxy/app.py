@@ -23,7 +23,7 @@ from starlette.routing import Route
 from . import admin, metrics
 from .auth import Authenticator
 from .budget import BudgetEngine
-from .coalesce import Coalescer, connect
+from .coalesce import Lane, connect, open_lane
 from .config import Settings
 from .db import PG_UNAVAILABLE, create_pool
 from .errors import ProxyError, error_for_status, error_response
@@ -73,6 +73,7 @@ class Services:
         self.ledger: Ledger | None = None
         self.budget: BudgetEngine | None = None
         self.relay: Relay | None = None
+        self.lane: Lane | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -85,9 +86,9 @@ class Services:
             await self.book.load(self.pool)
         except PG_UNAVAILABLE as exc:
             log.warning("postgres_unavailable_at_start", error=str(exc), using="environment defaults")
-        # Two lanes: reserves on the request path never queue behind settles and ledger records.
+        self.lane = open_lane(s.redis_url, self.redis, s.redis_timeout)
         self.budget = BudgetEngine(
-            self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds, coalescer=Coalescer(self.redis)
+            self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds, coalescer=self.lane
         )
         self.ledger = Ledger(
             self.redis,
@@ -100,7 +101,7 @@ class Services:
         )
         await self.upstream.start()
         tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # ~0.5 s, off the event loop
-        self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, Coalescer(self.redis), tokenizer)
+        self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, self.lane, tokenizer)
         self._tasks = [
             asyncio.create_task(self.ledger.run(), name="ledger-writer"),
             asyncio.create_task(self.book.refresh_forever(self.pool), name="budget-refresh"),
@@ -116,6 +117,8 @@ class Services:
         await self.upstream.close()
         if self.pool is not None:
             await self.pool.close()
+        if self.lane is not None:
+            await self.lane.close()
         await self.redis.aclose()
 
 

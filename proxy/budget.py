@@ -20,7 +20,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from .auth import Identity
-from .coalesce import Coalescer
+from .coalesce import Coalescer, Lane
 from .db import PG_UNAVAILABLE
 from .errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from .limits import BudgetBook, Limit
@@ -40,10 +40,10 @@ class BudgetEngine:
         *,
         reservation_ttl: float = 900,
         clock: Callable[[], float] = time.time,
-        coalescer: Coalescer | None = None,
+        coalescer: Lane | None = None,
     ) -> None:
         self._redis = client
-        self._co = coalescer or Coalescer(client)
+        self._co: Lane = coalescer or Coalescer(client)
         self._book = book
         self._pool = pool
         self._ttl_ms = int(reservation_ttl * 1000)

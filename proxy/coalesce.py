@@ -1,21 +1,37 @@
-"""Cheap Redis round trips: concurrent requests share them, and commands are packed in C.
+"""Cheap Redis round trips for the request path: concurrent requests share them.
 
 redis-py spends far more CPU per command than Redis does, so under load the budget's
-reserve/settle and the ledger's XADD cost more than the upstream call itself. The first
-command goes out at once (no added latency when idle); commands issued while it is in
-flight wait and then leave together as one pipeline.
+reserve/settle and the ledger's XADD cost more than the upstream call itself. A plain
+redis:// server gets a PipedRedis (pipe.py): hiredis on a raw connection. Other clients
+(Redis Cluster, TLS, unix sockets) get a Coalescer over redis-py: the first command goes
+out at once (no added latency when idle); commands issued while it is in flight wait and
+then leave together as one pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 import redis.asyncio as redis
 from redis.asyncio.connection import Connection
 
+from .pipe import PipedRedis
+
 Command = tuple[Any, ...]
+
+
+class Lane(Protocol):
+    """What the budget engine and the relay send their commands through."""
+
+    async def call(self, *command: Any) -> Any: ...
+
+    def submit(self, *command: Any) -> asyncio.Future[Any]: ...
+
+    async def idle(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class _HiredisPacking(Connection):
@@ -33,6 +49,11 @@ def connect(url: str, timeout: float) -> redis.Redis:
     if url.startswith("redis://"):  # TLS (rediss://) and unix sockets keep redis-py's own classes
         options["connection_class"] = _HiredisPacking
     return redis.Redis.from_url(url, **options)
+
+
+def open_lane(url: str, client: redis.Redis, timeout: float) -> Lane:
+    """The cheapest way to send request-path commands to the Redis at `url`."""
+    return PipedRedis(url, timeout) if url.startswith("redis://") else Coalescer(client)
 
 
 class Coalescer:
@@ -68,6 +89,9 @@ class Coalescer:
         """Wait until every queued command has been sent and answered (on shutdown)."""
         while self._busy or self._queue:
             await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        pass  # the client belongs to the caller
 
     def _release(self) -> None:
         if self._queue:

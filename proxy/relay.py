@@ -20,7 +20,7 @@ from . import metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
 from .budget import BudgetEngine
 from .quota import Reservation
-from .coalesce import Coalescer
+from .coalesce import Lane
 from .config import Settings
 from .errors import (
     BadRequest,
@@ -154,7 +154,7 @@ class Relay:
         budget: BudgetEngine,
         ledger: Ledger,
         upstream: Upstream,
-        coalescer: Coalescer,
+        coalescer: Lane,
         tokenizer: Tokenizer,
     ) -> None:
         self._settings = settings

@@ -18,6 +18,7 @@ from proxy.config import Settings
 from proxy.errors import QuotaExceeded
 from proxy.ledger import insert_records
 from proxy.limits import BudgetBook
+from proxy.pipe import PipedRedis
 
 from .helpers import uid
 
@@ -74,10 +75,13 @@ async def test_warn_and_blocked_states_and_the_readable_refusal(redis_client, pg
     assert exc.headers["X-Quota-State"] == "blocked" and exc.headers["X-Quota-Remaining"] == "0"
 
 
-async def test_fifty_concurrent_requests_never_overrun(redis_client, pg_pool, base_settings) -> None:
-    """Room for about 5 requests; the first requests of a never-seen user (no counter yet) included."""
+@pytest.mark.parametrize("lane", ["redis-py", "piped"])
+async def test_fifty_concurrent_requests_never_overrun(redis_client, pg_pool, base_settings, lane) -> None:
+    """Room for about 5 requests; the first requests of a never-seen user (no counter yet) included.
+    Over both ways of sending commands: redis-py pipelines (Cluster, TLS) and the piped connection."""
     settings = replace(base_settings, default_token_budget=500)
-    engine = engine_for(redis_client, pg_pool, settings)
+    coalescer = PipedRedis(settings.redis_url, 2.0) if lane == "piped" else None
+    engine = engine_for(redis_client, pg_pool, settings, coalescer=coalescer)
     me = Identity(uid())
 
     async def one(i: int) -> int:
@@ -95,6 +99,8 @@ async def test_fifty_concurrent_requests_never_overrun(redis_client, pg_pool, ba
     (q,) = await engine.snapshot(me)
     assert q.used == sum(served) <= 500
     assert q.reserved == 0
+    if coalescer is not None:
+        await coalescer.close()
 
 
 async def test_counter_lost_in_redis_is_rebuilt_from_postgres(redis_client, pg_pool, base_settings) -> None:
