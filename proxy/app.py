@@ -97,6 +97,7 @@ class Services:
             consumer=s.ledger_consumer,
             batch_size=s.ledger_batch_size,
             flush_seconds=s.ledger_flush_seconds,
+            redis_timeout=s.redis_timeout,
             backlog_warn=s.ledger_backlog_warn,
         )
         await self.upstream.start()

@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -29,13 +30,14 @@ def engine_for(client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings, *
     return BudgetEngine(client, BudgetBook(settings), pool, **kw)  # type: ignore[arg-type]
 
 
-def usage_row(user: str, tokens: int, at: float, tenant: str | None = None) -> dict[str, object]:
-    return {
+def usage_row(user: str, tokens: int, at: float, tenant: str | None = None) -> bytes:
+    """An encoded ledger record (without the fields added in sql/003, as an older version queued them)."""
+    return orjson.dumps({
         "request_id": uid("r"), "created_at": at, "user_id": user, "tenant_id": tenant, "model": "m",
         "served_model": None, "endpoint": "chat", "prompt_tokens": tokens, "completion_tokens": 0,
         "total_tokens": tokens, "cost_usd": None, "status": "ok", "http_status": 200, "stream": False,
         "estimated": False, "latency_ms": 1.0, "ttft_ms": None,
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def test_period_bounds_are_utc_calendar_periods() -> None:
@@ -107,7 +109,7 @@ async def test_counter_lost_in_redis_is_rebuilt_from_postgres(redis_client, pg_p
     engine = engine_for(redis_client, pg_pool, base_settings)
     me = Identity(uid())
     async with pg_pool.acquire() as conn:
-        await insert_records(conn, [usage_row(me.user, 700, time.time()), usage_row(me.user, 300, time.time())], set())
+        await insert_records(conn, [usage_row(me.user, 700, time.time()), usage_row(me.user, 300, time.time())])
     r = await engine.reserve(me, "x", 10, 20)
     assert r.quotas[0].used == 1000
     await engine.settle(r, 0)
@@ -121,7 +123,7 @@ async def test_new_period_starts_from_zero_and_old_usage_stays_in_its_period(red
     engine = engine_for(redis_client, pg_pool, replace(base_settings, default_token_budget=1000), clock=lambda: now[0])
     me = Identity(uid())
     async with pg_pool.acquire() as conn:
-        await insert_records(conn, [usage_row(me.user, 990, now[0] - 60)], set())
+        await insert_records(conn, [usage_row(me.user, 990, now[0] - 60)])
     with pytest.raises(QuotaExceeded):
         await engine.reserve(me, "late-november", 10, 20)
     now[0] = datetime(2026, 12, 1, 0, 1, tzinfo=timezone.utc).timestamp()

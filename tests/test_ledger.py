@@ -64,7 +64,7 @@ async def test_redelivery_after_a_crash_before_ack_never_duplicates(ledger, redi
     # A writer reads the batch and commits, then dies before XACK: the entries stay pending.
     await redis_client.xreadgroup(GROUP, "test-writer", {ledger.stream: ">"}, count=100)
     async with pg_pool.acquire() as conn:
-        await insert_records(conn, [orjson.loads(r.encode()) for r in records[:3]], set())
+        await insert_records(conn, [r.encode() for r in records[:3]])
     # The restarted writer re-reads its pending entries and writes them again.
     assert await ledger.drain_once(pending=True) == 5
     assert await pg_pool.fetchval("select count(*) from usage_records where user_id = $1", user) == 5
@@ -92,6 +92,34 @@ async def test_a_record_in_a_month_without_partition_creates_it(ledger, redis_cl
     await enqueue(redis_client, ledger, [record(user, at=far)])
     assert await ledger.drain_once(block=False) == 1
     assert await pg_pool.fetchval("select count(*) from usage_records_203107 where user_id = $1", user) == 1
+
+
+async def test_text_fields_arrive_exactly_and_a_nul_is_dropped(ledger, redis_client, pg_pool) -> None:
+    user = uid()
+    awkward = 'quote " back\\slash \\u0000 tab\t newline\n é 漢 \U0001F600'  # \\u0000 here is text, not a NUL
+    records = [record(user, model=awkward), record(user, model="nul\x00inside", user_email="a\\\x00b@x")]
+    await enqueue(redis_client, ledger, records)
+    assert await ledger.drain_once(block=False) == 2
+    rows = await pg_pool.fetch("select model, user_email from usage_records where user_id = $1 order by total_tokens, model", user)
+    assert sorted(r["model"] for r in rows) == sorted([awkward, "nulinside"])
+    assert {r["user_email"] for r in rows} == {None, "a\\b@x"}
+
+
+async def test_a_record_postgres_refuses_is_set_aside_and_the_rest_land(ledger, redis_client, pg_pool) -> None:
+    user = uid()
+    good = [record(user), record(user)]
+    too_big = record(user, 10**12)  # no integer column holds it: PostgreSQL refuses this record forever
+    await enqueue(redis_client, ledger, [good[0], too_big, good[1]])
+    await redis_client.xadd(ledger.stream, {"r": b"{not json"})
+    assert await ledger.drain_once(block=False) == 4
+    assert await pg_pool.fetchval("select count(*) from usage_records where user_id = $1", user) == 2
+    rejected = await redis_client.xrange(f"{ledger.stream}:rejected")
+    assert len(rejected) == 2
+    assert orjson.loads(rejected[0][1][b"r"])["request_id"] == too_big.request_id
+    assert b"out of range" in rejected[0][1][b"error"]
+    assert rejected[1][1][b"r"] == b"{not json"
+    assert await ledger.backlog() == 0  # nothing left to hold up later records
+    await redis_client.delete(f"{ledger.stream}:rejected")
 
 
 async def test_direct_write_when_redis_is_unreachable(pg_pool) -> None:
@@ -133,3 +161,17 @@ async def test_migrate_is_idempotent_and_safe_to_run_concurrently(base_settings)
     finally:
         for c in conns:
             await c.close()
+
+
+async def test_an_idle_stream_is_not_an_outage_whatever_the_flush_interval(pg_pool, base_settings) -> None:
+    """The blocking read ends before the socket timeout even when LEDGER_FLUSH_SECONDS is longer."""
+    client = aioredis.Redis.from_url(base_settings.redis_url, socket_timeout=0.5)
+    led = Ledger(client, pg_pool, stream=f"test:ledger:{uid()}", flush_seconds=3.0, redis_timeout=0.5)
+    try:
+        await led.ensure_group()
+        started = time.monotonic()
+        assert await led.drain_once() == 0
+        assert time.monotonic() - started < 0.5
+    finally:
+        await client.delete(led.stream)
+        await client.aclose()
