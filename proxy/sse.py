@@ -16,9 +16,12 @@ def usage_totals(usage: Any) -> tuple[int, int, int] | None:
     """
     if not isinstance(usage, dict):
         return None
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    total = max(int(usage.get("total_tokens") or 0), prompt + completion)
+    try:
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        total = max(int(usage.get("total_tokens") or 0), prompt + completion)
+    except (TypeError, ValueError, OverflowError):
+        return None  # not counts: the request is estimated instead
     return prompt, completion, total
 
 

@@ -68,6 +68,13 @@ def test_usage_totals_never_below_prompt_plus_completion() -> None:
     assert usage_totals(None) is None
 
 
+def test_usage_that_is_not_counts_is_treated_as_missing() -> None:
+    # The request is then estimated (and marked so) rather than failing with a 500.
+    assert usage_totals({"prompt_tokens": "many", "completion_tokens": 3}) is None
+    assert usage_totals({"prompt_tokens": [1], "completion_tokens": 3}) is None
+    assert usage_totals({"prompt_tokens": float("inf")}) is None
+
+
 def test_notice_is_added_as_a_last_delta_before_done() -> None:
     seen = []
 
