@@ -15,6 +15,7 @@ import importlib.util
 import os
 import platform
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,13 +54,18 @@ def loadgen(url: str, token: str, concurrency: int, seconds: float, stream: bool
     return orjson.loads(out)
 
 
+def medians(results: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(statistics.median(r[k] for r in results), 3) for k in results[0] if k not in ("requests", "sent", "errors")} | {
+        "requests": sum(r["requests"] for r in results), "errors": sum(r["errors"] for r in results)}  # fmt: skip
+
+
 def spawn(cmd: list[str], env: dict[str, str], health: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(health, 60, proc)
     return proc
 
 
-def http_benchmark(seconds: float, concurrencies: list[int], with_litellm: bool) -> dict[str, object]:
+def http_benchmark(seconds: float, concurrencies: list[int], with_litellm: bool, repeats: int) -> dict[str, object]:
     secret = secrets.token_hex(32)
     settings = Settings(
         jwt_secret=secret,
@@ -98,15 +104,21 @@ def http_benchmark(seconds: float, concurrencies: list[int], with_litellm: bool)
         rows = []
         for stream in (False, True):
             for c in concurrencies:
-                for name, (url, tok, pid) in targets.items():
-                    if name == "litellm" and (stream or c > 16):
-                        continue  # ~70 req/s per worker: only a point of comparison, not a load target
-                    before = cpu_seconds(pid) if pid else 0.0
-                    result = loadgen(url, tok, c, seconds, stream)
-                    if pid:
-                        result["cpu_us_per_request"] = round((cpu_seconds(pid) - before) / max(result["requests"], 1) * 1e6, 1)  # type: ignore[operator]
-                    rows.append({"target": name, "stream": stream, "concurrency": c, **result})
-                    print(f"  {'stream' if stream else 'json  '} c={c:<4} {name:<15} {result['rps']:>8} req/s  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms", flush=True)
+                # Rounds interleave the targets, and each figure is the median over the rounds: this
+                # VM drifts by ±20 % over minutes, which would otherwise favour whichever ran first.
+                rounds: dict[str, list[dict[str, float]]] = {}
+                for _ in range(repeats):
+                    for name, (url, tok, pid) in targets.items():
+                        if name == "litellm" and (stream or c > 16):
+                            continue  # ~70 req/s per worker: only a point of comparison, not a load target
+                        before = cpu_seconds(pid) if pid else 0.0
+                        result = loadgen(url, tok, c, seconds, stream)
+                        if pid:
+                            result["cpu_us_per_request"] = round((cpu_seconds(pid) - before) / max(result["sent"], 1) * 1e6, 1)  # type: ignore[operator]
+                        rounds.setdefault(name, []).append(result)  # type: ignore[arg-type]
+                        print(f"  {'stream' if stream else 'json  '} c={c:<4} {name:<15} {result['rps']:>8} req/s  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms", flush=True)
+                for name, results in rounds.items():
+                    rows.append({"target": name, "stream": stream, "concurrency": c, "rounds": len(results), **medians(results)})
         return {"rows": rows}
     finally:
         for proc in procs:
@@ -131,7 +143,8 @@ def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def markdown(summary: list[dict[str, object]], extra: dict[str, object], info: dict[str, object]) -> str:
     lines = [f"Machine: {info['cpus']} cores ({info['cpu']}), Python {info['python']}, {info['date']}. "
-             "Load generator, upstream and proxy share the cores.", "",
+             "Load generator, upstream and proxy share the cores. "
+             f"Each figure is the median of {info['rounds']} interleaved rounds of {info['seconds']:g} s (after 2 s of warm-up).", "",
              "| mode | conc. | target | req/s | p50 ms | p99 ms | added p50 | added p99 | TTFT added p50 | vs bare | CPU µs/req |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for s in summary:
@@ -148,15 +161,16 @@ def markdown(summary: list[dict[str, object]], extra: dict[str, object], info: d
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per point, after 2 s of warm-up")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point; figures are medians")
     p.add_argument("--concurrency", default="1,16,128")
     p.add_argument("--no-litellm", action="store_true")
     a = p.parse_args()
     # Only whether it is installed: importing litellm would fetch its cost map from the network.
     with_litellm = not a.no_litellm and importlib.util.find_spec("litellm") is not None
-    info = machine()
-    print(f"HTTP path ({a.seconds:.0f} s per point):", flush=True)
-    http = http_benchmark(a.seconds, [int(c) for c in a.concurrency.split(",")], with_litellm)
+    info = {**machine(), "rounds": a.rounds, "seconds": a.seconds}
+    print(f"HTTP path ({a.rounds} interleaved rounds of {a.seconds:.0f} s per point):", flush=True)
+    http = http_benchmark(a.seconds, [int(c) for c in a.concurrency.split(",")], with_litellm, a.rounds)
     summary = summarise(http["rows"])  # type: ignore[arg-type]
     from budget_bench import run as budget_run
     from ledger_bench import run as ledger_run
