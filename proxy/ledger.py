@@ -8,10 +8,11 @@ its PostgreSQL transaction commits, entries a dead instance left pending are cla
 from __future__ import annotations
 
 import asyncio
+import operator
 import os
-import re
 import socket
 from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -57,51 +58,57 @@ class UsageRecord:
 
 
 COLUMNS = [f.name for f in fields(UsageRecord)]
-# How PostgreSQL reads each field of a record's JSON; created_at is unix seconds.
-_JSON_TYPES = {
-    "request_id": "text", "created_at": "float8", "user_id": "text", "tenant_id": "text", "model": "text",
-    "served_model": "text", "endpoint": "text", "prompt_tokens": "int", "completion_tokens": "int",
-    "total_tokens": "int", "cost_usd": "numeric", "status": "text", "http_status": "int", "stream": "boolean",
-    "estimated": "boolean", "latency_ms": "real", "ttft_ms": "real", "via": "text", "user_email": "text",
-}  # fmt: skip
-assert list(_JSON_TYPES) == COLUMNS, "every UsageRecord field needs its PostgreSQL type here"
-
-# A batch is copied as JSON into a session-local inbox and parsed by PostgreSQL, in C and in its own
-# process: the writer then spends about a microsecond of the proxy's event loop per record. One
-# statement moves the batch over and skips request ids already recorded (a redelivered batch).
-# Fields a record lacks (queued by an older version) become NULL.
-_INBOX = "create temp table if not exists usage_inbox (record jsonb not null) on commit delete rows"
-_PARTITIONS = """select quota_ensure_partition(month) from (
-    select distinct date_trunc('month', to_timestamp((record->>'created_at')::float8)) as month from usage_inbox) m"""
-_MOVE = (
-    f"insert into usage_records ({', '.join(COLUMNS)}) "
-    f"select {', '.join('to_timestamp(r.created_at)' if c == 'created_at' else f'r.{c}' for c in COLUMNS)} "
-    f"from usage_inbox, jsonb_to_record(record) as r({', '.join(f'{c} {t}' for c, t in _JSON_TYPES.items())}) "
-    "on conflict do nothing"
-)
+# Batches arrive by binary COPY into a session-local staging table, then move over in one statement
+# that skips request ids already recorded (a redelivered batch). (Letting PostgreSQL parse the JSON
+# instead was measured: it halves the writer's Python but doubles PostgreSQL's work per record, and
+# on shared cores the ledger moved fewer records a second.)
+_STAGE = "create temp table if not exists usage_staging (like usage_records including defaults) on commit delete rows"
+_MOVE = "insert into usage_records select * from usage_staging on conflict do nothing"
+_ROW = operator.itemgetter(*COLUMNS)
+_UNENCODABLE = (TypeError, ValueError, OverflowError)
 
 
-# A \u0000 escape that is not itself escaped (\\u0000 is a backslash and the text "u0000").
-_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+def as_row(data: bytes) -> tuple[Any, ...]:
+    """An encoded record as a row in COLUMNS order."""
+    record = orjson.loads(data)
+    if b"\\u0000" in data:  # PostgreSQL text cannot hold NUL: drop it rather than refuse the record
+        record = {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in record.items()}
+    record["created_at"] = datetime.fromtimestamp(record["created_at"], timezone.utc)
+    try:
+        return _ROW(record)  # type: ignore[no-any-return]
+    except KeyError:  # queued by an older version, without the newer fields
+        return tuple(record.get(c) for c in COLUMNS)
 
 
-def copy_text(records: list[bytes]) -> bytes:
-    """Encoded records as COPY text rows, one JSON document a line (orjson escapes every newline
-    inside strings). PostgreSQL text cannot hold NUL, so a NUL in a field (a client's model name,
-    say) is dropped rather than failing the batch."""
-    rows = b"\n".join(records)
-    if b"\\u0000" in rows:
-        rows = _NUL_ESCAPE.sub(rb"\1", rows)
-    return rows.replace(b"\\", b"\\\\") + b"\n"  # COPY text unescapes backslashes once
+def month_start(ts: datetime) -> datetime:
+    return ts.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-async def insert_records(conn: asyncpg.Connection, records: list[bytes]) -> int:
-    """Insert a batch of encoded records in one transaction; duplicates are skipped. Returns the rows added."""
+def months_between(first: datetime, last: datetime) -> set[datetime]:
+    months, month = set(), month_start(first)
+    while month <= last:
+        months.add(month)
+        month = (month + timedelta(days=32)).replace(day=1)
+    return months
+
+
+async def insert_records(conn: asyncpg.Connection, records: list[bytes], known_months: set[datetime]) -> int:
+    """Insert a batch of encoded records in one transaction; duplicates are skipped. Returns the rows added.
+    Raises asyncpg.DataError for a record PostgreSQL will not take (or one that is not a record)."""
+    try:
+        rows = [as_row(r) for r in records]
+    except (orjson.JSONDecodeError, *_UNENCODABLE, KeyError, OSError) as exc:
+        raise asyncpg.DataError(f"not a usage record: {exc}") from None
+    times = [row[1] for row in rows]
+    for month in months_between(min(times), max(times)) - known_months:
+        await conn.execute("select quota_ensure_partition($1)", month)
+        known_months.add(month)
     async with conn.transaction():
-        await conn.execute(_INBOX)
-        # a memoryview: asyncpg takes bytes for a file path
-        await conn.copy_to_table("usage_inbox", source=memoryview(copy_text(records)), columns=["record"])
-        await conn.execute(_PARTITIONS)
+        await conn.execute(_STAGE)
+        try:
+            await conn.copy_records_to_table("usage_staging", records=rows, columns=COLUMNS)
+        except _UNENCODABLE as exc:  # asyncpg's encoders refuse before PostgreSQL sees the value
+            raise asyncpg.DataError(f"a field PostgreSQL cannot hold: {exc}") from None
         status = await conn.execute(_MOVE)
     return int(status.rsplit(" ", 1)[-1])
 
@@ -147,6 +154,7 @@ class Ledger:
         self._block_ms = max(int(min(flush_seconds, redis_timeout / 2) * 1000), 1)
         self._linger = flush_seconds / 2  # with the blocking read, records reach PostgreSQL within flush_seconds
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
+        self._months: set[datetime] = set()
         self._backlog_warn = backlog_warn
 
     def command(self, record: UsageRecord) -> tuple[Any, ...]:
@@ -160,7 +168,7 @@ class Ledger:
             return
         try:
             async with self._pool.acquire() as conn:
-                await insert_records(conn, [record.encode()])
+                await insert_records(conn, [record.encode()], self._months)
         except PG_UNAVAILABLE as exc:
             log.error("usage_record_lost", request_id=record.request_id, error=str(exc), record=record.encode().decode())
 
@@ -186,7 +194,7 @@ class Ledger:
             return 0
         async with self._pool.acquire() as conn:
             try:
-                await insert_records(conn, [fields[1] for _, fields in entries])
+                await insert_records(conn, [fields[1] for _, fields in entries], self._months)
             except _REJECTED:
                 await self._insert_one_by_one(conn, entries)
         ids = [eid for eid, _ in entries]
@@ -203,7 +211,7 @@ class Ledger:
         record cannot hold up everyone's."""
         for entry_id, fields in entries:
             try:
-                await insert_records(conn, [fields[1]])
+                await insert_records(conn, [fields[1]], self._months)
             except _REJECTED as exc:
                 await self._redis.xadd(f"{self.stream}:rejected", {"r": fields[1], "error": str(exc), "id": entry_id})
                 metrics.LEDGER_ERRORS.labels("rejected").inc()

@@ -109,7 +109,7 @@ async def test_counter_lost_in_redis_is_rebuilt_from_postgres(redis_client, pg_p
     engine = engine_for(redis_client, pg_pool, base_settings)
     me = Identity(uid())
     async with pg_pool.acquire() as conn:
-        await insert_records(conn, [usage_row(me.user, 700, time.time()), usage_row(me.user, 300, time.time())])
+        await insert_records(conn, [usage_row(me.user, 700, time.time()), usage_row(me.user, 300, time.time())], set())
     r = await engine.reserve(me, "x", 10, 20)
     assert r.quotas[0].used == 1000
     await engine.settle(r, 0)
@@ -123,7 +123,7 @@ async def test_new_period_starts_from_zero_and_old_usage_stays_in_its_period(red
     engine = engine_for(redis_client, pg_pool, replace(base_settings, default_token_budget=1000), clock=lambda: now[0])
     me = Identity(uid())
     async with pg_pool.acquire() as conn:
-        await insert_records(conn, [usage_row(me.user, 990, now[0] - 60)])
+        await insert_records(conn, [usage_row(me.user, 990, now[0] - 60)], set())
     with pytest.raises(QuotaExceeded):
         await engine.reserve(me, "late-november", 10, 20)
     now[0] = datetime(2026, 12, 1, 0, 1, tzinfo=timezone.utc).timestamp()
