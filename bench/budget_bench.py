@@ -32,7 +32,7 @@ async def run() -> dict[str, object]:
     url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
     client = redis.Redis.from_url(url)
     lane = PipedRedis(url, 5.0)  # the proxy's own request-path connection, for the floor too
-    engine = BudgetEngine(client, BudgetBook(Settings(default_token_budget=10**12)), None, coalescer=lane)
+    engine = BudgetEngine(client, BudgetBook(Settings(default_token_budget=10**12)), None, lane=lane)
     me = Identity(f"bench-{uuid.uuid4().hex[:8]}")
     for scope in engine.scopes(me, time.time()):
         await client.hsetnx(scope.key, "used", 0)  # seeded: no PostgreSQL in this benchmark

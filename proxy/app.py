@@ -88,7 +88,7 @@ class Services:
             log.warning("postgres_unavailable_at_start", error=str(exc), using="environment defaults")
         self.lane = open_lane(s.redis_url, self.redis, s.redis_timeout)
         self.budget = BudgetEngine(
-            self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds, coalescer=self.lane
+            self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds, lane=self.lane
         )
         self.ledger = Ledger(
             self.redis,

@@ -40,10 +40,10 @@ class BudgetEngine:
         *,
         reservation_ttl: float = 900,
         clock: Callable[[], float] = time.time,
-        coalescer: Lane | None = None,
+        lane: Lane | None = None,
     ) -> None:
         self._redis = client
-        self._co: Lane = coalescer or Coalescer(client)
+        self._lane: Lane = lane or Coalescer(client)
         self._book = book
         self._pool = pool
         self._ttl_ms = int(reservation_ttl * 1000)
@@ -161,7 +161,7 @@ class BudgetEngine:
 
     async def _eval(self, script: AsyncScript, keys: list[str], args: list[object]) -> Any:
         try:
-            return await self._co.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._lane.call("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:  # a restarted Redis: redis-py's Script loads it and runs it
             return await script(keys=keys, args=args)
 

@@ -154,7 +154,7 @@ class Relay:
         budget: BudgetEngine,
         ledger: Ledger,
         upstream: Upstream,
-        coalescer: Lane,
+        lane: Lane,
         tokenizer: Tokenizer,
     ) -> None:
         self._settings = settings
@@ -162,7 +162,7 @@ class Relay:
         self._budget = budget
         self._ledger = ledger
         self._upstream = upstream
-        self._co = coalescer
+        self._lane = lane
         self._tokens = tokenizer
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0  # requests holding a reservation, i.e. on their way upstream or streaming
@@ -323,8 +323,8 @@ class Relay:
         if reservation is not None:
             self._in_flight -= 1
         metrics.observe(record.endpoint, record.status, record.total_tokens, (record.latency_ms or 0) / 1000)
-        settled = self._co.submit(*self._budget.settle_command(reservation, record.total_tokens)) if reservation else None
-        recorded = self._co.submit(*self._ledger.command(record))
+        settled = self._lane.submit(*self._budget.settle_command(reservation, record.total_tokens)) if reservation else None
+        recorded = self._lane.submit(*self._ledger.command(record))
         recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done))
 
     def _accounted(
@@ -353,7 +353,7 @@ class Relay:
 
     async def drain(self) -> None:
         """Wait for accounting still in flight (on shutdown)."""
-        await self._co.idle()
+        await self._lane.idle()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 

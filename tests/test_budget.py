@@ -82,8 +82,8 @@ async def test_fifty_concurrent_requests_never_overrun(redis_client, pg_pool, ba
     """Room for about 5 requests; the first requests of a never-seen user (no counter yet) included.
     Over both ways of sending commands: redis-py pipelines (Cluster, TLS) and the piped connection."""
     settings = replace(base_settings, default_token_budget=500)
-    coalescer = PipedRedis(settings.redis_url, 2.0) if lane == "piped" else None
-    engine = engine_for(redis_client, pg_pool, settings, coalescer=coalescer)
+    piped = PipedRedis(settings.redis_url, 2.0) if lane == "piped" else None
+    engine = engine_for(redis_client, pg_pool, settings, lane=piped)
     me = Identity(uid())
 
     async def one(i: int) -> int:
@@ -101,8 +101,8 @@ async def test_fifty_concurrent_requests_never_overrun(redis_client, pg_pool, ba
     (q,) = await engine.snapshot(me)
     assert q.used == sum(served) <= 500
     assert q.reserved == 0
-    if coalescer is not None:
-        await coalescer.close()
+    if piped is not None:
+        await piped.close()
 
 
 async def test_counter_lost_in_redis_is_rebuilt_from_postgres(redis_client, pg_pool, base_settings) -> None:
