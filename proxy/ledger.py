@@ -12,7 +12,7 @@ import operator
 import os
 import socket
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
@@ -80,27 +80,15 @@ def as_row(data: bytes) -> tuple[Any, ...]:
         return tuple(record.get(c) for c in COLUMNS)
 
 
-def month_start(ts: datetime) -> datetime:
-    return ts.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
-def months_between(first: datetime, last: datetime) -> set[datetime]:
-    months, month = set(), month_start(first)
-    while month <= last:
-        months.add(month)
-        month = (month + timedelta(days=32)).replace(day=1)
-    return months
-
-
 async def insert_records(conn: asyncpg.Connection, records: list[bytes], known_months: set[datetime]) -> int:
     """Insert a batch of encoded records in one transaction; duplicates are skipped. Returns the rows added.
     Raises asyncpg.DataError for a record PostgreSQL will not take (or one that is not a record)."""
     try:
         rows = [as_row(r) for r in records]
-    except (orjson.JSONDecodeError, *_UNENCODABLE, KeyError, OSError) as exc:
+    except (orjson.JSONDecodeError, *_UNENCODABLE, KeyError, AttributeError, OSError) as exc:
         raise asyncpg.DataError(f"not a usage record: {exc}") from None
-    times = [row[1] for row in rows]
-    for month in months_between(min(times), max(times)) - known_months:
+    months = {datetime(y, m, 1, tzinfo=timezone.utc) for y, m in {(row[1].year, row[1].month) for row in rows}}
+    for month in months - known_months:
         await conn.execute("select quota_ensure_partition($1)", month)
         known_months.add(month)
     async with conn.transaction():

@@ -88,10 +88,12 @@ async def test_entries_of_a_dead_writer_are_claimed(redis_client, pg_pool) -> No
 async def test_a_record_in_a_month_without_partition_creates_it(ledger, redis_client, pg_pool) -> None:
     user = uid()
     far = datetime(2031, 7, 15, tzinfo=timezone.utc).timestamp()
-    await pg_pool.execute("drop table if exists usage_records_203107")
-    await enqueue(redis_client, ledger, [record(user, at=far)])
-    assert await ledger.drain_once(block=False) == 1
+    await pg_pool.execute("drop table if exists usage_records_203107; drop table if exists usage_records_203106")
+    await enqueue(redis_client, ledger, [record(user), record(user, at=far)])
+    assert await ledger.drain_once(block=False) == 2
     assert await pg_pool.fetchval("select count(*) from usage_records_203107 where user_id = $1", user) == 1
+    # Only the months a batch holds, not every month between them.
+    assert await pg_pool.fetchval("select to_regclass('usage_records_203106')") is None
 
 
 async def test_text_fields_arrive_exactly_and_a_nul_is_dropped(ledger, redis_client, pg_pool) -> None:
