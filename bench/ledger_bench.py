@@ -18,6 +18,8 @@ from proxy.db import migrate  # noqa: E402
 from proxy.ledger import Ledger, UsageRecord  # noqa: E402
 from proxy.pipe import PipedRedis  # noqa: E402
 
+from budget_bench import stats  # noqa: E402  (bench/ is on the path when run)
+
 RECORDS = 100_000
 
 
@@ -72,14 +74,13 @@ async def run() -> dict[str, object]:
     await client.delete(stream)
     await client.aclose()
     await pool.close()
-    samples.sort()
-    handed.sort()
+    (h50, h99), (x50, x99) = stats(handed), stats(samples)
     return {
         "records moved": f"{moved:,} ({rows:,} rows committed)",
         "throughput (batches of 1,000)": f"{moved / elapsed:,.0f} records/s",
         "writer CPU in the proxy process per record µs": f"{cpu / max(moved, 1) * 1e6:.1f}",
-        "request-path enqueue (build, encode, hand over) p50 / p99 µs": f"{handed[len(handed) // 2] * 1e6:.1f} / {handed[int(len(handed) * 0.99)] * 1e6:.1f}",
-        "XADD round trip, after the response, p50 / p99 µs": f"{samples[len(samples) // 2] * 1e6:.0f} / {samples[int(len(samples) * 0.99)] * 1e6:.0f}",
+        "request-path enqueue (build, encode, hand over) p50 / p99 µs": f"{h50:.1f} / {h99:.1f}",
+        "XADD round trip, after the response, p50 / p99 µs": f"{x50:.0f} / {x99:.0f}",
     }
 
 
