@@ -142,8 +142,8 @@ class Ledger:
         self._block_ms = max(int(min(flush_seconds, redis_timeout / 2) * 1000), 1)
         self._linger = flush_seconds / 2  # with the blocking read, records reach PostgreSQL within flush_seconds
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
-        self._months: set[datetime] = set()
         self._backlog_warn = backlog_warn
+        self._months: set[datetime] = set()
 
     def command(self, record: UsageRecord) -> tuple[Any, ...]:
         """The XADD that hands a record to the writer."""

@@ -18,7 +18,7 @@ from proxy.db import migrate
 from proxy.devstack import free_port, start_litellm, stop
 
 from .fake_upstream import FakeUpstream
-from .helpers import JWT_SECRET, serve
+from .helpers import JWT_SECRET, RedisProcess, serve
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -67,6 +67,14 @@ async def redis_client(base_settings: Settings) -> AsyncIterator[aioredis.Redis]
     client = aioredis.Redis.from_url(base_settings.redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def volatile_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private Redis that keeps nothing (a restart starts empty), for tests that kill or stop it."""
+    server = RedisProcess(str(tmp_path), appendonly=False).start()
+    yield server
+    server.kill()  # SIGKILL ends a stopped (SIGSTOP) server too
 
 
 @pytest.fixture

@@ -28,14 +28,6 @@ def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     server.kill()
 
 
-@pytest.fixture
-def volatile_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    """Keeps nothing: a restart starts empty."""
-    server = RedisProcess(str(tmp_path), appendonly=False).start()
-    yield server
-    server.kill()
-
-
 def rows(dsn: str, user: str) -> int:
     return pg_row(dsn, "select count(*) from usage_records where user_id = $1", user)[0]
 

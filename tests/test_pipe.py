@@ -26,15 +26,6 @@ async def pipe(base_settings) -> AsyncIterator[PipedRedis]:  # type: ignore[no-u
     await piped.close()
 
 
-@pytest.fixture
-def private_redis(tmp_path) -> AsyncIterator[RedisProcess]:  # type: ignore[no-untyped-def]
-    server = RedisProcess(str(tmp_path)).start()
-    yield server
-    if server.proc.poll() is None:
-        os.kill(server.proc.pid, signal.SIGCONT)  # in case a test left it stopped
-    server.kill()
-
-
 async def test_replies_reach_their_callers_in_order(pipe: PipedRedis, redis_client: aioredis.Redis) -> None:
     key = uid("counter")
     # One event-loop turn's commands leave in one write; each caller gets its own reply.
@@ -66,17 +57,17 @@ async def test_a_cancelled_caller_does_not_shift_the_replies(pipe: PipedRedis) -
     assert await pipe.call("GET", key) == b"2"
 
 
-async def test_password_and_database_from_the_url(private_redis: RedisProcess) -> None:
-    admin = aioredis.Redis(port=private_redis.port)
+async def test_password_and_database_from_the_url(volatile_redis: RedisProcess) -> None:
+    admin = aioredis.Redis(port=volatile_redis.port)
     await admin.config_set("requirepass", "s3cret")
     await admin.aclose()
-    good = PipedRedis(f"redis://:s3cret@127.0.0.1:{private_redis.port}/3", timeout=2.0)
-    bad = PipedRedis(f"redis://:wrong@127.0.0.1:{private_redis.port}/3", timeout=2.0)
+    good = PipedRedis(f"redis://:s3cret@127.0.0.1:{volatile_redis.port}/3", timeout=2.0)
+    bad = PipedRedis(f"redis://:wrong@127.0.0.1:{volatile_redis.port}/3", timeout=2.0)
     try:
         await good.call("SET", "where", "db3")
         with pytest.raises(AuthenticationError):
             await bad.call("GET", "where")
-        check = aioredis.Redis(port=private_redis.port, password="s3cret", db=3)
+        check = aioredis.Redis(port=volatile_redis.port, password="s3cret", db=3)
         assert await check.get("where") == b"db3"
         await check.aclose()
     finally:
@@ -84,39 +75,39 @@ async def test_password_and_database_from_the_url(private_redis: RedisProcess) -
         await bad.close()
 
 
-async def test_a_killed_server_fails_commands_and_a_restarted_one_is_reconnected(private_redis: RedisProcess) -> None:
-    pipe = PipedRedis(private_redis.url, timeout=2.0)
+async def test_a_killed_server_fails_commands_and_a_restarted_one_is_reconnected(volatile_redis: RedisProcess) -> None:
+    pipe = PipedRedis(volatile_redis.url, timeout=2.0)
     try:
         assert await pipe.call("PING") == b"PONG"
-        private_redis.kill()
+        volatile_redis.kill()
         started = time.monotonic()
         with pytest.raises(ConnectionError):
             await pipe.call("PING")
         assert time.monotonic() - started < 2.0  # refused at once, not after the timeout
-        private_redis.start()
+        volatile_redis.start()
         assert await pipe.call("PING") == b"PONG"
     finally:
         await pipe.close()
 
 
-async def test_a_stalled_server_times_out_commands_already_written(private_redis: RedisProcess) -> None:
-    pipe = PipedRedis(private_redis.url, timeout=0.3)
+async def test_a_stalled_server_times_out_commands_already_written(volatile_redis: RedisProcess) -> None:
+    pipe = PipedRedis(volatile_redis.url, timeout=0.3)
     try:
         assert await pipe.call("PING") == b"PONG"
-        os.kill(private_redis.proc.pid, signal.SIGSTOP)
+        os.kill(volatile_redis.proc.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             await pipe.call("PING")
         assert 0.25 < time.monotonic() - started < 1.5
-        os.kill(private_redis.proc.pid, signal.SIGCONT)
+        os.kill(volatile_redis.proc.pid, signal.SIGCONT)
         assert await pipe.call("PING") == b"PONG"  # a fresh connection
     finally:
         await pipe.close()
 
 
-async def test_an_unreachable_server_fails_queued_commands(private_redis: RedisProcess) -> None:
-    private_redis.kill()
-    pipe = PipedRedis(private_redis.url, timeout=0.5)
+async def test_an_unreachable_server_fails_queued_commands(volatile_redis: RedisProcess) -> None:
+    volatile_redis.kill()
+    pipe = PipedRedis(volatile_redis.url, timeout=0.5)
     futures = [pipe.submit("PING") for _ in range(3)]
     for outcome in await asyncio.gather(*futures, return_exceptions=True):
         assert isinstance(outcome, ConnectionError)
