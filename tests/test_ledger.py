@@ -71,6 +71,17 @@ async def test_redelivery_after_a_crash_before_ack_never_duplicates(ledger, redi
     assert await ledger.drain_once(pending=True) == 0
 
 
+async def test_a_batch_is_all_or_nothing_and_counts_only_new_rows(pg_pool) -> None:
+    user = uid()
+    first, second, third = (record(user, tokens) for tokens in (10, 20, 30))
+    async with pg_pool.acquire() as conn:
+        assert await insert_records(conn, [first.encode(), second.encode()], set()) == 2  # the COPY route
+        # Partly recorded (and one record twice in the batch): the staging route adds the one new row.
+        assert await insert_records(conn, [first.encode(), third.encode(), third.encode(), second.encode()], set()) == 1
+    rows = await pg_pool.fetch("select total_tokens from usage_records where user_id = $1 order by 1", user)
+    assert [r["total_tokens"] for r in rows] == [10, 20, 30]
+
+
 async def test_entries_of_a_dead_writer_are_claimed(redis_client, pg_pool) -> None:
     stream = f"test:ledger:{uid()}"
     dead = Ledger(redis_client, pg_pool, stream=stream, consumer="dead")
