@@ -19,7 +19,6 @@ from starlette.responses import Response
 from . import metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
 from .budget import BudgetEngine
-from .quota import Reservation
 from .coalesce import Lane
 from .config import Settings
 from .errors import (
@@ -34,6 +33,7 @@ from .errors import (
 )
 from .forward import StreamThrough, Upstream, pass_headers
 from .ledger import Ledger, UsageRecord
+from .quota import Reservation
 from .sse import StreamMeter, answer_text, usage_totals
 from .tokens import Tokenizer, completion_cap, estimate_prompt
 

@@ -7,7 +7,6 @@ from typing import Any, Callable
 import orjson
 
 
-
 def usage_totals(usage: Any) -> tuple[int, int, int] | None:
     """(prompt, completion, total) from an OpenAI `usage` object.
 
