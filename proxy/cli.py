@@ -112,6 +112,9 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         uvicorn.run(
             create_app(settings), host=settings.proxy_host, port=settings.proxy_port,
             loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level,
+            # Nothing here reads the client's address, so X-Forwarded-* is not parsed on every request;
+            # and responses do not advertise the server's software.
+            proxy_headers=False, server_header=False,
         )  # fmt: skip
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))

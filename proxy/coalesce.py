@@ -11,7 +11,7 @@ then leave together as one pipeline.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import Any, Awaitable, Protocol
 
 import hiredis
 import redis.asyncio as redis
@@ -25,7 +25,7 @@ Command = tuple[Any, ...]
 class Lane(Protocol):
     """What the budget engine and the relay send their commands through."""
 
-    async def call(self, *command: Any) -> Any: ...
+    def call(self, *command: Any) -> Awaitable[Any]: ...
 
     def submit(self, *command: Any) -> asyncio.Future[Any]: ...
 

@@ -42,7 +42,7 @@ class _Link(asyncio.Protocol):
 
     def write(self, data: bytes, futures: list[asyncio.Future[Any]]) -> None:
         assert self._transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self._owner.loop
         now = loop.time()
         self._sent.extend((f, now) for f in futures)
         self._transport.write(data)
@@ -74,7 +74,7 @@ class _Link(asyncio.Protocol):
         self._watchdog = None
         if not self._sent:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._owner.loop
         deadline = self._sent[0][1] + self._owner.timeout
         if loop.time() >= deadline:
             self.close(TimeoutError(f"Redis at {self._owner.address} did not answer within {self._owner.timeout} s"))
@@ -116,10 +116,19 @@ class PipedRedis:
         self._unsent: list[bytes] = []
         self._unsent_futures: list[asyncio.Future[Any]] = []
         self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        # Kept, not asked for: on Python 3.11 each get_running_loop() is a getpid() system call,
+        # and a connection belongs to the loop that opened it anyway.
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def submit(self, *command: Any) -> asyncio.Future[Any]:
         """Queue a command without waiting; the future holds its reply or its error (a RedisError)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         future = loop.create_future()
         self._unsent.append(hiredis.pack_command(command))
         self._unsent_futures.append(future)
@@ -128,8 +137,7 @@ class PipedRedis:
             loop.call_soon(self._flush)
         return future
 
-    async def call(self, *command: Any) -> Any:
-        return await self.submit(*command)
+    call = submit  # awaiting the future is the call: no coroutine frame in between
 
     async def idle(self) -> None:
         """Wait until every queued command has been answered (on shutdown)."""
@@ -152,14 +160,14 @@ class PipedRedis:
             return
         if self._link is None:
             if self._connecting is None:
-                self._connecting = asyncio.get_running_loop().create_task(self._connect())
+                self._connecting = self.loop.create_task(self._connect())
             return  # _connect flushes once connected
         data, futures = b"".join(self._unsent), self._unsent_futures
         self._unsent, self._unsent_futures = [], []
         self._link.write(data, futures)
 
     async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         link: _Link | None = None
         try:
             async with asyncio.timeout(self.timeout):

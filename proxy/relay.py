@@ -49,17 +49,21 @@ UPSTREAM_PATHS = {
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     """The request body as a JSON object, refusing oversized bodies before reading them whole."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
+    if declared is not None and declared.isdigit():
+        if int(declared) > max_bytes:
             raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
-        chunks.append(chunk)
+        body = await request.body()  # the server holds the body to its declared length
+    else:  # chunked: count as it comes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
+            chunks.append(chunk)
+        body = b"".join(chunks)
     try:
-        payload = orjson.loads(b"".join(chunks))
+        payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(payload, dict):
