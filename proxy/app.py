@@ -33,6 +33,7 @@ from .limits import BudgetBook, sync_defaults
 from .relay import Relay
 from .statement import statement
 from .tokens import Tokenizer
+from .writer import WriterProcess
 
 log = structlog.get_logger("proxy.app")
 
@@ -74,6 +75,7 @@ class Services:
         self.budget: BudgetEngine | None = None
         self.relay: Relay | None = None
         self.lane: Lane | None = None
+        self.writer: WriterProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -90,24 +92,19 @@ class Services:
         self.budget = BudgetEngine(
             self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds, lane=self.lane
         )
-        self.ledger = Ledger(
-            self.redis,
-            self.pool,
-            stream=s.ledger_stream,
-            consumer=s.ledger_consumer,
-            batch_size=s.ledger_batch_size,
-            flush_seconds=s.ledger_flush_seconds,
-            redis_timeout=s.redis_timeout,
-            backlog_warn=s.ledger_backlog_warn,
-        )
+        self.ledger = Ledger.for_settings(self.redis, self.pool, s)
         await self.upstream.start()
         tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # ~0.5 s, off the event loop
         self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, self.lane, tokenizer)
         self._tasks = [
-            asyncio.create_task(self.ledger.run(), name="ledger-writer"),
             asyncio.create_task(self.book.refresh_forever(self.pool), name="budget-refresh"),
             asyncio.create_task(self.budget.reconcile_forever(), name="budget-reconcile"),
         ]
+        if s.ledger_writer == "process":
+            self.writer = WriterProcess(s)
+            self._tasks.append(asyncio.create_task(self.writer.run(), name="ledger-writer-process"))
+        elif s.ledger_writer == "inline":
+            self._tasks.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
 
     async def stop(self) -> None:
         if self.relay is not None:

@@ -1,4 +1,4 @@
-"""`python -m proxy serve | migrate | token issue | budget set | budget show`."""
+"""`python -m proxy serve | migrate | ledger | token issue | budget set | budget show`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the proxy on PROXY_HOST:PROXY_PORT")
     sub.add_parser("migrate", help="apply sql/ to DATABASE_URL (idempotent)")
+    sub.add_parser("ledger", help="move usage records from the Redis stream to PostgreSQL (for LEDGER_WRITER=off)")
 
     token = sub.add_parser("token", help="mint JWTs").add_subparsers(dest="action", required=True)
     issue = token.add_parser("issue", help="print a signed JWT for a user")
@@ -116,6 +117,13 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             # and responses do not advertise the server's software.
             proxy_headers=False, server_header=False,
         )  # fmt: skip
+    elif args.command == "ledger":
+        from . import writer
+
+        try:
+            writer.run(settings)
+        except KeyboardInterrupt:
+            pass  # a batch cut short stays pending in the stream and is written by the next writer
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
     elif args.command == "token":

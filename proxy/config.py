@@ -69,6 +69,7 @@ class Settings:
     ledger_flush_seconds: float = 1.0
     ledger_consumer: str = ""
     ledger_backlog_warn: int = 100_000
+    ledger_writer: str = "process"  # process: a child of the proxy; inline: in its event loop; off: run `ledger` elsewhere
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
@@ -109,3 +110,5 @@ class Settings:
             raise ValueError("QUOTA_NOTICE must be 'inline' or 'off'")
         if self.fail_mode not in ("closed", "open"):
             raise ValueError("FAIL_MODE must be 'closed' or 'open'")
+        if self.ledger_writer not in ("process", "inline", "off"):
+            raise ValueError("LEDGER_WRITER must be 'process', 'inline' or 'off'")

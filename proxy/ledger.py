@@ -22,6 +22,7 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from . import metrics
+from .config import Settings
 from .db import PG_UNAVAILABLE
 
 log = structlog.get_logger("proxy.ledger")
@@ -155,6 +156,19 @@ class Ledger:
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
         self._backlog_warn = backlog_warn
         self._months: set[datetime] = set()
+
+    @classmethod
+    def for_settings(cls, client: redis.Redis, pool: asyncpg.Pool | None, settings: Settings) -> "Ledger":
+        return cls(
+            client,
+            pool,
+            stream=settings.ledger_stream,
+            consumer=settings.ledger_consumer,
+            batch_size=settings.ledger_batch_size,
+            flush_seconds=settings.ledger_flush_seconds,
+            redis_timeout=settings.redis_timeout,
+            backlog_warn=settings.ledger_backlog_warn,
+        )
 
     def command(self, record: UsageRecord) -> tuple[Any, ...]:
         """The XADD that hands a record to the writer."""

@@ -36,3 +36,30 @@ def observe(endpoint: str, status: str, tokens: int, seconds: float) -> None:
     if tokens:
         token_counter.inc(tokens)
     latency.observe(seconds)
+
+
+_LEDGER = (LEDGER_WRITTEN, LEDGER_ERRORS, LEDGER_BACKLOG)
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def ledger_samples() -> Samples:
+    """The ledger writer's series, as a writer process sends them to the proxy that serves /metrics."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for metric in _LEDGER
+        for family in metric.collect()
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def merge_ledger_samples(samples: Samples, seen: Samples) -> None:
+    """Apply a writer process's series here: counters by how far they moved since `seen`, the gauge as is."""
+    for key, value in samples.items():
+        name, labels = key
+        if name == "quota_ledger_backlog":
+            LEDGER_BACKLOG.set(value)
+            continue
+        delta, seen[key] = value - seen.get(key, 0.0), value
+        if delta > 0:
+            (LEDGER_ERRORS.labels(**dict(labels)) if labels else LEDGER_WRITTEN).inc(delta)

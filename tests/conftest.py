@@ -40,6 +40,9 @@ def base_settings() -> Settings:
         litellm_base_url="http://127.0.0.1:9",
         ledger_stream=f"test:ledger:{secrets.token_hex(4)}",
         ledger_flush_seconds=0.05,
+        # In the event loop of the app under test: a writer process per test app would cost ~1 s to
+        # start. The process mode has tests of its own (test_writer.py, test_durability.py).
+        ledger_writer="inline",
         log_level="warning",
     )
 

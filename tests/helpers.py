@@ -195,3 +195,12 @@ def settings_env(settings: Any) -> dict[str, str]:
             value = str(value).lower()
         env[f.name.upper()] = str(value)
     return env
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie nobody reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

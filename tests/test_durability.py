@@ -20,7 +20,7 @@ from proxy.db import migrate
 from proxy.devstack import free_port, start_proxy, stop
 
 from .fake_upstream import FakeUpstream
-from .helpers import PostgresProcess, eventually, serve, settings_env, token, uid
+from .helpers import PostgresProcess, alive, eventually, serve, settings_env, token, uid
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -54,8 +54,20 @@ def proxy_env(base: Settings, fake: FakeUpstream, pg: PostgresProcess) -> dict[s
     settings = replace(
         base, database_url=pg.url, litellm_base_url=fake.url, ledger_stream=f"test:durable:{uid()}",
         ledger_consumer=f"writer-{uid()}", ledger_flush_seconds=0.05, budget_refresh_seconds=0.5,
+        ledger_writer="process",  # the default: the writer is the proxy's child
     )  # fmt: skip
     return settings_env(settings)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
 
 
 def send(url: str, users: list[str], n: int) -> list[str]:
@@ -100,8 +112,12 @@ def test_proxy_killed_with_records_in_flight_loses_none(base_settings: Settings,
     send(f"http://127.0.0.1:{port}", users, 2)  # counters seeded while PostgreSQL is up
     private_pg.stop()  # records now wait in the stream, some already delivered to this writer
     answered = send(f"http://127.0.0.1:{port}", users, 25)
+    writers = children(proc.pid)
+    assert writers, "the proxy runs its ledger writer as a child process"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # Its orphaned writer notices within a second or two and exits, mid-batch or not.
+    eventually(lambda: not any(alive(pid) for pid in writers), timeout=10)
     private_pg.start()
     restarted = start_proxy(env, free_port(), tmp_path / "proxy2.log")
     try:
