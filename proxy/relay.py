@@ -78,7 +78,9 @@ _ID_COUNTER = itertools.count()
 
 
 def request_id_of(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
+    headers = request.headers
+    # Asked before it is read: Headers.get raises and catches a KeyError for a header that is absent.
+    given = headers["x-request-id"] if "x-request-id" in headers else ""
     if 0 < len(given) <= 128 and given.isprintable():
         return given
     return f"{_ID_PREFIX}{os.getpid():x}{next(_ID_COUNTER):08x}"
