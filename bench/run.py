@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy.auth import issue_token  # noqa: E402
 from proxy.config import Settings  # noqa: E402
-from proxy.devstack import free_port, start_litellm, stop, wait_http  # noqa: E402
+from proxy.devstack import children, free_port, start_litellm, stop, wait_http  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 UVICORN = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "--loop", "uvloop", "--http", "httptools",
@@ -37,8 +37,15 @@ UVICORN = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "-
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process and of the children it runs (the proxy's ledger writer)."""
+    total = 0
+    for p in (pid, *children(pid)):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a child that just ended
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> dict[str, object]:

@@ -29,6 +29,8 @@ class Lane(Protocol):
 
     def submit(self, *command: Any) -> asyncio.Future[Any]: ...
 
+    def flush(self) -> None: ...
+
     async def idle(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -84,6 +86,9 @@ class Coalescer:
             self._busy = True
             self._release()
         return future
+
+    def flush(self) -> None:
+        pass  # commands already leave at once when no pipeline is in flight, else right after it
 
     async def idle(self) -> None:
         """Wait until every queued command has been sent and answered (on shutdown)."""

@@ -79,6 +79,18 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
             proc.wait()
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the proxy's ledger writer, for one)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
 def litellm_env(master_key: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

@@ -98,7 +98,8 @@ class StreamThrough:
 
     It watches for the client leaving, so the upstream request is closed at once rather
     than when the next chunk fails to send, and it always reports how the stream ended
-    (ok, cancelled, upstream_error) and when its first byte went out, for accounting.
+    (ok, cancelled, upstream_error) and when its first byte went out, for accounting: once,
+    as soon as the outcome is known, and for a complete answer before its [DONE] is sent.
     """
 
     def __init__(
@@ -113,6 +114,12 @@ class StreamThrough:
         self._meter = meter
         self._on_end = on_end
         self._first_byte: float | None = None
+        self._ended = False
+
+    def _end(self, outcome: str) -> None:
+        if not self._ended:
+            self._ended = True
+            self._on_end(outcome, self._first_byte)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -128,7 +135,7 @@ class StreamThrough:
             for task in (pump, watch):
                 task.cancel()
             self._upstream.close()
-            self._on_end(outcome, self._first_byte)
+            self._end(outcome)
 
     async def _pump(self, send: Send) -> str:
         await send({"type": "http.response.start", "status": self._upstream.status, "headers": self._headers})
@@ -140,6 +147,8 @@ class StreamThrough:
                 if out:
                     if self._first_byte is None:
                         self._first_byte = time.perf_counter()
+                    if meter.done:
+                        self._end("ok")  # recorded before the client has [DONE]: a crash from here on loses nothing
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = meter.flush()
             if tail.strip():

@@ -322,7 +322,7 @@ class Relay:
         headers.update(quota_headers)
         return Response(body, status_code=upstream.status, headers=headers)
 
-    # Accounting runs after the response: submitted to Redis, never awaited by the request.
+    # Accounting is written to Redis before the answer goes out, and never awaited by the request.
 
     def _account(self, reservation: Reservation | None, record: UsageRecord) -> None:
         """Settle the reservation and hand the record to the ledger, without the request waiting."""
@@ -332,6 +332,8 @@ class Relay:
         settled = self._lane.submit(*self._budget.settle_command(reservation, record.total_tokens)) if reservation else None
         recorded = self._lane.submit(*self._ledger.command(record))
         recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done))
+        # Out before the answer: a crash after the client has it must not lose the record.
+        self._lane.flush()
 
     def _accounted(
         self,

@@ -17,7 +17,7 @@ import pytest
 
 from proxy.config import Settings
 from proxy.db import migrate
-from proxy.devstack import free_port, start_proxy, stop
+from proxy.devstack import children, free_port, start_proxy, stop
 
 from .fake_upstream import FakeUpstream
 from .helpers import PostgresProcess, alive, eventually, serve, settings_env, token, uid
@@ -59,26 +59,16 @@ def proxy_env(base: Settings, fake: FakeUpstream, pg: PostgresProcess) -> dict[s
     return settings_env(settings)
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-    return found
-
-
-def send(url: str, users: list[str], n: int) -> list[str]:
-    """n requests spread over users; returns the request ids the upstream answered."""
+def send(url: str, users: list[str], n: int, *, stream: bool = False) -> list[str]:
+    """n requests spread over users; returns the request ids whose whole answer came back."""
     ids = []
     with httpx.Client(base_url=url, timeout=10) as client:
         for i in range(n):
             rid = uid("req")
-            r = client.post("/v1/chat/completions", json=CHAT,
+            r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream},
                             headers={"Authorization": f"Bearer {token(users[i % len(users)])}", "X-Request-Id": rid})  # fmt: skip
             assert r.status_code == 200, r.text
+            assert not stream or r.text.rstrip().endswith("data: [DONE]"), r.text
             ids.append(rid)
     return ids
 
@@ -104,16 +94,21 @@ def test_postgres_down_for_a_while_loses_nothing(base_settings: Settings, fake: 
         stop(proc)
 
 
-def test_proxy_killed_with_records_in_flight_loses_none(base_settings: Settings, fake: FakeUpstream, private_pg: PostgresProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_proxy_killed_with_records_in_flight_loses_none(
+    base_settings: Settings, fake: FakeUpstream, private_pg: PostgresProcess, tmp_path: Path, stream: bool
+) -> None:
+    # Killed right after the client has its last answer: a record is written to Redis before the
+    # answer (or, streamed, its [DONE]) is sent, so none of the answered requests can be lost.
     env = proxy_env(base_settings, fake, private_pg)
     port = free_port()
     proc = start_proxy(env, port, tmp_path / "proxy.log")
     users = [uid() for _ in range(2)]
     send(f"http://127.0.0.1:{port}", users, 2)  # counters seeded while PostgreSQL is up
-    private_pg.stop()  # records now wait in the stream, some already delivered to this writer
-    answered = send(f"http://127.0.0.1:{port}", users, 25)
     writers = children(proc.pid)
     assert writers, "the proxy runs its ledger writer as a child process"
+    private_pg.stop()  # records now wait in the stream, some already delivered to this writer
+    answered = send(f"http://127.0.0.1:{port}", users, 25, stream=stream)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # Its orphaned writer notices within a second or two and exits, mid-batch or not.
