@@ -29,7 +29,7 @@ class Lane(Protocol):
 
     def submit(self, *command: Any) -> asyncio.Future[Any]: ...
 
-    def flush(self) -> None: ...
+    def written(self) -> Awaitable[None]: ...
 
     async def idle(self) -> None: ...
 
@@ -87,8 +87,12 @@ class Coalescer:
             self._release()
         return future
 
-    def flush(self) -> None:
-        pass  # commands already leave at once when no pipeline is in flight, else right after it
+    def written(self) -> Awaitable[None]:
+        # Commands leave at once when no pipeline is in flight, else right after it; an answer does
+        # not wait for that here (only the piped connection orders records before answers).
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def idle(self) -> None:
         """Wait until every queued command has been sent and answered (on shutdown)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 
 import aiohttp
 import orjson
@@ -108,8 +108,10 @@ class StreamThrough:
         headers: Mapping[str, str],
         meter: StreamMeter,
         on_end: StreamEnd,
+        recorded: Callable[[], Awaitable[None]],
     ) -> None:
         self._upstream = upstream
+        self._recorded = recorded  # resolves once what on_end submitted is on its way
         self._headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self._meter = meter
         self._on_end = on_end
@@ -147,8 +149,9 @@ class StreamThrough:
                 if out:
                     if self._first_byte is None:
                         self._first_byte = time.perf_counter()
-                    if meter.done:
+                    if meter.done and not self._ended:
                         self._end("ok")  # recorded before the client has [DONE]: a crash from here on loses nothing
+                        await self._recorded()
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = meter.flush()
             if tail.strip():

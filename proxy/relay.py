@@ -241,7 +241,7 @@ class Relay:
                 )
                 self._account(reservation, record)
 
-            return StreamThrough(upstream, headers, meter, on_end)  # type: ignore[return-value]
+            return StreamThrough(upstream, headers, meter, on_end, self._lane.written)  # type: ignore[return-value]
 
         try:
             body = await upstream.read()
@@ -265,6 +265,7 @@ class Relay:
             ),
         )  # fmt: skip
         headers.update(reservation.headers(used=reservation.quotas[0].used + usage[2] if usage else None))
+        await self._lane.written()  # the settle and record reach Redis's socket before the answer goes out
         return Response(body, status_code=upstream.status, headers=headers)
 
     def _estimate(self, payload: dict[str, Any], answer: str) -> tuple[int, int, int]:
@@ -322,7 +323,7 @@ class Relay:
         headers.update(quota_headers)
         return Response(body, status_code=upstream.status, headers=headers)
 
-    # Accounting is written to Redis before the answer goes out, and never awaited by the request.
+    # Accounting is submitted to Redis and never awaited; an answer waits only until it is written.
 
     def _account(self, reservation: Reservation | None, record: UsageRecord) -> None:
         """Settle the reservation and hand the record to the ledger, without the request waiting."""
@@ -332,8 +333,6 @@ class Relay:
         settled = self._lane.submit(*self._budget.settle_command(reservation, record.total_tokens)) if reservation else None
         recorded = self._lane.submit(*self._ledger.command(record))
         recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done))
-        # Out before the answer: a crash after the client has it must not lose the record.
-        self._lane.flush()
 
     def _accounted(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from typing import AsyncIterator
 
@@ -112,3 +113,51 @@ async def test_an_unreachable_server_fails_queued_commands(volatile_redis: Redis
     for outcome in await asyncio.gather(*futures, return_exceptions=True):
         assert isinstance(outcome, ConnectionError)
     await pipe.idle()  # nothing left waiting
+
+
+CRASH_AFTER_SUBMIT = """
+import asyncio, os, sys
+from proxy.pipe import PipedRedis
+
+async def main():
+    pipe = PipedRedis(sys.argv[1], timeout=2.0)
+    await pipe.call("PING")  # connected
+    pipe.submit("XADD", sys.argv[2], "*", "r", "record")
+    if sys.argv[3] == "wait":
+        await pipe.written()
+    os._exit(0)  # a crash: no loop turn, no cleanup
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["written", "not-waited"])
+async def test_what_written_waited_for_survives_a_crash(base_settings, redis_client: aioredis.Redis, wait: bool) -> None:  # type: ignore[no-untyped-def]
+    stream = uid("crash")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASH_AFTER_SUBMIT, base_settings.redis_url, stream, "wait" if wait else "go"
+    )
+    assert await proc.wait() == 0
+    # Handed to the socket before the crash, the command still reaches Redis; queued only, it is gone.
+    deadline = time.monotonic() + (5 if wait else 0.3)
+    while time.monotonic() < deadline and await redis_client.xlen(stream) == 0:
+        await asyncio.sleep(0.02)
+    assert await redis_client.xlen(stream) == (1 if wait else 0)
+
+
+async def test_a_cancelled_waiter_leaves_the_others_waiting(pipe: PipedRedis) -> None:
+    await pipe.call("PING")
+    pipe.submit("PING")
+    first, second = asyncio.ensure_future(pipe.written()), asyncio.ensure_future(pipe.written())
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.wait_for(second, 1)
+    assert await asyncio.wait_for(pipe.written(), 1) is None  # nothing queued: at once
+
+
+async def test_written_does_not_hang_on_an_unreachable_redis() -> None:
+    piped = PipedRedis("redis://127.0.0.1:9/0", timeout=0.5)
+    command = piped.submit("PING")
+    await asyncio.wait_for(piped.written(), 2)
+    with pytest.raises(ConnectionError):
+        await command
