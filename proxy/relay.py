@@ -1,4 +1,4 @@
-"""One proxied request: authenticate, reserve, forward, then settle and record off the request path."""
+"""One proxied request: authenticate, reserve, forward, then settle and record (written before the answer, never awaited)."""
 
 from __future__ import annotations
 

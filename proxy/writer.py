@@ -14,7 +14,7 @@ import asyncio
 import multiprocessing
 import signal
 from multiprocessing.connection import Connection
-from typing import Any
+from multiprocessing.process import BaseProcess
 
 import structlog
 import uvloop
@@ -80,7 +80,7 @@ class WriterProcess:
         delay = 1.0
         while True:
             receiver, sender = self._context.Pipe(duplex=False)
-            process: Any = self._context.Process(target=run, args=(self._settings, sender), name="ledger-writer", daemon=True)
+            process = self._context.Process(target=run, args=(self._settings, sender), name="ledger-writer", daemon=True)
             await asyncio.to_thread(process.start)
             sender.close()
             self.pid, started, seen = process.pid, loop.time(), {}
@@ -102,7 +102,7 @@ class WriterProcess:
             await asyncio.sleep(delay)
 
 
-def _stop(process: Any) -> None:
+def _stop(process: BaseProcess) -> None:
     process.terminate()
     process.join(5)
     if process.is_alive():
