@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from datetime import datetime, timezone
 from typing import AsyncIterator
 
@@ -30,25 +29,13 @@ from .errors import ProxyError, error_for_status, error_response
 from .forward import Upstream
 from .ledger import Ledger
 from .limits import BudgetBook, sync_defaults
+from .logs import configure_logging
 from .relay import Relay
 from .statement import statement
 from .tokens import Tokenizer
 from .writer import WriterProcess
 
 log = structlog.get_logger("proxy.app")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(format="%(message)s", level=level.upper())
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(serializer=lambda o, **_: orjson.dumps(o).decode()),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        cache_logger_on_first_use=True,
-    )
 
 
 def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:

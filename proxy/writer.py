@@ -24,6 +24,7 @@ from .coalesce import connect
 from .config import Settings
 from .db import create_pool
 from .ledger import Ledger
+from .logs import configure_logging
 
 log = structlog.get_logger("proxy.writer")
 
@@ -33,8 +34,6 @@ REPORT_SECONDS = 1.0
 def run(settings: Settings, pipe: Connection | None = None) -> None:
     """The writer process: drain the stream into PostgreSQL until killed, or, with `pipe`, until the
     proxy at its other end is gone."""
-    from .app import configure_logging  # here, not at the top: app imports this module
-
     configure_logging(settings.log_level)
     if pipe is not None:
         # Ctrl-C reaches the whole process group; the proxy stops its writer itself.
