@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy.auth import issue_token  # noqa: E402
 from proxy.config import Settings  # noqa: E402
-from proxy.devstack import children, free_port, start_litellm, stop, wait_http  # noqa: E402
+from proxy.devstack import children, free_port, start_litellm, stat_fields, stop, wait_http  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 UVICORN = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "--loop", "uvloop", "--http", "httptools",
@@ -41,7 +41,7 @@ def cpu_seconds(pid: int) -> float:
     total = 0
     for p in (pid, *children(pid)):
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(p)
         except OSError:
             continue  # a child that just ended
         total += int(fields[11]) + int(fields[12])

@@ -79,16 +79,30 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
             proc.wait()
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: [0] state, [1] parent, [11] user and [12] system ticks.
+    Raises OSError for a process that is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is `pid` (the proxy's ledger writer, for one)."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
+            if int(stat_fields(int(entry.name))[1]) == pid:
+                found.append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
     return found
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie nobody reaped does not)."""
+    try:
+        return stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
 
 
 def litellm_env(master_key: str) -> dict[str, str]:

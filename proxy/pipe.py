@@ -142,8 +142,8 @@ class PipedRedis:
         """Resolves once every command queued so far is handed to the socket, or has failed.
 
         An answer waits for this before it goes out, so a crash after the client has it cannot lose
-        its settle and record: the kernel still delivers what was written. Waiting one loop turn
-        costs less than a write of its own (measured: 26 µs a request at concurrency 16)."""
+        its settle and record: the kernel still delivers what was written. Waiting one loop turn for
+        the turn's shared write cost ~14 µs a request at concurrency 16; a write of its own, 26."""
         waiter = self.loop.create_future()
         if self._unsent:
             self._waiters.append(waiter)  # one future each: a cancelled request cancels only its own

@@ -10,6 +10,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import httpx
 import jwt
 import uvicorn
 
@@ -197,10 +198,23 @@ def settings_env(settings: Any) -> dict[str, str]:
     return env
 
 
-def alive(pid: int) -> bool:
-    """Whether a process runs (a zombie nobody reaped does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def send(url: str, users: list[str], n: int, *, stream: bool = False) -> list[str]:
+    """n chat requests spread over users; returns the request ids whose whole answer came back."""
+    ids = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for i in range(n):
+            rid = uid("req")
+            r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                            headers={"Authorization": f"Bearer {token(users[i % len(users)])}", "X-Request-Id": rid})  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert not stream or r.text.rstrip().endswith("data: [DONE]"), r.text
+            ids.append(rid)
+    return ids
+
+
+def count_rows(dsn: str, ids: list[str]) -> int:
+    """How many of these request ids usage_records holds."""
+    return int(pg_row(dsn, "select count(*) from usage_records where request_id = any($1::text[])", ids)[0])

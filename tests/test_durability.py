@@ -17,13 +17,10 @@ import pytest
 
 from proxy.config import Settings
 from proxy.db import migrate
-from proxy.devstack import children, free_port, start_proxy, stop
+from proxy.devstack import alive, children, free_port, start_proxy, stop
 
 from .fake_upstream import FakeUpstream
-from .helpers import PostgresProcess, alive, eventually, serve, settings_env, token, uid
-
-CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
-
+from .helpers import PostgresProcess, count_rows, eventually, send, settings_env, uid
 
 @pytest.fixture
 def private_pg() -> Iterator[PostgresProcess]:
@@ -39,17 +36,6 @@ def private_pg() -> Iterator[PostgresProcess]:
     server.remove()
 
 
-def count_rows(dsn: str, ids: list[str]) -> int:
-    async def fetch() -> int:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetchval("select count(*) from usage_records where request_id = any($1::text[])", ids)
-        finally:
-            await conn.close()
-
-    return asyncio.run(fetch())
-
-
 def proxy_env(base: Settings, fake: FakeUpstream, pg: PostgresProcess) -> dict[str, str]:
     settings = replace(
         base, database_url=pg.url, litellm_base_url=fake.url, ledger_stream=f"test:durable:{uid()}",
@@ -57,20 +43,6 @@ def proxy_env(base: Settings, fake: FakeUpstream, pg: PostgresProcess) -> dict[s
         ledger_writer="process",  # the default: the writer is the proxy's child
     )  # fmt: skip
     return settings_env(settings)
-
-
-def send(url: str, users: list[str], n: int, *, stream: bool = False) -> list[str]:
-    """n requests spread over users; returns the request ids whose whole answer came back."""
-    ids = []
-    with httpx.Client(base_url=url, timeout=10) as client:
-        for i in range(n):
-            rid = uid("req")
-            r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream},
-                            headers={"Authorization": f"Bearer {token(users[i % len(users)])}", "X-Request-Id": rid})  # fmt: skip
-            assert r.status_code == 200, r.text
-            assert not stream or r.text.rstrip().endswith("data: [DONE]"), r.text
-            ids.append(rid)
-    return ids
 
 
 def test_postgres_down_for_a_while_loses_nothing(base_settings: Settings, fake: FakeUpstream, private_pg: PostgresProcess, tmp_path: Path) -> None:

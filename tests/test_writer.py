@@ -15,28 +15,13 @@ from starlette.applications import Starlette
 
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.devstack import ROOT
+from proxy.devstack import ROOT, alive
 
 from .fake_upstream import FakeUpstream
-from .helpers import alive, eventually, pg_row, serve, settings_env, token, uid
-
-CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
-
-
-def send(url: str, n: int) -> list[str]:
-    """n chat requests by one fresh user; the request ids the proxy answered."""
-    user, ids = uid(), []
-    with httpx.Client(base_url=url, timeout=10) as client:
-        for _ in range(n):
-            rid = uid("req")
-            r = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {token(user)}", "X-Request-Id": rid})
-            assert r.status_code == 200, r.text
-            ids.append(rid)
-    return ids
-
+from .helpers import count_rows, eventually, send, serve, settings_env, uid
 
 def recorded(settings: Settings, ids: list[str]) -> int:
-    return int(pg_row(settings.database_url, "select count(*) from usage_records where request_id = any($1::text[])", ids)[0])
+    return count_rows(settings.database_url, ids)
 
 
 def written_metric(url: str) -> float:
@@ -56,7 +41,7 @@ def test_a_writer_process_records_requests_and_reports_to_metrics(base_settings:
     with serve(app) as url:
         pid = writer_of(app).pid
         assert pid is not None and pid != os.getpid() and alive(pid)
-        ids = send(url, 12)
+        ids = send(url, [uid()], 12)
         eventually(lambda: recorded(settings, ids) == 12, timeout=20)
         # The child's counter reaches the parent's /metrics over the pipe.
         eventually(lambda: written_metric(url) >= 12, timeout=10)
@@ -69,7 +54,7 @@ def test_a_writer_process_that_dies_is_restarted_and_loses_nothing(base_settings
     with serve(app) as url:
         first = writer_of(app).pid
         os.kill(first, signal.SIGKILL)
-        ids = send(url, 10)  # answered while no writer runs: the records wait in the stream
+        ids = send(url, [uid()], 10)  # answered while no writer runs: the records wait in the stream
         eventually(lambda: writer_of(app).pid not in (None, first), timeout=15)
         eventually(lambda: recorded(settings, ids) == 10, timeout=20)
 
@@ -78,7 +63,7 @@ def test_the_ledger_command_drains_for_proxies_that_run_no_writer(base_settings:
     settings = replace(base_settings, litellm_base_url=fake.url, ledger_writer="off", ledger_stream=f"test:writer:{uid()}")
     app = create_app(settings)
     with serve(app) as url:
-        ids = send(url, 8)
+        ids = send(url, [uid()], 8)
         assert writer_of(app) is None
         eventually(lambda: httpx.get(f"{url}/readyz").json()["checks"]["ledger_backlog"] == 8)
         assert recorded(settings, ids) == 0
