@@ -9,6 +9,7 @@ import orjson
 from starlette.requests import Request
 
 from .auth import Principal
+from .body import printable_id
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden
 from .limits import Limit, set_budget
@@ -26,13 +27,14 @@ async def usage(pool: asyncpg.Pool, principal: Principal, request: Request) -> d
     user = request.query_params.get("user")
     if not user:
         raise BadRequest("Name the user: /admin/usage?user=<id>.", param="user")
+    printable_id(user, "user")
     return await statement(pool, user, request.query_params, datetime.now(timezone.utc))
 
 
 async def put_budget(pool: asyncpg.Pool, settings: Settings, principal: Principal, request: Request) -> dict[str, object]:
     """PUT /admin/budgets/{subject} with {"tokens": …, "period"?, "warn_ratio"?, "rpm"?, "tpm"?, "type"?: "user"|"tenant"}."""
     require_admin(principal)
-    subject = request.path_params["subject"]
+    subject = printable_id(request.path_params["subject"], "subject")
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
@@ -47,10 +49,11 @@ async def put_budget(pool: asyncpg.Pool, settings: Settings, principal: Principa
         raise BadRequest("'type' is 'user' or 'tenant'.", param="type")
     if period not in PERIODS:
         raise BadRequest(f"'period' is one of {', '.join(PERIODS)}.", param="period")
-    for name, value in (("tokens", tokens), ("rpm", rpm), ("tpm", tpm)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise BadRequest(f"'{name}' must be a whole number of 0 or more.", param=name)
-    if not isinstance(warn, (int, float)) or not 0 < warn <= 1:
+    # The columns' ranges: bigint for tokens, integer for the per-minute rates.
+    for name, value, most in (("tokens", tokens, 2**63 - 1), ("rpm", rpm, 2**31 - 1), ("tpm", tpm, 2**31 - 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+            raise BadRequest(f"'{name}' must be a whole number from 0 to {most:,}.", param=name)
+    if isinstance(warn, bool) or not isinstance(warn, (int, float)) or not 0 < warn <= 1:
         raise BadRequest("'warn_ratio' must be above 0 and at most 1.", param="warn_ratio")
     limit = Limit(kind, subject, period, tokens, float(warn), rpm, tpm)  # type: ignore[arg-type]
     async with pool.acquire() as conn:

@@ -132,7 +132,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return handler
 
     async def models(request: Request) -> Response:
-        return await relay().passthrough_get(request, "/v1/models")
+        return await relay().models(request)
 
     async def quota(request: Request) -> Response:
         identity = await relay().identify(request)
@@ -180,7 +180,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             checks["postgres"] = f"error: {exc.__class__.__name__}"
         try:
             up = await asyncio.wait_for(services.upstream.send("GET", "/health/liveliness"), 2)
-            up.release()
+            up.response.release()
             checks["litellm"] = "ok" if up.status == 200 else f"error: HTTP {up.status}"
         except (ProxyError, asyncio.TimeoutError) as exc:
             checks["litellm"] = f"error: {exc}"

@@ -36,8 +36,39 @@ class Principal:
     delegate: bool = False  # may name the end user (X-User-Id, or the body's `user`)
 
 
-def _truthy(value: Any) -> bool:
-    return value is True or (isinstance(value, str) and value.lower() in ("true", "1", "yes"))
+# A token's time claims as PyJWT checks them; past this a number is no time at all (10**400 overflows a float).
+_MAX_TIME = 2**53
+_ID_MAX = 256
+
+
+def _flag(claims: dict[str, Any], name: str) -> bool:
+    """A boolean claim: only JSON true grants it; any other value but false or absence refuses the token."""
+    value = claims.get(name, False)
+    if not isinstance(value, bool):
+        raise Unauthorized(f"Invalid token: claim '{name}' must be true or false.", code="invalid_token")
+    return value
+
+
+def _id_claim(claims: dict[str, Any], name: str, *, required: bool) -> str | None:
+    value = claims.get(name)
+    if value is None or (value == "" and not required):
+        if required:
+            raise Unauthorized(f"Token has no '{name}' claim naming the user.", code="invalid_token")
+        return None
+    if not isinstance(value, str) or not value or len(value) > _ID_MAX or not value.isprintable():
+        raise Unauthorized(
+            f"Invalid token: claim '{name}' must be printable text of 1 to {_ID_MAX} characters.", code="invalid_token"
+        )
+    return value
+
+
+def _check_times(claims: dict[str, Any]) -> None:
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -_MAX_TIME < value < _MAX_TIME:
+            raise Unauthorized(f"Invalid token: claim '{name}' must be a number of seconds.", code="invalid_token")
 
 
 def default_algorithms(settings: Settings) -> tuple[str, ...]:
@@ -104,6 +135,7 @@ class Authenticator:
     def _verify(self, token: str, key: Any) -> tuple[Principal, float]:
         s = self._settings
         try:
+            _check_times(jwt.decode(token, key, algorithms=self._algorithms, options={"verify_signature": False}))
             claims = jwt.decode(
                 token,
                 key,
@@ -117,14 +149,12 @@ class Authenticator:
             raise Unauthorized("Token expired: ask your administrator for a new one.", code="token_expired") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"Invalid token: {exc}.", code="invalid_token") from None
-        user = claims.get(s.jwt_user_claim)
-        if not isinstance(user, str) or not user:
-            raise Unauthorized(f"Token has no '{s.jwt_user_claim}' claim naming the user.", code="invalid_token")
-        tenant = claims.get(s.jwt_tenant_claim)
+        user = _id_claim(claims, s.jwt_user_claim, required=True)
+        assert user is not None
         principal = Principal(
-            Identity(user=user, tenant=tenant if isinstance(tenant, str) and tenant else None),
-            admin=_truthy(claims.get(s.jwt_admin_claim)),
-            delegate=_truthy(claims.get(s.jwt_delegate_claim)),
+            Identity(user=user, tenant=_id_claim(claims, s.jwt_tenant_claim, required=False)),
+            admin=_flag(claims, s.jwt_admin_claim),
+            delegate=_flag(claims, s.jwt_delegate_claim),
         )
         return principal, float(claims["exp"])
 

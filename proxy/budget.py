@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError, RedisError
 from .auth import Identity
 from .coalesce import Coalescer, Lane
 from .db import PG_UNAVAILABLE
-from .errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from .errors import Forbidden, QuotaExceeded, RateLimited, ServiceUnavailable
 from .limits import BudgetBook, Limit
 from .quota import Quota, Rates, Reservation, Scope, period_bounds
 
@@ -54,6 +54,58 @@ class BudgetEngine:
         self._scopes: dict[Identity, tuple[tuple[Scope, ...], float, int]] = {}
         # Settles that could not reach Redis, applied once it answers again.
         self._owed: list[tuple[Reservation, int]] = []
+        # Each user's tenant ("" for none), as bound in Redis; a binding never changes once made.
+        self._tenants: dict[str, str] = {}
+
+    async def check_tenant(self, identity: Identity, *, bind: bool = True) -> None:
+        """One person, one budget: a user id belongs to one tenant (or to none), the first it was charged
+        under. Their counter lives under that tenant's hash tag, so a request naming them under another
+        tenant is refused rather than given a second counter."""
+        tenant = identity.tenant or ""
+        bound = self._tenants.get(identity.user)
+        if bound is None:
+            bound = await self._bind_tenant(identity.user, tenant)
+        if bound != tenant:
+            raise Forbidden(
+                f"User {identity.user!r} belongs to {f'tenant {bound!r}' if bound else 'no tenant'}; "
+                f"this token is for {f'tenant {tenant!r}' if tenant else 'no tenant'}.",
+                code="wrong_tenant",
+            )
+
+    async def _bind_tenant(self, user: str, tenant: str | None) -> str | None:
+        """The user's tenant from Redis; when Redis has none, from the user's latest ledger record
+        (PostgreSQL is the truth), else `tenant` (None: bind nothing). The first binding written wins."""
+        key = f"quota:{{u:{quote(user, safe='')}}}:tenant"
+        try:
+            bound = await self._redis.get(key)
+            if bound is None:
+                bound = (await self._tenant_of_record(user)) if self._pool is not None else None
+                if bound is None and tenant is None:
+                    return None
+                await self._redis.set(key, tenant if bound is None else bound, nx=True)
+                bound = await self._redis.get(key)
+        except RedisError as exc:
+            raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
+        if bound is None:  # flushed between the two calls: decide again next time
+            return tenant
+        value = bound.decode() if isinstance(bound, bytes) else str(bound)
+        if len(self._tenants) >= 100_000:
+            self._tenants.clear()
+        self._tenants[user] = value
+        return value
+
+    async def _tenant_of_record(self, user: str) -> str | None:
+        assert self._pool is not None
+        try:
+            row = await self._pool.fetchrow(
+                "select coalesce(tenant_id, '') as tenant from usage_records where user_id = $1 order by created_at desc limit 1",
+                user,
+            )
+        except PG_UNAVAILABLE as exc:
+            raise ServiceUnavailable(
+                "Budget counters are being rebuilt but PostgreSQL is unreachable; try again shortly."
+            ) from exc
+        return None if row is None else str(row["tenant"])
 
     @staticmethod
     def _tag(identity: Identity) -> str:
@@ -86,8 +138,11 @@ class BudgetEngine:
         key = f"quota:{{{tag}}}:{limit.subject_type}:{quote(subject, safe='')}:{limit.period}:{start:%Y%m%d}"
         return Scope(limit, subject, key, start, end)
 
-    async def reserve(self, identity: Identity, request_id: str, prompt: int, wanted: int) -> Reservation:
-        """Reserve up to `wanted` tokens; refuse unless every budget has room for more than `prompt`."""
+    async def reserve(
+        self, identity: Identity, request_id: str, prompt: int, wanted: int, *, need: int | None = None
+    ) -> Reservation:
+        """Reserve up to `wanted` tokens; refuse unless every budget has room for more than `need`
+        (the prompt, by default; a request of n answers needs one token more for each further answer)."""
         now = self._clock()
         now_ms = int(now * 1000)
         scopes = self.scopes(identity, now)
@@ -95,7 +150,8 @@ class BudgetEngine:
         keys = [s.key for s in scopes]
         if user.rpm or user.tpm:
             keys.append(f"quota:{{{self._tag(identity)}}}:rate:{quote(identity.user, safe='')}")
-        args: list[object] = [request_id, now_ms, now_ms + self._ttl_ms, prompt, max(wanted, prompt + 1), len(scopes)]
+        floor = max(prompt, need or 0)
+        args: list[object] = [request_id, now_ms, now_ms + self._ttl_ms, floor, max(wanted, floor + 1), len(scopes)]
         args += [s.limit.tokens for s in scopes]
         args += [self._key_expiry(s) for s in scopes]
         args += [user.rpm, user.tpm]

@@ -116,6 +116,9 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             # Nothing here reads the client's address, so X-Forwarded-* is not parsed on every request;
             # and responses do not advertise the server's software.
             proxy_headers=False, server_header=False,
+            # Slow or idle clients cannot pile up: past MAX_CONNECTIONS new requests get 503, and an idle
+            # keep-alive connection is closed after 5 s (bodies have BODY_READ_TIMEOUT in the relay).
+            limit_concurrency=settings.max_connections, timeout_keep_alive=5,
         )  # fmt: skip
     elif args.command == "ledger":
         from . import writer

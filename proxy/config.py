@@ -60,6 +60,9 @@ class Settings:
     budget_refresh_seconds: float = 5.0
     fail_mode: str = "closed"
     max_body_bytes: int = 8 * 1024 * 1024
+    body_read_timeout: float = 30.0  # a request body that has not fully arrived by then gets 408
+    max_connections: int = 4096  # open connections and requests; past it new requests get 503
+    extra_body_params: tuple[str, ...] = ()  # body fields passed upstream beyond OpenAI's (never LiteLLM's own)
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
     upstream_max_connections: int = 512

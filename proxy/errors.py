@@ -52,6 +52,10 @@ class MethodNotAllowed(ProxyError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
+class RequestTimeout(ProxyError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class PayloadTooLarge(ProxyError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 

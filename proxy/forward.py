@@ -8,27 +8,115 @@ while aiohttp added ~0.5 ms and served ~2,300 req/s (README, Performance).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from typing import Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import aiohttp
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from .errors import ServiceUnavailable, UpstreamError, UpstreamTimeout
+from .errors import ProxyError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from .sse import StreamMeter
 
-# Hop-by-hop and framing headers are the proxy's own business on each leg.
-_DROP = frozenset(
-    {
-        "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date", "server",
-        "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade",
-    }
-)  # fmt: skip
+# Upstream response headers a client may see. LiteLLM's own (x-litellm-key-spend is the master key's
+# spend, i.e. everyone's; x-litellm-model-api-base names the provider's host), the provider's rate
+# limits of the company's key, cookies and server details stay here.
+CLIENT_HEADERS = frozenset(
+    {"content-type", "retry-after", "openai-model", "openai-processing-ms", "openai-version", "x-litellm-response-cost"}
+)
+_SECRETS = re.compile(r"(?i)(bearer\s+)\S+|\bsk-[A-Za-z0-9_\-]{6,}")
 
 
-def pass_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _DROP}
+def client_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() in CLIENT_HEADERS and v.isascii()}
+
+
+def redact(text: str, secret: str) -> str:
+    """Text from the upstream with the master key, bearer tokens and sk- keys taken out."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return _SECRETS.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+
+
+def _short(value: Any, secret: str) -> str | None:
+    return redact(value, secret)[:200] if isinstance(value, str) else None
+
+
+def error_body(status: int, body: bytes, secret: str) -> bytes:
+    """An upstream error as an OpenAI-shaped body rebuilt from its message, type, code and param only:
+    whatever else it echoed (request headers, the master key, provider details) stays here."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    error = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(error, str):
+        error = {"message": error}
+    if not isinstance(error, dict):
+        error = {}
+    message = error.get("message")
+    text = redact(message, secret)[:2000] if isinstance(message, str) and message else f"The model server answered HTTP {status}."
+    code = error.get("code")
+    return orjson.dumps(
+        {
+            "error": {
+                "message": text,
+                "type": _short(error.get("type"), secret) or "api_error",
+                "code": _short(code, secret) if not isinstance(code, int) else str(code),
+                "param": _short(error.get("param"), secret),
+            }
+        }
+    )
+
+
+def read_failure(exc: BaseException) -> ProxyError:
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamTimeout("The model server did not finish its answer in time.")
+    return UpstreamError(f"The model server broke off its answer ({exc.__class__.__name__}).")
+
+
+class Upstreamed:
+    """An upstream answer, handed to the client only through what it may see."""
+
+    __slots__ = ("response", "status", "_secret")
+
+    def __init__(self, response: aiohttp.ClientResponse, secret: str) -> None:
+        self.response = response
+        self.status = response.status
+        self._secret = secret
+
+    @property
+    def ok_stream(self) -> bool:
+        return self.status == 200 and self.response.content_type == "text/event-stream"
+
+    @property
+    def cost(self) -> float | None:
+        raw = self.response.headers.get("x-litellm-response-cost")
+        try:
+            return float(raw) if raw is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def secret(self) -> bytes:
+        return self._secret.encode()
+
+    def headers_for_client(self) -> dict[str, str]:
+        return client_headers(self.response.headers)
+
+    async def read_for_client(self) -> bytes:
+        """The whole body: an error rebuilt (error_body), a success with the master key taken out."""
+        try:
+            body = await self.response.read()
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise read_failure(exc) from None
+        finally:
+            self.response.release()
+        if not 200 <= self.status < 300:
+            return error_body(self.status, body, self._secret)
+        secret = self.secret
+        return body.replace(secret, b"[redacted]") if secret and secret in body else body
 
 
 class Upstream:
@@ -44,6 +132,7 @@ class Upstream:
         max_connections: int = 512,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._secret = master_key
         # Named here, so aiohttp adds no User-Agent of its own: its skip_auto_headers option
         # rebuilds a header multidict on every request (~3.5 µs each, measured under load).
         self._headers = {"Authorization": f"Bearer {master_key}", "Accept-Encoding": "identity", "User-Agent": "quota-sidecar"}
@@ -65,7 +154,7 @@ class Upstream:
 
     async def send(
         self, method: str, path: str, *, body: bytes | None = None, query: str = "", request_id: str | None = None
-    ) -> aiohttp.ClientResponse:
+    ) -> Upstreamed:
         assert self._session is not None, "Upstream.start() was not awaited"
         headers = self._headers.copy()
         if body is not None:
@@ -74,13 +163,20 @@ class Upstream:
             headers["X-Request-Id"] = request_id
         url = f"{self.base_url}{path}?{query}" if query else f"{self.base_url}{path}"
         try:
-            return await self._session.request(method, url, data=body, headers=headers)
+            response = await self._session.request(method, url, data=body, headers=headers)
         except asyncio.TimeoutError:
             raise UpstreamTimeout("The model server did not answer in time.") from None
         except aiohttp.ClientConnectionError as exc:
             raise ServiceUnavailable(f"The model server is unreachable ({exc.__class__.__name__}).") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"The model server request failed ({exc.__class__.__name__}).") from None
+        if response.status in (401, 403, 407):
+            # The proxy's own key was refused: not the caller's fault, and not to be shown as theirs.
+            response.release()
+            raise UpstreamError(
+                f"The model server refused the proxy's credentials (HTTP {response.status}); tell your administrator."
+            )
+        return Upstreamed(response, self._secret)
 
 
 def stream_error_event(message: str, code: str = "upstream_error") -> bytes:
@@ -104,13 +200,15 @@ class StreamThrough:
 
     def __init__(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: Upstreamed,
         headers: Mapping[str, str],
         meter: StreamMeter,
         on_end: StreamEnd,
         recorded: Callable[[], Awaitable[None]],
     ) -> None:
-        self._upstream = upstream
+        self._upstream = upstream.response
+        self._status = upstream.status
+        self._secret = upstream.secret
         self._recorded = recorded  # resolves once what on_end submitted is on its way
         self._headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self._meter = meter
@@ -140,12 +238,14 @@ class StreamThrough:
             self._end(outcome)
 
     async def _pump(self, send: Send) -> str:
-        await send({"type": "http.response.start", "status": self._upstream.status, "headers": self._headers})
-        meter = self._meter
+        await send({"type": "http.response.start", "status": self._status, "headers": self._headers})
+        meter, secret = self._meter, self._secret
         outcome = "ok"
         try:
             async for chunk in self._upstream.content.iter_any():
                 out = meter.feed(chunk)
+                if secret and secret in out:  # events arrive whole from the meter, so a key cannot straddle two
+                    out = out.replace(secret, b"[redacted]")
                 if out:
                     if self._first_byte is None:
                         self._first_byte = time.perf_counter()

@@ -53,6 +53,7 @@ class UsageRecord:
     ttft_ms: float | None
     via: str | None = None
     user_email: str | None = None
+    client_request_id: str | None = None  # the caller's X-Request-Id, a label; request_id is ours
 
     def encode(self) -> bytes:
         return orjson.dumps(self)  # orjson serialises dataclasses natively, ~20x faster than asdict

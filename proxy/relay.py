@@ -1,9 +1,8 @@
-"""One proxied request: authenticate, reserve, forward, then settle and record (written before the answer, never awaited)."""
+"""One proxied request: authenticate, check, reserve, forward, then settle and record (written before the answer)."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from starlette.responses import Response
 
 from . import metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
+from .body import Completion, allowed_params, cap_answers, check, encode
 from .budget import BudgetEngine
 from .coalesce import Lane
 from .config import Settings
@@ -27,15 +27,16 @@ from .errors import (
     ProxyError,
     QuotaExceeded,
     RateLimited,
+    RequestTimeout,
     ServiceUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
-from .forward import StreamThrough, Upstream, pass_headers
+from .forward import StreamThrough, Upstream, Upstreamed
 from .ledger import Ledger, UsageRecord
 from .quota import Reservation
 from .sse import StreamMeter, answer_text, usage_totals
-from .tokens import Tokenizer, completion_cap, estimate_prompt
+from .tokens import Tokenizer
 
 log = structlog.get_logger("proxy.relay")
 
@@ -44,46 +45,56 @@ UPSTREAM_PATHS = {
     "completions": "/v1/completions",
     "embeddings": "/v1/embeddings",
 }
+# Bodies larger than this are counted in a worker thread, so one long prompt does not stall everyone's.
+_COUNT_IN_THREAD = 64 * 1024
+_CLIENT_ID_MAX = 128
 
 
-async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The request body as a JSON object, refusing oversized bodies before reading them whole."""
+async def read_json(request: Request, max_bytes: int, timeout: float) -> tuple[dict[str, Any], int]:
+    """The request body as a JSON object and its size, refusing oversized bodies before reading them whole
+    and bodies that stall (408; the connection is then closed)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        if int(declared) > max_bytes:
-            raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
-        body = await request.body()  # the server holds the body to its declared length
-    else:  # chunked: count as it comes
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
-            chunks.append(chunk)
-        body = b"".join(chunks)
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout:g} s.", headers={"Connection": "close"}
+        ) from None
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("Request body must be a JSON object.", code="invalid_json")
-    return payload
+    return payload, size
 
 
-# Unique without a call to the OS random source per request (uuid4 cost ~28 µs here): a random
-# prefix, the process id (read per call, so forked workers differ), then a counter.
-_ID_PREFIX = os.urandom(6).hex()
-_ID_COUNTER = itertools.count()
+def new_request_id() -> str:
+    """The key of a request's reservation and ledger record: 128 random bits, never the client's."""
+    return os.urandom(16).hex()
 
 
-def request_id_of(request: Request) -> str:
+def client_request_id(request: Request) -> str | None:
+    """The caller's own X-Request-Id, kept as a label and echoed; printable ASCII, at most 128 characters."""
     headers = request.headers
-    # Asked before it is read: Headers.get raises and catches a KeyError for a header that is absent.
-    given = headers["x-request-id"] if "x-request-id" in headers else ""
-    if 0 < len(given) <= 128 and given.isprintable():
-        return given
-    return f"{_ID_PREFIX}{os.getpid():x}{next(_ID_COUNTER):08x}"
+    if "x-request-id" not in headers:  # asked first: Headers.get raises and catches a KeyError when absent
+        return None
+    given = headers["x-request-id"]
+    if not given or len(given) > _CLIENT_ID_MAX or not given.isascii() or not given.isprintable():
+        raise BadRequest(
+            f"'X-Request-Id' must be printable ASCII of 1 to {_CLIENT_ID_MAX} characters.", param="X-Request-Id"
+        )
+    return given
 
 
 @dataclass(slots=True)
@@ -91,12 +102,13 @@ class Ticket:
     """What one request's ledger record needs, gathered as the request goes."""
 
     request_id: str
+    client_request_id: str | None
     identity: Identity
     endpoint: str
-    model: str | None
-    stream: bool
     wall_start: float
     perf_start: float
+    model: str | None = None
+    stream: bool = False
 
     def record(
         self,
@@ -130,15 +142,62 @@ class Ticket:
             ttft_ms=ttft_ms,
             via=self.identity.via,
             user_email=self.identity.email,
+            client_request_id=self.client_request_id,
         )
 
+    def echo_id(self) -> str:
+        return self.client_request_id or self.request_id
 
-def _cost(headers: Any) -> float | None:
-    raw = headers.get("x-litellm-response-cost")
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
+
+def outcome_of(exc: BaseException) -> tuple[str, int]:
+    """The ledger status and HTTP status of a request that ended with `exc`."""
+    if isinstance(exc, QuotaExceeded):
+        return "blocked", exc.status
+    if isinstance(exc, RateLimited):
+        return "rate_limited", exc.status
+    if isinstance(exc, (UpstreamError, UpstreamTimeout)):
+        return "upstream_error", exc.status
+    if isinstance(exc, ProxyError):
+        return ("invalid" if exc.status < 500 else "unavailable"), exc.status
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled", 499
+    return "error", 500
+
+
+class Flight:
+    """One request's life: its in-flight slot, its reservation and its accounting, each released once.
+
+    Whatever raises wherever, the request ends in exactly one `finish`: the slot is given back, the
+    reservation settled with what was used, and one ledger record written.
+    """
+
+    __slots__ = ("_relay", "ticket", "reservation", "_slot", "_done")
+
+    def __init__(self, relay: Relay, ticket: Ticket) -> None:
+        self._relay = relay
+        self.ticket = ticket
+        self.reservation: Reservation | None = None
+        self._slot = False
+        self._done = False
+
+    def take_slot(self, limit: int) -> None:
+        if self._relay.in_flight >= limit:
+            raise ServiceUnavailable(f"The proxy is at its limit of {limit:,} concurrent requests; try again shortly.")
+        self._relay.in_flight += 1
+        self._slot = True
+
+    def finish(self, record: UsageRecord) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._slot:
+            self._slot = False
+            self._relay.in_flight -= 1
+        self._relay.account(self.reservation, record)
+
+    def fail(self, exc: BaseException) -> None:
+        status, http = outcome_of(exc)
+        self.finish(self.ticket.record(status, http))
 
 
 def _served_model(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
@@ -170,12 +229,15 @@ class Relay:
         self._upstream = upstream
         self._lane = lane
         self._tokens = tokenizer
+        self._allowed = {e: allowed_params(e, settings.extra_body_params) for e in UPSTREAM_PATHS}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._in_flight = 0  # requests holding a reservation, i.e. on their way upstream or streaming
+        self.in_flight = 0  # requests holding a slot: checked, reserving, upstream or streaming
 
     async def identify(self, request: Request, body_user: Any = None, *, required: bool = False) -> Identity:
-        """The user charged: the token's, or the end user a delegating service token names."""
-        return charged_identity(await self.principal(request), request.headers, body_user, required=required)
+        """The user charged: the token's, or the end user a delegating service token names (in its tenant)."""
+        identity = charged_identity(await self.principal(request), request.headers, body_user, required=required)
+        await self._budget.check_tenant(identity, bind=False)
+        return identity
 
     async def principal(self, request: Request) -> Principal:
         return await self._auth.authenticate(request.headers.get("authorization"))
@@ -183,105 +245,115 @@ class Relay:
     async def completion(self, request: Request, endpoint: str) -> Response:
         """POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
         perf_start, wall_start = time.perf_counter(), time.time()
-        principal = await self.principal(request)
-        request_id = request_id_of(request)
-        payload = await read_json(request, self._settings.max_body_bytes)
+        principal = await self.principal(request)  # no record for a caller we cannot name
+        # Until the user charged is known and checked, a refusal is recorded under the token's own subject.
+        ticket = Ticket(new_request_id(), None, principal.identity, endpoint, wall_start, perf_start)
+        flight = Flight(self, ticket)
+        try:
+            return await self._complete(request, endpoint, principal, flight)
+        except BaseException as exc:
+            flight.fail(exc)
+            if isinstance(exc, ProxyError):
+                exc.headers["X-Request-Id"] = ticket.echo_id()
+            raise
+
+    async def _complete(self, request: Request, endpoint: str, principal: Principal, flight: Flight) -> Response:
+        settings, ticket = self._settings, flight.ticket
+        ticket.client_request_id = client_request_id(request)
+        flight.take_slot(settings.upstream_max_concurrency)
+        payload, size = await read_json(request, settings.max_body_bytes, settings.body_read_timeout)
+        completion = check(payload, endpoint, self._allowed[endpoint])
         identity = charged_identity(principal, request.headers, payload.get("user"))
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("Request body needs a 'model' string.", param="model", code="missing_model")
-        stream = endpoint != "embeddings" and payload.get("stream") is True
-        prompt = estimate_prompt(payload)
-        ticket = Ticket(request_id, identity, endpoint, model, stream, wall_start, perf_start)
-
-        if self._in_flight >= self._settings.upstream_max_concurrency:
-            raise ServiceUnavailable(
-                f"The proxy is at its limit of {self._settings.upstream_max_concurrency:,} concurrent requests; try again shortly."
-            )
-        cap_field, cap = completion_cap(payload)
-        allowance = 0 if endpoint == "embeddings" else (cap or self._settings.completion_allowance)
+        await self._budget.check_tenant(identity)
+        ticket.identity, ticket.model, ticket.stream = identity, completion.model, completion.stream
+        payload["user"] = identity.user
+        prompt = await self._count_prompt(payload, size)
+        chat_like = endpoint != "embeddings"
+        per_answer = (completion.cap or settings.completion_allowance) if chat_like else 0
+        clamp = chat_like and settings.clamp_max_tokens
+        if clamp:
+            cap_answers(completion, per_answer)
+        body = encode(payload)  # refused here, before anything is reserved
         try:
-            reservation = await self._budget.reserve(identity, request_id, prompt, prompt + allowance)
+            reservation = await self._budget.reserve(
+                identity, ticket.request_id, prompt, prompt + completion.choices * per_answer,
+                need=prompt + (completion.choices - 1 if chat_like else 0),
+            )  # fmt: skip
         except ServiceUnavailable:
-            if self._settings.fail_mode != "open":
+            if settings.fail_mode != "open":
                 raise
-            reservation = self._budget.unmetered(identity, request_id, prompt + allowance)
-        except (QuotaExceeded, RateLimited) as exc:
-            self._account(None, ticket.record("blocked" if isinstance(exc, QuotaExceeded) else "rate_limited", exc.status))
-            exc.headers["X-Request-Id"] = request_id
-            raise
-        self._in_flight += 1
-        self._shape(payload, reservation.granted - prompt, cap_field, cap, endpoint, identity)
-        hide_usage = stream and self._ask_usage(payload)
-
+            reservation = self._budget.unmetered(identity, ticket.request_id, prompt + completion.choices * per_answer)
+        flight.reservation = reservation
+        if clamp and reservation.metered:
+            granted = (reservation.granted - prompt) // completion.choices
+            if granted < per_answer:  # the room left is smaller than asked: cap each answer to its share
+                cap_answers(completion, granted)
+                body = encode(payload)
+        upstream = await self._upstream.send(
+            "POST", UPSTREAM_PATHS[endpoint], body=body, request_id=ticket.request_id
+        )
         try:
-            upstream = await self._upstream.send(
-                "POST", UPSTREAM_PATHS[endpoint], body=orjson.dumps(payload), request_id=request_id
+            if completion.stream and upstream.ok_stream:
+                return self._stream(upstream, completion, flight)  # the response owns the upstream from here
+            return await self._answer(upstream, completion, flight)
+        except BaseException:
+            upstream.response.close()
+            raise
+
+    async def _count_prompt(self, payload: dict[str, Any], size: int) -> int:
+        if size > _COUNT_IN_THREAD:
+            return await asyncio.to_thread(self._tokens.prompt, payload)
+        return self._tokens.prompt(payload)
+
+    def _stream(self, upstream: Upstreamed, completion: Completion, flight: Flight) -> Response:
+        ticket, reservation = flight.ticket, flight.reservation
+        assert reservation is not None
+        headers = upstream.headers_for_client()
+        headers["X-Request-Id"] = ticket.echo_id()
+        headers.update(reservation.headers())
+        notice = self._notice_hook(reservation) if completion.endpoint == "chat" else None
+        meter = StreamMeter(completion.hide_usage, notice)
+        cost = upstream.cost
+        payload, perf_start = completion.payload, ticket.perf_start
+
+        def on_end(outcome: str, first_byte: float | None) -> None:
+            ttft_ms = round((first_byte - perf_start) * 1000, 3) if first_byte is not None else None
+            usage = usage_totals(meter.usage)
+            estimated = usage is None
+            if usage is None:
+                usage = self._estimate(payload, meter.text)
+            flight.finish(
+                ticket.record(outcome, 200, usage, estimated=estimated, served_model=meter.model, cost=cost, ttft_ms=ttft_ms)
             )
-        except ProxyError as exc:
-            self._account(reservation, ticket.record("upstream_error", exc.status))
-            exc.headers["X-Request-Id"] = request_id
-            raise
 
-        headers = pass_headers(upstream.headers)
-        headers["X-Request-Id"] = request_id
-        if stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
-            headers.update(reservation.headers())
-            meter = StreamMeter(hide_usage, self._notice_hook(reservation) if endpoint == "chat" else None)
-            cost = _cost(upstream.headers)
+        return StreamThrough(upstream, headers, meter, on_end, self._lane.written)  # type: ignore[return-value]
 
-            def on_end(outcome: str, first_byte: float | None) -> None:
-                ttft_ms = round((first_byte - perf_start) * 1000, 3) if first_byte is not None else None
-                usage = usage_totals(meter.usage)
-                estimated = usage is None
-                if usage is None:
-                    usage = self._estimate(payload, meter.text)
-                record = ticket.record(
-                    outcome, 200, usage, estimated=estimated, served_model=meter.model, cost=cost, ttft_ms=ttft_ms
-                )
-                self._account(reservation, record)
-
-            return StreamThrough(upstream, headers, meter, on_end, self._lane.written)  # type: ignore[return-value]
-
-        try:
-            body = await upstream.read()
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            failure = _read_failure(exc)
-            self._account(reservation, ticket.record("upstream_error", failure.status))
-            raise failure from None
-        finally:
-            upstream.release()
-        obj, served = _served_model(body)
-        usage = usage_totals(obj.get("usage")) if obj else None
+    async def _answer(self, upstream: Upstreamed, completion: Completion, flight: Flight) -> Response:
+        ticket, reservation = flight.ticket, flight.reservation
+        assert reservation is not None
+        body = await upstream.read_for_client()
         ok = 200 <= upstream.status < 300
+        obj, served = _served_model(body) if ok else (None, None)
+        usage = usage_totals(obj.get("usage")) if obj else None
         estimated = ok and usage is None
         if estimated:
-            usage = self._estimate(payload, answer_text(obj) if obj else "")
-        self._account(
-            reservation,
+            usage = self._estimate(completion.payload, answer_text(obj) if obj else "")
+        flight.finish(
             ticket.record(
                 "ok" if ok else "upstream_error", upstream.status, usage,
-                estimated=estimated, served_model=served, cost=_cost(upstream.headers),
-            ),
+                estimated=estimated, served_model=served, cost=upstream.cost,
+            )
         )  # fmt: skip
+        headers = upstream.headers_for_client()
+        headers["X-Request-Id"] = ticket.echo_id()
         headers.update(reservation.headers(used=reservation.quotas[0].used + usage[2] if usage else None))
         await self._lane.written()  # the settle and record reach Redis's socket before the answer goes out
         return Response(body, status_code=upstream.status, headers=headers)
 
     def _estimate(self, payload: dict[str, Any], answer: str) -> tuple[int, int, int]:
-        """Usage the upstream did not report, counted from the request and the answer text."""
+        """Usage the upstream did not report: the prompt's bound, and the answer text counted."""
         prompt, completion = self._tokens.prompt(payload), self._tokens.count(answer)
         return prompt, completion, prompt + completion
-
-    def _shape(
-        self, payload: dict[str, Any], room: int, cap_field: str, cap: int | None, endpoint: str, identity: Identity
-    ) -> None:
-        """Make the upstream body: our user id, and an answer cap that fits the reservation."""
-        payload["user"] = identity.user
-        if endpoint == "embeddings" or not self._settings.clamp_max_tokens:
-            return
-        if (cap is not None and cap > room) or (cap is None and room < self._settings.completion_allowance):
-            payload[cap_field] = max(room, 1)
 
     def _notice_hook(self, reservation: Reservation) -> Callable[[dict[str, Any]], str | None] | None:
         if self._settings.quota_notice != "inline":
@@ -294,45 +366,62 @@ class Relay:
 
         return notice
 
-    @staticmethod
-    def _ask_usage(payload: dict[str, Any]) -> bool:
-        """Ask the upstream for the usage chunk; True when the caller did not ask (so we hide it)."""
-        options = payload.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage") is True:
-            return False
-        payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        return True
-
-    async def passthrough_get(self, request: Request, path: str) -> Response:
-        """GET /v1/models: forwarded as is, never charged, with the caller's quota headers."""
-        identity = await self.identify(request, request.query_params.get("user"))
-        request_id = request_id_of(request)
+    async def models(self, request: Request) -> Response:
+        """GET /v1/models: the upstream's list (the caller's query is not passed on), never charged,
+        with the caller's quota headers."""
+        identity = await self.identify(request)
+        echo = client_request_id(request) or new_request_id()
         try:
             quota_headers = (await self._budget.snapshot(identity))[0].headers()
         except ServiceUnavailable:
             if self._settings.fail_mode != "open":
                 raise
-            quota_headers = self._budget.unmetered(identity, request_id, 0).headers()
-        upstream = await self._upstream.send("GET", path, query=request.url.query, request_id=request_id)
-        try:
-            body = await upstream.read()
-        finally:
-            upstream.release()
-        headers = pass_headers(upstream.headers)
-        headers["X-Request-Id"] = request_id
+            quota_headers = self._budget.unmetered(identity, echo, 0).headers()
+        upstream = await self._upstream.send("GET", "/v1/models")
+        body = await upstream.read_for_client()
+        headers = upstream.headers_for_client()
+        headers["X-Request-Id"] = echo
         headers.update(quota_headers)
         return Response(body, status_code=upstream.status, headers=headers)
 
     # Accounting is submitted to Redis and never awaited; an answer waits only until it is written.
 
-    def _account(self, reservation: Reservation | None, record: UsageRecord) -> None:
-        """Settle the reservation and hand the record to the ledger, without the request waiting."""
-        if reservation is not None:
-            self._in_flight -= 1
+    def account(self, reservation: Reservation | None, record: UsageRecord) -> None:
+        """Settle the reservation and hand the record to the ledger, without the request waiting.
+        Each step stands alone: a settle that cannot be sent is owed, a record that cannot be queued goes
+        straight to PostgreSQL."""
         metrics.observe(record.endpoint, record.status, record.total_tokens, (record.latency_ms or 0) / 1000)
-        settled = self._lane.submit(*self._budget.settle_command(reservation, record.total_tokens)) if reservation else None
-        recorded = self._lane.submit(*self._ledger.command(record))
+        settled: asyncio.Future[Any] | None = None
+        if reservation is not None:  # unmetered too: a Redis back by now counts what was let through
+            try:
+                settled = self._lane.submit(*self._budget.settle_command(reservation, record.total_tokens))
+            except Exception as exc:
+                self._settle_failed(reservation, record, exc)
+        try:
+            recorded = self._lane.submit(*self._ledger.command(record))
+        except Exception as exc:
+            self._record_failed(record, exc)
+            if settled is not None:
+                settled.add_done_callback(lambda done: self._settled(reservation, record, done))
+            return
         recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done))
+
+    def _settle_failed(self, reservation: Reservation, record: UsageRecord, exc: BaseException) -> None:
+        # Redis unreachable, or restarted without the script: the reconcile task settles it later.
+        self._budget.owe(reservation, record.total_tokens)
+        if not isinstance(exc, NoScriptError):
+            metrics.BACKGROUND_ERRORS.inc()
+            log.warning("settle_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
+
+    def _record_failed(self, record: UsageRecord, exc: BaseException) -> None:
+        self._spawn(self._ledger.write_direct(record))  # the stream is unreachable: straight to PostgreSQL
+        metrics.BACKGROUND_ERRORS.inc()
+        log.warning("record_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
+
+    def _settled(self, reservation: Reservation | None, record: UsageRecord, settled: asyncio.Future[Any]) -> None:
+        error = None if settled.cancelled() else settled.exception()
+        if error is not None and reservation is not None:
+            self._settle_failed(reservation, record, error)
 
     def _accounted(
         self,
@@ -341,17 +430,11 @@ class Relay:
         settled: asyncio.Future[Any] | None,
         recorded: asyncio.Future[Any],
     ) -> None:
-        settle_error = settled.exception() if settled is not None else None
-        record_error = recorded.exception()
-        if settle_error is not None and reservation is not None:
-            # Redis unreachable, or restarted without the script: the reconcile task settles it later.
-            self._budget.owe(reservation, record.total_tokens)
-        if record_error is not None:
-            self._spawn(self._ledger.write_direct(record))  # the stream is unreachable: straight to PostgreSQL
-        error = record_error or (settle_error if not isinstance(settle_error, NoScriptError) else None)
+        if settled is not None:
+            self._settled(reservation, record, settled)
+        error = None if recorded.cancelled() else recorded.exception()
         if error is not None:
-            metrics.BACKGROUND_ERRORS.inc()
-            log.warning("settle_failed", request_id=record.request_id, error=str(error) or error.__class__.__name__)
+            self._record_failed(record, error)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -363,9 +446,3 @@ class Relay:
         await self._lane.idle()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-
-def _read_failure(exc: BaseException) -> ProxyError:
-    if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamTimeout("The model server did not finish its answer in time.")
-    return UpstreamError(f"The model server broke off its answer ({exc.__class__.__name__}).")

@@ -13,25 +13,37 @@ from .db import PG_UNAVAILABLE
 
 MAX_LIMIT = 1000
 _FIELDS = (
-    "request_id, created_at, model, served_model, endpoint, prompt_tokens, completion_tokens, total_tokens, "
+    "request_id, client_request_id, created_at, model, served_model, endpoint, prompt_tokens, completion_tokens, total_tokens, "
     "cost_usd, status, http_status, stream, estimated, latency_ms"
 )
+
+
+# PostgreSQL's timestamptz and Python's datetime agree on this range; asked for outside it, they fail.
+_EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime(9000, 1, 1, tzinfo=timezone.utc)
 
 
 def _instant(value: str, name: str) -> datetime:
     try:
         at = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+        at = at.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         raise BadRequest(f"'{name}' must be an ISO 8601 date or time, such as 2026-11-01.", param=name) from None
-    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    if not _EARLIEST <= at <= _LATEST:
+        raise BadRequest(f"'{name}' must lie between 1970 and 9000.", param=name)
+    return at
 
 
 def _cursor(value: str) -> tuple[datetime, str]:
     stamp, _, request_id = value.partition("~")
     try:
-        return datetime.fromtimestamp(int(stamp) / 1e6, timezone.utc), request_id
-    except ValueError:
+        at = datetime.fromtimestamp(int(stamp) / 1e6, timezone.utc)
+    except (ValueError, OverflowError, OSError):
         raise BadRequest("'cursor' is not one this API returned.", param="cursor") from None
+    if not _EARLIEST <= at <= _LATEST or len(request_id) > 256 or not request_id.isprintable():
+        raise BadRequest("'cursor' is not one this API returned.", param="cursor")
+    return at, request_id
 
 
 def _iso(at: datetime) -> str:
@@ -43,7 +55,7 @@ async def statement(pool: asyncpg.Pool, user: str, params: Mapping[str, str], no
     start = _instant(params["from"], "from") if "from" in params else now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = _instant(params["to"], "to") if "to" in params else now
     try:
-        limit = int(params.get("limit", "100"))
+        limit = int(params.get("limit", "100")[:10])
     except ValueError:
         raise BadRequest("'limit' must be a whole number.", param="limit") from None
     if not 1 <= limit <= MAX_LIMIT:

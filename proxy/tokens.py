@@ -1,10 +1,14 @@
-"""Token estimates: for sizing a reservation, and for requests whose upstream never reported usage.
+"""Token counts the budget can rely on: an upper bound of a request's prompt, and usage an upstream never reported.
 
-Sizing a reservation happens on every request, so it uses the rule of thumb of four characters a
-token (the reservation is settled later with the real usage). A usage the upstream never sent
-(a stream cut off or stopped, a provider that omits it) is counted with OpenAI's cl100k_base BPE
-through tiktoken, from a local file: nothing is ever downloaded at run time. Without the file the
-rule of thumb stands in. Either way the ledger record is marked `estimated`.
+The prompt is counted before a token is reserved, and the count must never be lower than what
+the model will bill, or a user could reserve little and spend much. Every part of a body that
+can reach the model is counted: each message's every field, every content part (an image at the
+most a high-detail image costs), token arrays token for token, and any other field (tools,
+functions, response_format, prediction, ...) as its JSON text. Text is counted with OpenAI's
+cl100k_base BPE through tiktoken, from a local file (nothing is ever downloaded at run time),
+with one token of margin per piece for the joins; without the file, one token per UTF-8 byte,
+which no BPE exceeds. The same bound stands in for a usage the upstream never sent (a stream
+cut off, a provider that omits it); the ledger record is then marked `estimated`.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import base64
 import hashlib
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import orjson
 import structlog
 
 log = structlog.get_logger("proxy.tokens")
@@ -24,91 +29,106 @@ CL100K_CACHE_NAME = "9b5ad71b2ce5302211f9c61530b329a4922fc6a4"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 
-CHARS_PER_TOKEN = 4
-MESSAGE_OVERHEAD = 4  # role and separators, per chat message
-IMAGE_TOKENS = 765  # a high-detail 1024x1024 image on OpenAI's vision models
+PRIMING = 3  # <|im_start|>assistant<|im_sep|> that starts every chat answer
+MESSAGE_OVERHEAD = 4  # <|im_start|>, separators and <|im_end|> of one chat message, plus one of margin
+# The most one image costs on OpenAI's GPT-4o-class models: high detail, 8 tiles of 512 px (85 + 8 x 170).
+IMAGE_TOKENS = 1445
+IMAGE_PARTS = frozenset({"image_url", "input_image"})
+# Body fields that set how the model answers but never reach it as text.
+NOT_PROMPT = frozenset(
+    {
+        "model", "user", "stream", "stream_options", "n", "best_of", "max_tokens", "max_completion_tokens",
+        "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+        "seed", "logprobs", "top_logprobs", "echo", "logit_bias", "parallel_tool_calls", "service_tier", "store",
+        "modalities", "reasoning_effort", "verbosity", "encoding_format", "dimensions", "include_reasoning",
+        "prompt_cache_key", "safety_identifier",
+    }
+)  # fmt: skip
+
+Count = Callable[[str], int]
 
 
-def text_tokens(chars: int) -> int:
-    return (chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+def _json(value: Any, count: Count) -> int:
+    return count(orjson.dumps(value).decode()) + 1
 
 
-def _content_tokens(content: Any) -> int:
+def _text(value: str, count: Count) -> int:
+    return count(value) + 1  # one of margin: pieces joined can tokenize across the join
+
+
+def _content(content: Any, count: Count) -> int:
     if isinstance(content, str):
-        return text_tokens(len(content))
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, dict):
-                if part.get("type") == "text":
-                    total += text_tokens(len(str(part.get("text", ""))))
-                elif part.get("type") in ("image_url", "input_image"):
-                    total += IMAGE_TOKENS
-            elif isinstance(part, str):
-                total += text_tokens(len(part))
-        return total
+        return _text(content, count)
     if content is None:
         return 0
-    return text_tokens(len(str(content)))
+    if not isinstance(content, list):
+        return _json(content, count)
+    total = 0
+    for part in content:
+        if isinstance(part, str):
+            total += _text(part, count)
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            total += _text(part["text"], count)
+        elif isinstance(part, dict) and part.get("type") in IMAGE_PARTS:
+            total += IMAGE_TOKENS
+        else:  # audio, files and parts not known yet: all of their text, data included
+            total += _json(part, count)
+    return total
 
 
-def estimate_prompt(payload: dict[str, Any]) -> int:
-    """Prompt tokens of a chat, completion or embedding request body."""
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        total = 3
-        for m in messages:
-            if isinstance(m, dict):
-                total += MESSAGE_OVERHEAD + _content_tokens(m.get("content"))
-                if m.get("tool_calls"):
-                    total += text_tokens(len(str(m["tool_calls"])))
-        if payload.get("tools"):
-            total += text_tokens(len(str(payload["tools"])))
-        return total
-    for field in ("prompt", "input"):
-        value = payload.get(field)
-        if isinstance(value, list):
-            return max(1, sum(_content_tokens(v) if not isinstance(v, int) else 1 for v in value))
-        if value is not None:
-            return max(1, _content_tokens(value))
-    return 1
+def _messages(messages: Any, count: Count) -> int:
+    if not isinstance(messages, list):
+        return _json(messages, count)
+    total = PRIMING
+    for message in messages:
+        if not isinstance(message, dict):
+            total += _json(message, count)
+            continue
+        total += MESSAGE_OVERHEAD
+        for key, value in message.items():
+            if key == "content":
+                total += _content(value, count)
+            elif isinstance(value, str):
+                total += _text(value, count)  # role, name, tool_call_id, refusal
+            elif value is not None:
+                total += _json(value, count)  # tool_calls, function_call, audio, ...
+    return total
 
 
-def completion_cap(payload: dict[str, Any]) -> tuple[str, int | None]:
-    """The field that caps the answer's length, and its value if the caller set one."""
-    for field in ("max_completion_tokens", "max_tokens"):
-        value = payload.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return field, value
-    return "max_tokens", None
+def _inputs(value: Any, count: Count) -> int:
+    """`prompt` or `input`: a string, strings, a token array or token arrays."""
+    if isinstance(value, str):
+        return _text(value, count)
+    if isinstance(value, int):
+        return 1
+    if not isinstance(value, list):
+        return _json(value, count)
+    total = 0
+    for item in value:
+        if isinstance(item, str):
+            total += _text(item, count)
+        elif isinstance(item, int):
+            total += 1  # a token id is one token
+        elif isinstance(item, list):
+            total += len(item)  # a token array: checked to hold token ids before it gets here
+        else:
+            total += _json(item, count)
+    return total
 
 
-def prompt_text(payload: dict[str, Any]) -> tuple[str, int]:
-    """The prompt's text, and the tokens its framing adds (per chat message, images)."""
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        parts, extra = [], 3
-        for m in messages:
-            if not isinstance(m, dict):
-                continue
-            extra += MESSAGE_OVERHEAD
-            content = m.get("content")
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict) and part.get("type") == "text":
-                        parts.append(str(part.get("text", "")))
-                    elif isinstance(part, dict):
-                        extra += IMAGE_TOKENS
-        return "\n".join(parts), extra
-    for field in ("prompt", "input"):
-        value = payload.get(field)
-        if isinstance(value, str):
-            return value, 0
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return "\n".join(value), 0
-    return "", 1
+def prompt_bound(payload: dict[str, Any], count: Count) -> int:
+    """Tokens the prompt of a chat, completion or embedding body costs at most."""
+    total = 0
+    for key, value in payload.items():
+        if key in NOT_PROMPT:
+            continue
+        if key == "messages":
+            total += _messages(value, count)
+        elif key in ("prompt", "input"):
+            total += _inputs(value, count)
+        elif value is not None:
+            total += _json(value, count)  # tools, functions, response_format, prediction, suffix, stop, ...
+    return max(total, 1)
 
 
 def _bundled_bpe() -> Path | None:
@@ -122,7 +142,7 @@ def _bundled_bpe() -> Path | None:
 
 
 class Tokenizer:
-    """Counts tokens with cl100k_base when its file is at hand, else by the rule of thumb."""
+    """Counts tokens with cl100k_base when its file is at hand, else one per byte (never fewer than BPE)."""
 
     def __init__(self, encoding: Any = None) -> None:
         self._encoding = encoding
@@ -135,12 +155,12 @@ class Tokenizer:
         if not text:
             return 0
         if self._encoding is None:
-            return text_tokens(len(text))
+            return len(text.encode("utf-8", "surrogatepass"))  # no BPE token is shorter than one byte
         return len(self._encoding.encode_ordinary(text))
 
     def prompt(self, payload: dict[str, Any]) -> int:
-        text, extra = prompt_text(payload)
-        return self.count(text) + extra
+        """An upper bound of the body's prompt tokens (see the module's docstring)."""
+        return prompt_bound(payload, self.count)
 
     @classmethod
     def load(cls, configured: str = "") -> "Tokenizer":
@@ -148,7 +168,7 @@ class Tokenizer:
         and read directly (tiktoken's own loader would fetch it, or delete a copy it does not trust)."""
         path = Path(configured) if configured else _bundled_bpe()
         if path is None:
-            log.info("tokenizer", using="4 characters a token", reason="no cl100k_base file; set TOKENIZER_FILE")
+            log.info("tokenizer", using="one token per byte", reason="no cl100k_base file; set TOKENIZER_FILE")
             return cls()
         try:
             import tiktoken
@@ -163,6 +183,6 @@ class Tokenizer:
                                 "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
             )  # fmt: skip
         except (OSError, ValueError, ImportError) as exc:
-            log.warning("tokenizer", using="4 characters a token", file=str(path), error=str(exc))
+            log.warning("tokenizer", using="one token per byte", file=str(path), error=str(exc))
             return cls()
         return cls(encoding)

@@ -217,4 +217,4 @@ def send(url: str, users: list[str], n: int, *, stream: bool = False) -> list[st
 
 def count_rows(dsn: str, ids: list[str]) -> int:
     """How many of these request ids usage_records holds."""
-    return int(pg_row(dsn, "select count(*) from usage_records where request_id = any($1::text[])", ids)[0])
+    return int(pg_row(dsn, "select count(*) from usage_records where client_request_id = any($1::text[])", ids)[0])

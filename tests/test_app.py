@@ -103,7 +103,7 @@ def test_upstream_4xx_passes_through_and_charges_nothing(client: httpx.Client) -
 def test_missing_usage_is_estimated_and_marked(client: httpx.Client, base_settings: Settings) -> None:
     r = client.post("/v1/chat/completions", headers={**auth(), "X-Request-Id": (rid := uid("req"))}, json={**CHAT, "model": "no-usage"})
     assert r.status_code == 200
-    row = eventually(lambda: pg_row(base_settings.database_url, "select * from usage_records where request_id = $1", rid))
+    row = eventually(lambda: pg_row(base_settings.database_url, "select * from usage_records where client_request_id = $1", rid))
     assert row["estimated"] is True and row["status"] == "ok"
     assert row["completion_tokens"] == Tokenizer.load().count("four score and seven")  # the answer text, in cl100k_base
     assert row["total_tokens"] == int(r.headers["x-quota-used"]) > 0
@@ -154,7 +154,7 @@ def test_fifty_concurrent_requests_through_the_proxy_never_overrun(base_settings
 def test_max_tokens_is_clamped_to_what_the_budget_has_left(base_settings: Settings, fake: FakeUpstream) -> None:
     settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=100)
     with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as c:
-        prompt = 3 + 4 + 1  # the estimate for one message "hi"
+        prompt = Tokenizer.load().prompt(CHAT)  # the bound for one message "hi"
         assert c.post("/v1/chat/completions", headers=auth(), json=CHAT).status_code == 200
         assert fake.requests[-1]["max_tokens"] == 100 - prompt  # no cap asked, the budget is the cap
         c.post("/v1/chat/completions", headers=auth(), json={**CHAT, "max_completion_tokens": 500})
@@ -164,7 +164,10 @@ def test_max_tokens_is_clamped_to_what_the_budget_has_left(base_settings: Settin
     roomy = replace(base_settings, litellm_base_url=fake.url, default_token_budget=1_000_000)
     with serve(create_app(roomy)) as url, httpx.Client(base_url=url, timeout=10) as c:
         c.post("/v1/chat/completions", headers=auth(), json=CHAT)
-        assert "max_tokens" not in fake.requests[-1]  # plenty of room: the request is not changed
+        # Plenty of room: the answer is still capped at what was reserved for it, COMPLETION_ALLOWANCE.
+        assert fake.requests[-1]["max_tokens"] == roomy.completion_allowance
+        c.post("/v1/chat/completions", headers=auth(), json={**CHAT, "max_tokens": 50, "max_completion_tokens": 9000})
+        assert fake.requests[-1]["max_tokens"] == 50 and fake.requests[-1]["max_completion_tokens"] == 50
 
 
 def test_usage_statement_is_the_callers_own_and_pages(client: httpx.Client, base_settings: Settings) -> None:
@@ -210,5 +213,5 @@ def test_litellm_cost_header_lands_in_the_ledger(client: httpx.Client, base_sett
     for stream in (False, True):
         rid = uid("req")
         client.post("/v1/chat/completions", headers={**auth(), "X-Request-Id": rid}, json={**CHAT, "stream": stream})
-        row = eventually(lambda: pg_row(base_settings.database_url, "select * from usage_records where request_id = $1", rid))
+        row = eventually(lambda: pg_row(base_settings.database_url, "select * from usage_records where client_request_id = $1", rid))
         assert float(row["cost_usd"]) == pytest.approx(0.00042)

@@ -50,7 +50,7 @@ def quota(proxy_url: str, user: str) -> dict:
 
 
 def ledger_row(env: dict[str, str], request_id: str) -> dict:
-    return eventually(lambda: pg_row(env["DATABASE_URL"], "select * from usage_records where request_id = $1", request_id))
+    return eventually(lambda: pg_row(env["DATABASE_URL"], "select * from usage_records where client_request_id = $1", request_id))
 
 
 def cli(env: dict[str, str], *args: str) -> str:

@@ -43,7 +43,7 @@ class Call:
         return httpx.post(f"{self.proxy_url}/v1/chat/completions", headers=self.headers, json=self.body, timeout=10)
 
     def record(self):  # type: ignore[no-untyped-def]
-        return eventually(lambda: pg_row(self.dsn, "select * from usage_records where request_id = $1", self.request_id))
+        return eventually(lambda: pg_row(self.dsn, "select * from usage_records where client_request_id = $1", self.request_id))
 
     def quota(self) -> dict:
         r = httpx.get(f"{self.proxy_url}/v1/quota", headers=self.headers)

@@ -1,0 +1,229 @@
+"""A completion request's body: checked field by field, sized, and shaped for the upstream.
+
+All of it happens before a token is reserved: a body that cannot be forwarded is refused with a
+400 naming its field, and nothing is held for it. Only OpenAI's parameters (and the few provider
+extras LiteLLM passes on, plus EXTRA_BODY_PARAMS) go upstream; LiteLLM's own control parameters
+would run under the master key (another api_base, a mock answer, a caller's api_key) and are
+refused whatever the configuration says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import BadRequest
+
+_CHAT = {
+    "model", "messages", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "frequency_penalty", "presence_penalty", "seed", "stop", "logit_bias", "logprobs", "top_logprobs",
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format", "user",
+    "modalities", "audio", "prediction", "reasoning_effort", "verbosity", "service_tier", "store",
+    "web_search_options", "prompt_cache_key", "safety_identifier",
+    # Provider extras LibreChat sends through LiteLLM (Anthropic, OpenRouter, open models).
+    "top_k", "min_p", "repetition_penalty", "thinking", "reasoning", "include_reasoning",
+}  # fmt: skip
+_COMPLETIONS = {
+    "model", "prompt", "stream", "stream_options", "n", "best_of", "max_tokens", "temperature", "top_p",
+    "frequency_penalty", "presence_penalty", "seed", "stop", "logit_bias", "logprobs", "echo", "suffix", "user",
+    "top_k", "min_p", "repetition_penalty",
+}  # fmt: skip
+_EMBEDDINGS = {"model", "input", "dimensions", "encoding_format", "user"}
+OPENAI_PARAMS: dict[str, frozenset[str]] = {
+    "chat": frozenset(_CHAT),
+    "completions": frozenset(_COMPLETIONS),
+    "embeddings": frozenset(_EMBEDDINGS),
+}
+# LiteLLM reads these from a request body and acts on them with the proxy's master key.
+LITELLM_CONTROL = frozenset(
+    {
+        "api_key", "api_base", "base_url", "api_version", "api_type", "organization", "user_config", "metadata",
+        "mock_response", "mock_tool_calls", "mock_timeout", "fallbacks", "context_window_fallbacks",
+        "content_policy_fallbacks", "num_retries", "max_retries", "timeout", "request_timeout", "caching", "cache",
+        "no-log", "custom_llm_provider", "model_list", "deployment_id", "extra_headers", "extra_body", "headers",
+        "input_cost_per_token", "output_cost_per_token", "input_cost_per_second", "output_cost_per_second",
+        "region_name", "tags", "guardrails", "proxy_server_request", "secret_fields", "azure_ad_token",
+    }
+)  # fmt: skip
+_CONTROL_PREFIXES = ("litellm", "aws_", "vertex_", "azure_", "mock_")
+
+MAX_CHOICES = 128  # OpenAI's own limit on `n`
+MAX_BEST_OF = 20
+MAX_CAP = 10_000_000
+MAX_TOKEN_ID = 2**31 - 1
+MAX_INPUTS = 2048  # OpenAI's limit on the items of one embeddings or completions request
+MAX_ID = 256
+
+
+def is_control(name: str) -> bool:
+    return name in LITELLM_CONTROL or name.startswith(_CONTROL_PREFIXES)
+
+
+def allowed_params(endpoint: str, extra: tuple[str, ...]) -> frozenset[str]:
+    """The body fields that pass upstream for an endpoint; EXTRA_BODY_PARAMS never opens a control parameter."""
+    return OPENAI_PARAMS[endpoint] | {name for name in extra if not is_control(name)}
+
+
+def printable_id(value: Any, name: str, *, limit: int = MAX_ID) -> str:
+    """A user, tenant or request id as it may be stored and shown: printable, without NUL, of bounded length."""
+    if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
+        raise BadRequest(f"'{name}' must be printable text of 1 to {limit} characters.", param=name)
+    return value
+
+
+def _int(payload: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be a whole number from {low:,} to {high:,}.", param=name)
+    return value
+
+
+def _number(payload: dict[str, Any], name: str) -> None:
+    value = payload.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise BadRequest(f"'{name}' must be a number.", param=name)
+
+
+def _kind(payload: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -> None:
+    value = payload.get(name)
+    if value is not None and not isinstance(value, kinds):
+        raise BadRequest(f"'{name}' must be {what}.", param=name)
+
+
+def _token_ids(items: list[Any], name: str) -> None:
+    for token in items:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token <= MAX_TOKEN_ID:
+            raise BadRequest(f"'{name}' token arrays must hold token ids (whole numbers from 0).", param=name)
+
+
+def _inputs(payload: dict[str, Any], name: str) -> int:
+    """Check a `prompt` or `input`: a string, strings, a token array or token arrays. Returns how many inputs."""
+    value = payload.get(name)
+    what = f"'{name}' must be a string, a list of strings, a token array or a list of token arrays."
+    if isinstance(value, str):
+        return 1
+    if not isinstance(value, list) or not value:
+        raise BadRequest(what, param=name)
+    if len(value) > MAX_INPUTS:
+        raise BadRequest(f"'{name}' may hold at most {MAX_INPUTS:,} items.", param=name)
+    if all(isinstance(v, str) for v in value):
+        return len(value)
+    if all(isinstance(v, list) for v in value):
+        for item in value:
+            if not item:
+                raise BadRequest(what, param=name)
+            _token_ids(item, name)
+        return len(value)
+    _token_ids(value, name)  # one token array
+    return 1
+
+
+def _messages(payload: dict[str, Any]) -> None:
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of messages.", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"'messages[{i}]' must be an object with a 'role' string.", param=f"messages[{i}]")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise BadRequest(f"'messages[{i}].content' must be a string or a list of parts.", param=f"messages[{i}].content")
+        if isinstance(content, list) and not all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content):
+            raise BadRequest(
+                f"'messages[{i}].content' parts must be objects with a 'type' string.", param=f"messages[{i}].content"
+            )
+
+
+@dataclass(slots=True)
+class Completion:
+    """A checked request: what it may cost, and its upstream body."""
+
+    endpoint: str
+    payload: dict[str, Any]
+    model: str
+    stream: bool
+    choices: int  # answers the upstream writes (n, best_of, and one per prompt): each up to the cap
+    cap: int | None  # the caller's own cap on each answer, if any
+    hide_usage: bool  # the proxy asked for the stream's usage chunk, so the caller does not see it
+
+
+def check(payload: dict[str, Any], endpoint: str, allowed: frozenset[str]) -> Completion:
+    """Refuse a body that is not a well-formed OpenAI request for `endpoint` (400 naming the field)."""
+    unknown = [name for name in payload if name not in allowed]
+    if unknown:
+        control = [name for name in unknown if is_control(name)]
+        if control:
+            raise BadRequest(
+                f"Field(s) {', '.join(sorted(control))} are gateway settings the proxy does not pass on.",
+                param=sorted(control)[0], code="unsupported_parameter",
+            )  # fmt: skip
+        raise BadRequest(
+            f"Unknown field(s) for this endpoint: {', '.join(sorted(unknown)[:10])}.",
+            param=sorted(unknown)[0], code="unsupported_parameter",
+        )  # fmt: skip
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("Request body needs a 'model' string.", param="model", code="missing_model")
+    printable_id(model, "model")
+    stream = payload.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false.", param="stream")
+    options = payload.get("stream_options")
+    if options is not None and (
+        not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)
+    ):
+        raise BadRequest("'stream_options' must be an object; its 'include_usage' true or false.", param="stream_options")
+    for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "min_p", "repetition_penalty"):
+        _number(payload, name)
+    _int(payload, "seed", -(2**63), 2**63 - 1)
+    _int(payload, "top_k", 0, 1_000_000)
+    _int(payload, "dimensions", 1, 1_000_000)
+    _kind(payload, "tools", (list,), "a list")
+    _kind(payload, "functions", (list,), "a list")
+    _kind(payload, "response_format", (dict,), "an object")
+    _kind(payload, "logit_bias", (dict,), "an object")
+    _kind(payload, "stop", (str, list), "a string or a list of strings")
+
+    choices = _int(payload, "n", 1, MAX_CHOICES) or 1
+    if endpoint == "chat":
+        _messages(payload)
+    elif endpoint == "completions":
+        best_of = _int(payload, "best_of", 1, MAX_BEST_OF)
+        if best_of is not None and best_of < choices:
+            raise BadRequest("'best_of' must be at least 'n'.", param="best_of")
+        # Every prompt of a list gets its own answers, and best_of of them are written, n returned.
+        choices = max(choices, best_of or 1) * _inputs(payload, "prompt")
+    else:
+        _inputs(payload, "input")
+        if stream:
+            raise BadRequest("Embeddings are not streamed: leave 'stream' out.", param="stream")
+    caps = [c for c in (_int(payload, f, 1, MAX_CAP) for f in ("max_tokens", "max_completion_tokens")) if c]
+    hide_usage = False
+    if stream and not (isinstance(options, dict) and options.get("include_usage") is True):
+        # The usage chunk is how a stream's cost is known: ask for it, and hide it from a caller who did not.
+        payload["stream_options"] = {**(options or {}), "include_usage": True}
+        hide_usage = True
+    return Completion(endpoint, payload, model, stream, choices, min(caps) if caps else None, hide_usage)
+
+
+def cap_answers(completion: Completion, per_answer: int) -> None:
+    """Cap every answer at `per_answer` tokens: each cap field the caller set, else `max_tokens`."""
+    payload = completion.payload
+    present = [f for f in ("max_tokens", "max_completion_tokens") if payload.get(f) is not None]
+    for field in present or ["max_tokens"]:
+        payload[field] = min(payload.get(field) or per_answer, per_answer)
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """The upstream body; refused here, before any reservation, when JSON cannot carry it."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError as exc:
+        raise BadRequest(f"Request body cannot be forwarded: {exc} (nested too deep, or a number out of range).") from None
