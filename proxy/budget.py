@@ -60,12 +60,13 @@ class BudgetEngine:
     async def check_tenant(self, identity: Identity, *, bind: bool = True) -> None:
         """One person, one budget: a user id belongs to one tenant (or to none), the first it was charged
         under. Their counter lives under that tenant's hash tag, so a request naming them under another
-        tenant is refused rather than given a second counter."""
+        tenant is refused rather than given a second counter. A read (`bind=False`) binds nobody, and
+        while Redis is unreachable it asks PostgreSQL alone."""
         tenant = identity.tenant or ""
         bound = self._tenants.get(identity.user)
         if bound is None:
-            bound = await self._bind_tenant(identity.user, tenant)
-        if bound != tenant:
+            bound = await self._bind_tenant(identity.user, tenant if bind else None)
+        if bound is not None and bound != tenant:
             raise Forbidden(
                 f"User {identity.user!r} belongs to {f'tenant {bound!r}' if bound else 'no tenant'}; "
                 f"this token is for {f'tenant {tenant!r}' if tenant else 'no tenant'}.",
@@ -77,25 +78,31 @@ class BudgetEngine:
         (PostgreSQL is the truth), else `tenant` (None: bind nothing). The first binding written wins."""
         key = f"quota:{{u:{quote(user, safe='')}}}:tenant"
         try:
-            bound = await self._redis.get(key)
-            if bound is None:
-                bound = (await self._tenant_of_record(user)) if self._pool is not None else None
-                if bound is None and tenant is None:
-                    return None
-                await self._redis.set(key, tenant if bound is None else bound, nx=True)
-                bound = await self._redis.get(key)
+            raw = await self._redis.get(key)
         except RedisError as exc:
+            if tenant is None:  # a read: the ledger alone can say
+                return await self._tenant_of_record(user)
             raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
-        if bound is None:  # flushed between the two calls: decide again next time
-            return tenant
-        value = bound.decode() if isinstance(bound, bytes) else str(bound)
+        if raw is None:
+            bound = await self._tenant_of_record(user)
+            if bound is None and tenant is None:
+                return None
+            try:
+                await self._redis.set(key, tenant if bound is None else bound, nx=True)
+                raw = await self._redis.get(key)
+            except RedisError as exc:
+                raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
+            if raw is None:  # flushed between the two calls: decide again next time
+                return bound if bound is not None else tenant
+        value = raw.decode() if isinstance(raw, bytes) else str(raw)
         if len(self._tenants) >= 100_000:
             self._tenants.clear()
         self._tenants[user] = value
         return value
 
     async def _tenant_of_record(self, user: str) -> str | None:
-        assert self._pool is not None
+        if self._pool is None:
+            return None
         try:
             row = await self._pool.fetchrow(
                 "select coalesce(tenant_id, '') as tenant from usage_records where user_id = $1 order by created_at desc limit 1",

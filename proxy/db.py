@@ -10,7 +10,9 @@ import asyncpg
 # What a query raises when PostgreSQL is down, restarting or unreachable.
 PG_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# An installed wheel carries the migrations as proxy/sql; a source checkout has them at its top, in sql/.
+_HERE = Path(__file__).resolve().parent
+SQL_DIR = _HERE / "sql" if (_HERE / "sql").is_dir() else _HERE.parent / "sql"
 # Any constant works; it only has to be the same for every instance running `migrate`.
 _MIGRATE_LOCK = 0x51554F5441
 

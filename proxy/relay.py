@@ -264,7 +264,11 @@ class Relay:
         payload, size = await read_json(request, settings.max_body_bytes, settings.body_read_timeout)
         completion = check(payload, endpoint, self._allowed[endpoint])
         identity = charged_identity(principal, request.headers, payload.get("user"))
-        await self._budget.check_tenant(identity)
+        try:
+            await self._budget.check_tenant(identity)
+        except ServiceUnavailable:
+            if settings.fail_mode != "open":
+                raise  # open: the request goes through unmetered below, its tenant unchecked
         ticket.identity, ticket.model, ticket.stream = identity, completion.model, completion.stream
         payload["user"] = identity.user
         prompt = await self._count_prompt(payload, size)

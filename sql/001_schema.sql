@@ -15,7 +15,7 @@ create table if not exists usage_records (
     completion_tokens integer     not null default 0,
     total_tokens      integer     not null default 0,
     cost_usd          numeric(14, 8),
-    status            text        not null,   -- ok | blocked | rate_limited | upstream_error | cancelled
+    status            text        not null,   -- ok | blocked | rate_limited | upstream_error | cancelled | invalid | unavailable | error
     http_status       integer,
     stream            boolean     not null default false,
     estimated         boolean     not null default false,
