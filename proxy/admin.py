@@ -5,11 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import asyncpg
-import orjson
 from starlette.requests import Request
 
 from .auth import Principal
-from .body import printable_id
+from .body import printable_id, read_json
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden
 from .limits import Limit, set_budget
@@ -35,12 +34,7 @@ async def put_budget(pool: asyncpg.Pool, settings: Settings, principal: Principa
     """PUT /admin/budgets/{subject} with {"tokens": …, "period"?, "warn_ratio"?, "rpm"?, "tpm"?, "type"?: "user"|"tenant"}."""
     require_admin(principal)
     subject = printable_id(request.path_params["subject"], "subject")
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise BadRequest("Body must be JSON, e.g. {\"tokens\": 100000}.", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise BadRequest("Body must be a JSON object.", code="invalid_json")
+    body, _ = await read_json(request, 64 * 1024, settings.body_read_timeout)
     kind = body.get("type", "user")
     period = body.get("period", settings.budget_period)
     tokens, warn = body.get("tokens"), body.get("warn_ratio", settings.warn_ratio)

@@ -163,10 +163,10 @@ def _named_user(value: Any) -> str | None:
     """A usable end-user id, or None. A `{{…}}` placeholder LibreChat left unresolved is never one."""
     if not isinstance(value, str):
         return None
-    value = value.strip()
-    if not value or len(value) > 256 or "{{" in value or "}}" in value or not value.isprintable():
+    text = value.strip()
+    if not text or len(text) > 256 or "{{" in text or "}}" in text or not text.isprintable():
         return None
-    return value
+    return text
 
 
 def charged_identity(principal: Principal, headers: Mapping[str, str], body_user: Any = None, *, required: bool = True) -> Identity:

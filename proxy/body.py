@@ -9,13 +9,15 @@ refused whatever the configuration says.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect, Request
 
-from .errors import BadRequest
+from .errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout
 
 _CHAT = {
     "model", "messages", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens", "temperature",
@@ -56,6 +58,37 @@ MAX_CAP = 10_000_000
 MAX_TOKEN_ID = 2**31 - 1
 MAX_INPUTS = 2048  # OpenAI's limit on the items of one embeddings or completions request
 MAX_ID = 256
+
+
+async def read_json(request: Request, max_bytes: int, timeout: float) -> tuple[dict[str, Any], int]:
+    """The request body as a JSON object and its size, refusing oversized bodies before reading them whole
+    and bodies that stall (408; the connection is then closed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosed("The client closed the connection before its request body arrived.") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout:g} s.", headers={"Connection": "close"}
+        ) from None
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    return payload, size
 
 
 def is_control(name: str) -> bool:
@@ -123,6 +156,12 @@ def _inputs(payload: dict[str, Any], name: str) -> int:
     return 1
 
 
+def _part(part: Any) -> bool:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        return False
+    return part["type"] != "text" or isinstance(part.get("text"), str)
+
+
 def _messages(payload: dict[str, Any]) -> None:
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -133,10 +172,13 @@ def _messages(payload: dict[str, Any]) -> None:
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise BadRequest(f"'messages[{i}].content' must be a string or a list of parts.", param=f"messages[{i}].content")
-        if isinstance(content, list) and not all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content):
+        if isinstance(content, list) and not all(_part(p) for p in content):
             raise BadRequest(
-                f"'messages[{i}].content' parts must be objects with a 'type' string.", param=f"messages[{i}].content"
+                f"'messages[{i}].content' parts must be objects with a 'type' string (and text parts a 'text' string).",
+                param=f"messages[{i}].content",
             )
+        if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
+            raise BadRequest(f"'messages[{i}].tool_calls' must be a list.", param=f"messages[{i}].tool_calls")
 
 
 @dataclass(slots=True)
@@ -190,6 +232,11 @@ def check(payload: dict[str, Any], endpoint: str, allowed: frozenset[str]) -> Co
     _kind(payload, "response_format", (dict,), "an object")
     _kind(payload, "logit_bias", (dict,), "an object")
     _kind(payload, "stop", (str, list), "a string or a list of strings")
+    if isinstance(payload.get("stop"), list) and not all(isinstance(s, str) for s in payload["stop"]):
+        raise BadRequest("'stop' must be a string or a list of strings.", param="stop")
+    for name in ("tools", "functions"):
+        if isinstance(payload.get(name), list) and not all(isinstance(t, dict) for t in payload[name]):
+            raise BadRequest(f"'{name}' must be a list of objects.", param=name)
 
     choices = _int(payload, "n", 1, MAX_CHOICES) or 1
     if endpoint == "chat":

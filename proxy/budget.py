@@ -88,7 +88,7 @@ class BudgetEngine:
             if bound is None and tenant is None:
                 return None
             try:
-                await self._redis.set(key, tenant if bound is None else bound, nx=True)
+                await self._redis.set(key, bound if bound is not None else tenant or "", nx=True)
                 raw = await self._redis.get(key)
             except RedisError as exc:
                 raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
@@ -158,7 +158,7 @@ class BudgetEngine:
         if user.rpm or user.tpm:
             keys.append(f"quota:{{{self._tag(identity)}}}:rate:{quote(identity.user, safe='')}")
         floor = max(prompt, need or 0)
-        args: list[object] = [request_id, now_ms, now_ms + self._ttl_ms, floor, max(wanted, floor + 1), len(scopes)]
+        args: list[Any] = [request_id, now_ms, now_ms + self._ttl_ms, floor, max(wanted, floor + 1), len(scopes)]
         args += [s.limit.tokens for s in scopes]
         args += [self._key_expiry(s) for s in scopes]
         args += [user.rpm, user.tpm]
@@ -222,7 +222,7 @@ class BudgetEngine:
             headers={"Retry-After": str(seconds)},
         )
 
-    async def _eval(self, script: AsyncScript, keys: list[str], args: list[object]) -> Any:
+    async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         try:
             return await self._lane.call("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:  # a restarted Redis: redis-py's Script loads it and runs it

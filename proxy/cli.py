@@ -70,11 +70,11 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
             rates = "".join(f", {v:,} {k} per minute" for k, v in (("requests", limit.rpm), ("tokens", limit.tpm)) if v)
             print(f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period} (warn at {limit.warn_ratio:.0%}){rates}")
             return
-        limit = await fetch_limit(conn, kind, args.subject)
-        if limit is None:
+        found = await fetch_limit(conn, kind, args.subject)
+        if found is None:
             print(f"{kind} {args.subject}: no budget")
             return
-        start, end = period_bounds(limit.period, time.time())
+        start, end = period_bounds(found.period, time.time())
         column = "user_id" if kind == "user" else "tenant_id"
         used = await conn.fetchval(
             f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and created_at >= $2",
@@ -84,8 +84,8 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
     finally:
         await conn.close()
     print(orjson.dumps({
-        "subject_type": kind, "subject": args.subject, "budget_row": limit.subject, "period": limit.period,
-        "limit": limit.tokens, "rpm": limit.rpm, "tpm": limit.tpm, "used": used, "remaining": max(limit.tokens - used, 0), "warn_ratio": limit.warn_ratio,
+        "subject_type": kind, "subject": args.subject, "budget_row": found.subject, "period": found.period,
+        "limit": found.tokens, "rpm": found.rpm, "tpm": found.tpm, "used": used, "remaining": max(found.tokens - used, 0), "warn_ratio": found.warn_ratio,
         "period_start": start.isoformat(), "resets_at": end.isoformat() if end else None,
     }, option=orjson.OPT_INDENT_2).decode())  # fmt: skip
 

@@ -71,7 +71,7 @@ class Coalescer:
         if not self._busy:
             self._busy = True
             try:
-                return await self._client.execute_command(*command)
+                return await self._client.execute_command(*command)  # type: ignore[no-untyped-call]
             finally:
                 self._release()
         return await self.submit(*command)

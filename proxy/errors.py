@@ -52,6 +52,11 @@ class MethodNotAllowed(ProxyError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
+class ClientClosed(ProxyError):
+    # nginx's 499: nobody reads this answer, but the ledger records how the request ended.
+    status, type, code = 499, "invalid_request_error", "client_closed"
+
+
 class RequestTimeout(ProxyError):
     status, type, code = 408, "invalid_request_error", "request_timeout"
 

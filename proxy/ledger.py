@@ -13,7 +13,7 @@ import os
 import socket
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -145,7 +145,7 @@ class Ledger:
         # The writer takes XREADGROUP replies as hiredis parsed them: redis-py's per-entry tuples
         # and dicts cost more than the PostgreSQL write (measured ~8 µs a record).
         self._reader = redis.Redis(connection_pool=client.connection_pool)
-        self._reader.set_response_callback("XREADGROUP", _raw)
+        self._reader.set_response_callback("XREADGROUP", cast(Any, _raw))
         self._pool = pool
         self.stream = stream
         # Stable across restarts, so a restarted instance finds its own unacknowledged entries at once.
@@ -199,7 +199,7 @@ class Ledger:
     async def drain_once(self, *, pending: bool = False, block: bool = True) -> int:
         """Move one batch to PostgreSQL. `pending` re-reads entries delivered to us but not acknowledged."""
         assert self._pool is not None, "the writer needs PostgreSQL"
-        streams = {self.stream: "0" if pending else ">"}
+        streams: dict[Any, Any] = {self.stream: "0" if pending else ">"}
         reply = await self._reader.xreadgroup(
             GROUP, self._consumer, streams, count=self._batch, block=None if pending or not block else self._block_ms
         )
@@ -267,6 +267,8 @@ class Ledger:
                 metrics.LEDGER_ERRORS.labels(stage).inc()
                 log.warning("ledger_write_failed", stage=stage, error=str(exc) or exc.__class__.__name__, retry_in=delay)
                 pending = True
+                if "NOGROUP" in str(exc):  # Redis restarted empty or was flushed: make the group again at once
+                    last_claim = float("-inf")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 try:

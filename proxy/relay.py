@@ -17,17 +17,16 @@ from starlette.responses import Response
 
 from . import metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
-from .body import Completion, allowed_params, cap_answers, check, encode
+from .body import Completion, allowed_params, cap_answers, check, encode, read_json
 from .budget import BudgetEngine
 from .coalesce import Lane
 from .config import Settings
 from .errors import (
     BadRequest,
-    PayloadTooLarge,
+    ClientClosed,
     ProxyError,
     QuotaExceeded,
     RateLimited,
-    RequestTimeout,
     ServiceUnavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -48,35 +47,6 @@ UPSTREAM_PATHS = {
 # Bodies larger than this are counted in a worker thread, so one long prompt does not stall everyone's.
 _COUNT_IN_THREAD = 64 * 1024
 _CLIENT_ID_MAX = 128
-
-
-async def read_json(request: Request, max_bytes: int, timeout: float) -> tuple[dict[str, Any], int]:
-    """The request body as a JSON object and its size, refusing oversized bodies before reading them whole
-    and bodies that stall (408; the connection is then closed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(
-            f"The request body did not arrive within {timeout:g} s.", headers={"Connection": "close"}
-        ) from None
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
-    return payload, size
 
 
 def new_request_id() -> str:
@@ -157,9 +127,9 @@ def outcome_of(exc: BaseException) -> tuple[str, int]:
         return "rate_limited", exc.status
     if isinstance(exc, (UpstreamError, UpstreamTimeout)):
         return "upstream_error", exc.status
-    if isinstance(exc, ProxyError):
+    if isinstance(exc, ProxyError) and not isinstance(exc, ClientClosed):
         return ("invalid" if exc.status < 500 else "unavailable"), exc.status
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, (asyncio.CancelledError, ClientClosed)):
         return "cancelled", 499
     return "error", 500
 
@@ -271,13 +241,13 @@ class Relay:
                 raise  # open: the request goes through unmetered below, its tenant unchecked
         ticket.identity, ticket.model, ticket.stream = identity, completion.model, completion.stream
         payload["user"] = identity.user
-        prompt = await self._count_prompt(payload, size)
         chat_like = endpoint != "embeddings"
         per_answer = (completion.cap or settings.completion_allowance) if chat_like else 0
         clamp = chat_like and settings.clamp_max_tokens
         if clamp:
             cap_answers(completion, per_answer)
-        body = encode(payload)  # refused here, before anything is reserved
+        body = encode(payload)  # refused here, before anything is counted or reserved
+        prompt = await self._count_prompt(payload, size)
         try:
             reservation = await self._budget.reserve(
                 identity, ticket.request_id, prompt, prompt + completion.choices * per_answer,

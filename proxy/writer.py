@@ -82,7 +82,8 @@ class WriterProcess:
             process = self._context.Process(target=run, args=(self._settings, sender), name="ledger-writer", daemon=True)
             await asyncio.to_thread(process.start)
             sender.close()
-            self.pid, started, seen = process.pid, loop.time(), {}
+            seen: metrics.Samples = {}
+            self.pid, started = process.pid, loop.time()
             try:
                 while process.is_alive():
                     await asyncio.sleep(REPORT_SECONDS / 2)
