@@ -67,9 +67,10 @@ class BudgetEngine:
         if bound is None:
             bound = await self._bind_tenant(identity.user, tenant if bind else None)
         if bound is not None and bound != tenant:
+            # The message does not name the user's tenant: a delegate of another tenant must not learn it.
             raise Forbidden(
-                f"User {identity.user!r} belongs to {f'tenant {bound!r}' if bound else 'no tenant'}; "
-                f"this token is for {f'tenant {tenant!r}' if tenant else 'no tenant'}.",
+                f"User {identity.user!r} is charged under another tenant than this token's; "
+                "a user belongs to one tenant.",
                 code="wrong_tenant",
             )
 
@@ -165,7 +166,11 @@ class BudgetEngine:
         for _ in range(3):
             try:
                 result = await self._eval(self._reserve, keys, args)
-            except RedisError as exc:
+            except (RedisError, asyncio.CancelledError) as exc:
+                # The script may have run with its reply lost: release whatever it reserved once Redis answers.
+                self.owe(Reservation(request_id, scopes, tuple(keys), 0, [], None), 0)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
             if result[0] == 1:
                 quotas = [

@@ -1,6 +1,15 @@
 """A small OpenAI-shaped upstream for tests: counts what reaches it and misbehaves on request.
 
-The model name picks the behaviour, so one server covers every case.
+The model name picks the behaviour, so one server covers every case. Models of the budget-integrity
+tests (test_integrity.py), on every endpoint:
+
+- honest, honest-slow: usage is what was asked: the prompt as sent (token arrays token for token, text in
+  cl100k_base) and every answer written to its cap (n x max_tokens; completions: max(n, best_of) x prompts),
+  so an overrun attempt costs what it could. honest-slow answers after 0.3 s.
+- leaky-headers: answers with LiteLLM's and the provider's internal headers and a cookie.
+- echo-auth-error: a 400 whose body echoes the request's Authorization header and an sk- key.
+- leak-master-key: the master key (the bearer token the proxy sent) in a success body and a stream event.
+- unauthorized: 401, as LiteLLM answers a master key it does not accept.
 """
 
 from __future__ import annotations
@@ -13,6 +22,16 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+ECHOED_SK_KEY = "sk-live-0123456789abcdefghij"  # an sk- key an upstream error body may echo
+LEAKY_HEADERS = {
+    "x-litellm-key-spend": "1234.5", "x-litellm-model-api-base": "https://internal-provider.example/v1",
+    "set-cookie": "session=upstream-secret; Path=/", "x-ratelimit-remaining-requests": "42",
+    "llm_provider-foo": "bar", "openai-model": "gpt-fake", "openai-processing-ms": "7",
+}  # fmt: skip
+INTEGRITY_MODELS = frozenset(
+    {"honest", "honest-slow", "leaky-headers", "echo-auth-error", "leak-master-key", "unauthorized"}
+)
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
 
@@ -40,7 +59,10 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []
         self.cancelled: list[str] = []  # models whose stream the proxy abandoned
         self.url = ""  # set once it is served
+        self._tokenizer: Any = None
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                                     Route("/v1/completions", self.other, methods=["POST"]),
+                                     Route("/v1/embeddings", self.other, methods=["POST"]),
                                      Route("/v1/models", self.models), Route("/health/liveliness", self.models)])  # fmt: skip
 
     async def models(self, request: Request) -> Response:
@@ -51,6 +73,8 @@ class FakeUpstream:
         body["_headers"] = dict(request.headers)
         self.requests.append(body)
         model = body.get("model")
+        if model in INTEGRITY_MODELS:
+            return await self.integrity(request, body, "chat")
         if model == "bad-request":
             return JSONResponse({"error": {"message": "context too long", "type": "invalid_request_error", "code": "400"}}, 400)
         if model == "server-error":
@@ -86,3 +110,107 @@ class FakeUpstream:
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.append(model)
             raise
+
+    # --- models of the budget-integrity tests ---------------------------------------------------
+
+    async def other(self, request: Request) -> Response:
+        """/v1/completions and /v1/embeddings: the integrity models only."""
+        body = await request.json()
+        body["_headers"] = dict(request.headers)
+        self.requests.append(body)
+        endpoint = "completions" if request.url.path.endswith("/completions") else "embeddings"
+        if body.get("model") not in INTEGRITY_MODELS:
+            return JSONResponse({"error": {"message": "unknown model", "type": "invalid_request_error"}}, 404)
+        return await self.integrity(request, body, endpoint)
+
+    async def integrity(self, request: Request, body: dict[str, Any], endpoint: str) -> Response:
+        model = body["model"]
+        authorization = request.headers.get("authorization", "")
+        master = authorization.removeprefix("Bearer ")
+        if model == "unauthorized":
+            message = f"Authentication Error, invalid key passed: {master}"
+            return JSONResponse({"error": {"message": message, "type": "auth_error", "code": "401"}}, 401)
+        if model == "echo-auth-error":
+            error = {
+                "message": f"Bad request. Received headers: authorization={authorization}; key {ECHOED_SK_KEY}",
+                "type": "invalid_request_error", "code": "400", "param": None,
+                "headers": dict(request.headers), "api_base": "https://internal-provider.example/v1",
+            }  # fmt: skip
+            return JSONResponse({"error": error, "litellm_params": {"api_key": master}}, 400, headers=LEAKY_HEADERS)
+        if model == "honest-slow":
+            await asyncio.sleep(0.3)
+        usage = self.honest_usage(body, endpoint)
+        headers = {"x-litellm-response-cost": "0.00042"}
+        if model == "leaky-headers":
+            headers.update(LEAKY_HEADERS)
+        content = f"the key is {master}." if model == "leak-master-key" else "ok"
+        if body.get("stream"):
+            stream = self.integrity_stream(content, usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        if endpoint == "embeddings":
+            value = body["input"]
+            count = len(value) if isinstance(value, list) and isinstance(value[0], (str, list)) else 1
+            data = [{"object": "embedding", "index": i, "embedding": [0.0, 1.0]} for i in range(count)]
+            return JSONResponse({"object": "list", "data": data, "model": model, "usage": usage}, headers=headers)
+        if endpoint == "completions":
+            choices = [{"index": i, "text": content, "finish_reason": "length"} for i in range(answers(body, endpoint))]
+            return JSONResponse({"id": "cmpl-fake", "object": "text_completion", "model": model, "choices": choices,
+                                 "usage": usage}, headers=headers)  # fmt: skip
+        answer = completion(content, usage)
+        answer["choices"] = [{**answer["choices"][0], "index": i} for i in range(answers(body, endpoint))]
+        return JSONResponse(answer, headers=headers)
+
+    async def integrity_stream(self, content: str, usage: dict[str, int]):  # type: ignore[no-untyped-def]
+        yield chunk("the answer ")
+        yield chunk(content)
+        yield sse({"id": "c", "object": "chat.completion.chunk", "model": "fake-served", "choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
+    def count(self, text: str) -> int:
+        if self._tokenizer is None:
+            from proxy.tokens import Tokenizer
+
+            self._tokenizer = Tokenizer.load()
+        return int(self._tokenizer.count(text))
+
+    def honest_usage(self, body: dict[str, Any], endpoint: str) -> dict[str, int]:
+        """What a model billing exactly what was asked would report: the prompt as sent, each answer to its cap."""
+        prompt = 0
+        if endpoint == "chat":
+            prompt = 3  # the priming of the answer
+            for message in body.get("messages") or []:
+                prompt += 3 + self.count(str(message.get("role", "")))
+                content = message.get("content")
+                if isinstance(content, str):
+                    prompt += self.count(content)
+                for part in content if isinstance(content, list) else []:
+                    if part.get("type") == "text":
+                        prompt += self.count(part.get("text", ""))
+                    elif part.get("type") in ("image_url", "input_image"):
+                        prompt += 1445
+                    else:
+                        prompt += self.count(orjson.dumps(part).decode())
+                for key, value in message.items():  # name, tool_calls, tool_call_id, ...
+                    if key not in ("role", "content") and value is not None:
+                        prompt += self.count(value if isinstance(value, str) else orjson.dumps(value).decode())
+            for field in ("tools", "functions", "response_format", "prediction"):
+                if body.get(field) is not None:
+                    prompt += self.count(orjson.dumps(body[field]).decode())
+        else:
+            value = body.get("prompt" if endpoint == "completions" else "input")
+            items = value if isinstance(value, list) and value and isinstance(value[0], (str, list)) else [value]
+            for item in items:
+                prompt += len(item) if isinstance(item, list) else self.count(str(item))
+        caps = [body[f] for f in ("max_tokens", "max_completion_tokens") if isinstance(body.get(f), int)]
+        written = 0 if endpoint == "embeddings" else answers(body, endpoint) * (max(caps) if caps else 16)
+        return {"prompt_tokens": prompt, "completion_tokens": written, "total_tokens": prompt + written}
+
+
+def answers(body: dict[str, Any], endpoint: str) -> int:
+    """How many answers the upstream writes: n; for completions max(n, best_of) for each prompt."""
+    n = body.get("n") or 1
+    if endpoint != "completions":
+        return int(n)
+    value = body.get("prompt")
+    prompts = len(value) if isinstance(value, list) and value and isinstance(value[0], (str, list)) else 1
+    return int(max(n, body.get("best_of") or 1) * prompts)
