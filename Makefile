@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m proxy.devstack
+	$(PY) -m tests.devstack
 
 test: $(STAMP)
 	$(PY) -m pytest -q

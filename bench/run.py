@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy.auth import issue_token  # noqa: E402
 from proxy.config import Settings  # noqa: E402
-from proxy.devstack import children, free_port, start_litellm, stat_fields, stop, wait_http  # noqa: E402
+from tests.devstack import children, free_port, start_litellm, stat_fields, stop, wait_http  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 UVICORN = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "--loop", "uvloop", "--http", "httptools",

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from proxy.config import Settings
 from proxy.db import migrate
-from proxy.devstack import free_port, start_litellm, stop
+from .devstack import free_port, start_litellm, stop
 
 from .fake_upstream import FakeUpstream
 from .helpers import JWT_SECRET, RedisProcess, serve

@@ -14,7 +14,7 @@ import httpx
 import jwt
 import uvicorn
 
-from proxy.devstack import free_port
+from .devstack import free_port
 
 JWT_SECRET = "test-secret-not-for-production-0123456789abcdef"
 

@@ -17,7 +17,7 @@ import pytest
 
 from proxy.config import Settings
 from proxy.db import migrate
-from proxy.devstack import alive, children, free_port, start_proxy, stop
+from .devstack import alive, children, free_port, start_proxy, stop
 
 from .fake_upstream import FakeUpstream
 from .helpers import PostgresProcess, count_rows, eventually, send, settings_env, uid

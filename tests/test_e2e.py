@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from proxy.config import Settings
-from proxy.devstack import ROOT, free_port, start_proxy, stop
+from .devstack import ROOT, free_port, start_proxy, stop
 
 from .helpers import eventually, pg_row, serve, settings_env, token, uid
 from .keys import JwksServer, KeyPair

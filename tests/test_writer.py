@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.devstack import ROOT, alive
+from .devstack import ROOT, alive
 
 from .fake_upstream import FakeUpstream
 from .helpers import count_rows, eventually, send, serve, settings_env, uid

@@ -27,7 +27,7 @@ RUN_DIR = ROOT / ".run"
 
 def ensure_env_file(path: Path = ROOT / ".env") -> dict[str, str]:
     """Generate the secrets on first run and keep them: LiteLLM refuses weak master keys."""
-    from .config import read_env_file
+    from proxy.config import read_env_file
 
     values = read_env_file(path)
     added = []
