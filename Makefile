@@ -17,7 +17,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m tests.devstack
 
+# The gates first (seconds), then the suite: any of them failing fails `make test`.
 test: $(STAMP)
+	$(VENV)/bin/ruff check proxy tests bench
+	$(VENV)/bin/ruff format --check proxy tests bench
+	$(VENV)/bin/mypy proxy
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -40,7 +40,7 @@ async def run() -> dict[str, object]:
     for i in range(200):  # warm up, load the scripts
         await engine.settle(await engine.reserve(me, f"w{i}", 10, 100), 20)
     loop_start = time.perf_counter()
-    for i in range(N):
+    for _ in range(N):
         t0 = time.perf_counter()
         await lane.call("INCRBY", "bench:floor", 1)
         incr.append(time.perf_counter() - t0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 from starlette.applications import Starlette
@@ -19,7 +19,9 @@ session: aiohttp.ClientSession | None = None
 async def forward(request: Request) -> Response:
     assert session is not None
     body = await request.body()
-    upstream = await session.post(f"{UPSTREAM}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    upstream = await session.post(
+        f"{UPSTREAM}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     if upstream.content_type == "text/event-stream":
 
         async def chunks():  # type: ignore[no-untyped-def]

@@ -12,23 +12,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncpg  # noqa: E402
+from budget_bench import stats  # noqa: E402  (bench/ is on the path when run)
 
 from proxy.coalesce import connect  # noqa: E402
 from proxy.db import migrate  # noqa: E402
 from proxy.ledger import Ledger, UsageRecord  # noqa: E402
 from proxy.pipe import PipedRedis  # noqa: E402
 
-from budget_bench import stats  # noqa: E402  (bench/ is on the path when run)
-
 RECORDS = 100_000
 
 
 def record(user: str, i: int) -> UsageRecord:
     return UsageRecord(
-        request_id=f"{user}-{i}", created_at=time.time(), user_id=user, tenant_id="bench", model="bench",
-        served_model="bench", endpoint="chat", prompt_tokens=12, completion_tokens=10, total_tokens=22,
-        cost_usd=None, status="ok", http_status=200, stream=False, estimated=False, latency_ms=1.2, ttft_ms=None,
-    )  # fmt: skip
+        request_id=f"{user}-{i}",
+        created_at=time.time(),
+        user_id=user,
+        tenant_id="bench",
+        model="bench",
+        served_model="bench",
+        endpoint="chat",
+        prompt_tokens=12,
+        completion_tokens=10,
+        total_tokens=22,
+        cost_usd=None,
+        status="ok",
+        http_status=200,
+        stream=False,
+        estimated=False,
+        latency_ms=1.2,
+        ttft_ms=None,
+    )
 
 
 async def run() -> dict[str, object]:

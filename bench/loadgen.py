@@ -19,7 +19,9 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def run(url: str, token: str, concurrency: int, seconds: float, stream: bool) -> dict[str, object]:
-    body = orjson.dumps({"model": "bench", "stream": stream, "messages": [{"role": "user", "content": "Say ten words."}]})
+    body = orjson.dumps(
+        {"model": "bench", "stream": stream, "messages": [{"role": "user", "content": "Say ten words."}]}
+    )
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -60,10 +62,14 @@ async def run(url: str, token: str, concurrency: int, seconds: float, stream: bo
         await asyncio.gather(*(worker(started + seconds, True) for _ in range(concurrency)))
         wall = time.perf_counter() - started
     result: dict[str, object] = {
-        "requests": len(latencies), "sent": sent, "errors": errors, "rps": round(len(latencies) / wall, 1),
-        "p50_ms": round(percentile(latencies, 0.50), 3), "p90_ms": round(percentile(latencies, 0.90), 3),
+        "requests": len(latencies),
+        "sent": sent,
+        "errors": errors,
+        "rps": round(len(latencies) / wall, 1),
+        "p50_ms": round(percentile(latencies, 0.50), 3),
+        "p90_ms": round(percentile(latencies, 0.90), 3),
         "p99_ms": round(percentile(latencies, 0.99), 3),
-    }  # fmt: skip
+    }
     if stream:
         result.update(ttft_p50_ms=round(percentile(ttfts, 0.5), 3), ttft_p99_ms=round(percentile(ttfts, 0.99), 3))
     return result

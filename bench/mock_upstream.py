@@ -5,17 +5,32 @@ from __future__ import annotations
 import orjson
 
 USAGE = {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22}
-COMPLETION = orjson.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "bench",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * 10}, "finish_reason": "stop"}],
-    "usage": USAGE,
-})  # fmt: skip
+COMPLETION = orjson.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "bench",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * 10}, "finish_reason": "stop"}],
+        "usage": USAGE,
+    }
+)
 CHUNKS = [
-    b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "model": "bench",
-                              "choices": [{"index": 0, "delta": {"content": "word "}}]}) + b"\n\n"
+    b"data: "
+    + orjson.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "model": "bench",
+            "choices": [{"index": 0, "delta": {"content": "word "}}],
+        }
+    )
+    + b"\n\n"
     for _ in range(10)
-]  # fmt: skip
-USAGE_CHUNK = b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}) + b"\n\n"
+]
+USAGE_CHUNK = (
+    b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}) + b"\n\n"
+)
 JSON = [(b"content-type", b"application/json")]
 SSE = [(b"content-type", b"text/event-stream")]
 

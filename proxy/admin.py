@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 from starlette.requests import Request
@@ -27,11 +27,14 @@ async def usage(pool: asyncpg.Pool, principal: Principal, request: Request) -> d
     if not user:
         raise BadRequest("Name the user: /admin/usage?user=<id>.", param="user")
     printable_id(user, "user")
-    return await statement(pool, user, request.query_params, datetime.now(timezone.utc))
+    return await statement(pool, user, request.query_params, datetime.now(UTC))
 
 
-async def put_budget(pool: asyncpg.Pool, settings: Settings, principal: Principal, request: Request) -> dict[str, object]:
-    """PUT /admin/budgets/{subject} with {"tokens": …, "period"?, "warn_ratio"?, "rpm"?, "tpm"?, "type"?: "user"|"tenant"}."""
+async def put_budget(
+    pool: asyncpg.Pool, settings: Settings, principal: Principal, request: Request
+) -> dict[str, object]:
+    """PUT /admin/budgets/{subject} with
+    {"tokens": …, "period"?, "warn_ratio"?, "rpm"?, "tpm"?, "type"?: "user"|"tenant"}."""
     require_admin(principal)
     subject = printable_id(request.path_params["subject"], "subject")
     body, _ = await read_json(request, 64 * 1024, settings.body_read_timeout)
@@ -52,4 +55,12 @@ async def put_budget(pool: asyncpg.Pool, settings: Settings, principal: Principa
     limit = Limit(kind, subject, period, tokens, float(warn), rpm, tpm)  # type: ignore[arg-type]
     async with pool.acquire() as conn:
         await set_budget(conn, limit)
-    return {"type": kind, "subject": subject, "period": period, "tokens": tokens, "warn_ratio": float(warn), "rpm": rpm, "tpm": tpm}
+    return {
+        "type": kind,
+        "subject": subject,
+        "period": period,
+        "tokens": tokens,
+        "warn_ratio": float(warn),
+        "rpm": rpm,
+        "tpm": tpm,
+    }

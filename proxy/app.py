@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime, timezone
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
-import redis.asyncio as redis
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
@@ -144,7 +143,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def usage(request: Request) -> Response:
         identity = await relay().identify(request)
         assert services.pool is not None and services.budget is not None
-        body = await statement(services.pool, identity.user, request.query_params, datetime.now(timezone.utc))
+        body = await statement(services.pool, identity.user, request.query_params, datetime.now(UTC))
         try:
             body["budgets"] = [q.as_json() for q in await services.budget.snapshot(identity)]
         except ProxyError:
@@ -170,7 +169,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             checks["redis"] = "ok"
             assert services.ledger is not None
             checks["ledger_backlog"] = await services.ledger.backlog()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             checks["redis"] = f"error: {exc.__class__.__name__}"
         try:
             assert services.pool is not None
@@ -182,7 +181,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             up = await asyncio.wait_for(services.upstream.send("GET", "/health/liveliness"), 2)
             up.response.release()
             checks["litellm"] = "ok" if up.status == 200 else f"error: HTTP {up.status}"
-        except (ProxyError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ProxyError) as exc:
             checks["litellm"] = f"error: {exc}"
         ready = all(v == "ok" for k, v in checks.items() if k != "ledger_backlog")
         return json_response({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)
@@ -191,9 +190,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     routes = []
-    for endpoint, path in (("chat", "/chat/completions"), ("completions", "/completions"), ("embeddings", "/embeddings")):
+    for endpoint, path in (
+        ("chat", "/chat/completions"),
+        ("completions", "/completions"),
+        ("embeddings", "/embeddings"),
+    ):
         # LibreChat and the SDKs put /v1 in the base URL; some clients do not.
-        routes += [Route(f"/v1{path}", completions(endpoint), methods=["POST"]), Route(path, completions(endpoint), methods=["POST"])]  # fmt: skip
+        routes += [
+            Route(f"/v1{path}", completions(endpoint), methods=["POST"]),
+            Route(path, completions(endpoint), methods=["POST"]),
+        ]
     routes += [
         Route("/v1/models", models, methods=["GET"]),
         Route("/models", models, methods=["GET"]),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import jwt
 
@@ -159,6 +160,17 @@ class Authenticator:
         return principal, float(claims["exp"])
 
 
+def _header_text(value: str | None) -> str | None:
+    """A header value as the UTF-8 its sender wrote (ASGI servers hand headers over as latin-1), so
+    `X-User-Id: josé` names the same user as a body's `"user": "josé"`."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
+
+
 def _named_user(value: Any) -> str | None:
     """A usable end-user id, or None. A `{{…}}` placeholder LibreChat left unresolved is never one."""
     if not isinstance(value, str):
@@ -169,12 +181,14 @@ def _named_user(value: Any) -> str | None:
     return text
 
 
-def charged_identity(principal: Principal, headers: Mapping[str, str], body_user: Any = None, *, required: bool = True) -> Identity:
+def charged_identity(
+    principal: Principal, headers: Mapping[str, str], body_user: Any = None, *, required: bool = True
+) -> Identity:
     """The user a request is charged to: the token's own, or for a delegating service token the
     end user it names (`X-User-Id`, else the body's `user`). Other tokens cannot name anyone."""
     if not principal.delegate:
         return principal.identity
-    user = _named_user(headers.get("x-user-id")) or _named_user(body_user)
+    user = _named_user(_header_text(headers.get("x-user-id"))) or _named_user(body_user)
     if user is None:
         if not required:
             return principal.identity
@@ -184,7 +198,9 @@ def charged_identity(principal: Principal, headers: Mapping[str, str], body_user
             code="missing_user",
         )
     service = principal.identity
-    return Identity(user=user, tenant=service.tenant, via=service.user, email=_named_user(headers.get("x-user-email")))
+    return Identity(
+        user=user, tenant=service.tenant, via=service.user, email=_named_user(_header_text(headers.get("x-user-email")))
+    )
 
 
 def parse_ttl(text: str) -> int:
@@ -207,7 +223,9 @@ def issue_token(
 ) -> str:
     """Mint an HMAC token with the configured secret (for `token issue` and the demo)."""
     if not settings.jwt_secret:
-        raise ValueError("JWT_SECRET is not set (token issue mints HMAC tokens; tokens of an identity provider come from it)")
+        raise ValueError(
+            "JWT_SECRET is not set (token issue mints HMAC tokens; tokens of an identity provider come from it)"
+        )
     now = int(time.time())
     claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + ttl_seconds}
     claims[settings.jwt_user_claim] = sub

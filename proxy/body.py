@@ -18,38 +18,122 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from .errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout
+from .tokens import IMAGE_PARTS
 
 _CHAT = {
-    "model", "messages", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens", "temperature",
-    "top_p", "frequency_penalty", "presence_penalty", "seed", "stop", "logit_bias", "logprobs", "top_logprobs",
-    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format", "user",
-    "modalities", "audio", "prediction", "reasoning_effort", "verbosity", "service_tier", "store",
-    "web_search_options", "prompt_cache_key", "safety_identifier",
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "n",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "user",
+    "modalities",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "verbosity",
+    "service_tier",
+    "store",
+    "prompt_cache_key",
+    "safety_identifier",
     # Provider extras LibreChat sends through LiteLLM (Anthropic, OpenRouter, open models).
-    "top_k", "min_p", "repetition_penalty", "thinking", "reasoning", "include_reasoning",
-}  # fmt: skip
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "thinking",
+    "reasoning",
+    "include_reasoning",
+}
 _COMPLETIONS = {
-    "model", "prompt", "stream", "stream_options", "n", "best_of", "max_tokens", "temperature", "top_p",
-    "frequency_penalty", "presence_penalty", "seed", "stop", "logit_bias", "logprobs", "echo", "suffix", "user",
-    "top_k", "min_p", "repetition_penalty",
-}  # fmt: skip
+    "model",
+    "prompt",
+    "stream",
+    "stream_options",
+    "n",
+    "best_of",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "logit_bias",
+    "logprobs",
+    "echo",
+    "suffix",
+    "user",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+}
 _EMBEDDINGS = {"model", "input", "dimensions", "encoding_format", "user"}
 OPENAI_PARAMS: dict[str, frozenset[str]] = {
     "chat": frozenset(_CHAT),
     "completions": frozenset(_COMPLETIONS),
     "embeddings": frozenset(_EMBEDDINGS),
 }
+# Not among them: web_search_options, whose search results the model is billed for as prompt tokens
+# that no reservation can bound (EXTRA_BODY_PARAMS can allow it, outside the bound).
 # LiteLLM reads these from a request body and acts on them with the proxy's master key.
 LITELLM_CONTROL = frozenset(
     {
-        "api_key", "api_base", "base_url", "api_version", "api_type", "organization", "user_config", "metadata",
-        "mock_response", "mock_tool_calls", "mock_timeout", "fallbacks", "context_window_fallbacks",
-        "content_policy_fallbacks", "num_retries", "max_retries", "timeout", "request_timeout", "caching", "cache",
-        "no-log", "custom_llm_provider", "model_list", "deployment_id", "extra_headers", "extra_body", "headers",
-        "input_cost_per_token", "output_cost_per_token", "input_cost_per_second", "output_cost_per_second",
-        "region_name", "tags", "guardrails", "proxy_server_request", "secret_fields", "azure_ad_token",
+        "api_key",
+        "api_base",
+        "base_url",
+        "api_version",
+        "api_type",
+        "organization",
+        "user_config",
+        "metadata",
+        "mock_response",
+        "mock_tool_calls",
+        "mock_timeout",
+        "fallbacks",
+        "context_window_fallbacks",
+        "content_policy_fallbacks",
+        "num_retries",
+        "max_retries",
+        "timeout",
+        "request_timeout",
+        "caching",
+        "cache",
+        "no-log",
+        "custom_llm_provider",
+        "model_list",
+        "deployment_id",
+        "extra_headers",
+        "extra_body",
+        "headers",
+        "input_cost_per_token",
+        "output_cost_per_token",
+        "input_cost_per_second",
+        "output_cost_per_second",
+        "region_name",
+        "tags",
+        "guardrails",
+        "proxy_server_request",
+        "secret_fields",
+        "azure_ad_token",
     }
-)  # fmt: skip
+)
 _CONTROL_PREFIXES = ("litellm", "aws_", "vertex_", "azure_", "mock_")
 
 MAX_CHOICES = 128  # OpenAI's own limit on `n`
@@ -118,7 +202,9 @@ def _int(payload: dict[str, Any], name: str, low: int, high: int) -> int | None:
 
 def _number(payload: dict[str, Any], name: str) -> None:
     value = payload.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    ):
         raise BadRequest(f"'{name}' must be a number.", param=name)
 
 
@@ -159,7 +245,20 @@ def _inputs(payload: dict[str, Any], name: str) -> int:
 def _part(part: Any) -> bool:
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
         return False
-    return part["type"] != "text" or isinstance(part.get("text"), str)
+    kind = part["type"]
+    if kind == "text":
+        return isinstance(part.get("text"), str)
+    if kind in IMAGE_PARTS:
+        # An image is counted as an image; a PDF or text behind an image part (LiteLLM turns non-image
+        # data URIs into documents) could cost the model's whole context.
+        image = part.get("image_url", part.get("input_image"))
+        url = image.get("url") if isinstance(image, dict) else image
+        return isinstance(url, str) and url.startswith(("https://", "http://", "data:image/"))
+    if kind == "file":
+        # A file id names a file stored under the proxy's own key: not the caller's, and of no known size.
+        file = part.get("file")
+        return isinstance(file, dict) and "file_id" not in file
+    return True
 
 
 def _messages(payload: dict[str, Any]) -> None:
@@ -171,10 +270,13 @@ def _messages(payload: dict[str, Any]) -> None:
             raise BadRequest(f"'messages[{i}]' must be an object with a 'role' string.", param=f"messages[{i}]")
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise BadRequest(f"'messages[{i}].content' must be a string or a list of parts.", param=f"messages[{i}].content")
+            raise BadRequest(
+                f"'messages[{i}].content' must be a string or a list of parts.", param=f"messages[{i}].content"
+            )
         if isinstance(content, list) and not all(_part(p) for p in content):
             raise BadRequest(
-                f"'messages[{i}].content' parts must be objects with a 'type' string (and text parts a 'text' string).",
+                f"'messages[{i}].content' parts must be objects with a 'type' string: text parts with a 'text'"
+                " string, image parts with an http(s) or data:image/ URL, file parts with data (not a file_id).",
                 param=f"messages[{i}].content",
             )
         if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
@@ -202,12 +304,14 @@ def check(payload: dict[str, Any], endpoint: str, allowed: frozenset[str]) -> Co
         if control:
             raise BadRequest(
                 f"Field(s) {', '.join(sorted(control))} are gateway settings the proxy does not pass on.",
-                param=sorted(control)[0], code="unsupported_parameter",
-            )  # fmt: skip
+                param=sorted(control)[0],
+                code="unsupported_parameter",
+            )
         raise BadRequest(
             f"Unknown field(s) for this endpoint: {', '.join(sorted(unknown)[:10])}.",
-            param=sorted(unknown)[0], code="unsupported_parameter",
-        )  # fmt: skip
+            param=sorted(unknown)[0],
+            code="unsupported_parameter",
+        )
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("Request body needs a 'model' string.", param="model", code="missing_model")
@@ -221,7 +325,9 @@ def check(payload: dict[str, Any], endpoint: str, allowed: frozenset[str]) -> Co
     if options is not None and (
         not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)
     ):
-        raise BadRequest("'stream_options' must be an object; its 'include_usage' true or false.", param="stream_options")
+        raise BadRequest(
+            "'stream_options' must be an object; its 'include_usage' true or false.", param="stream_options"
+        )
     for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "min_p", "repetition_penalty"):
         _number(payload, name)
     _int(payload, "seed", -(2**63), 2**63 - 1)
@@ -273,4 +379,6 @@ def encode(payload: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(payload)
     except orjson.JSONEncodeError as exc:
-        raise BadRequest(f"Request body cannot be forwarded: {exc} (nested too deep, or a number out of range).") from None
+        raise BadRequest(
+            f"Request body cannot be forwarded: {exc} (nested too deep, or a number out of range)."
+        ) from None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import asyncpg
@@ -83,7 +84,9 @@ class BudgetEngine:
         except RedisError as exc:
             if tenant is None:  # a read: the ledger alone can say
                 return await self._tenant_of_record(user)
-            raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
+            raise ServiceUnavailable(
+                f"Budget service unavailable ({exc.__class__.__name__}); try again shortly."
+            ) from exc
         if raw is None:
             bound = await self._tenant_of_record(user)
             if bound is None and tenant is None:
@@ -92,7 +95,9 @@ class BudgetEngine:
                 await self._redis.set(key, bound if bound is not None else tenant or "", nx=True)
                 raw = await self._redis.get(key)
             except RedisError as exc:
-                raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
+                raise ServiceUnavailable(
+                    f"Budget service unavailable ({exc.__class__.__name__}); try again shortly."
+                ) from exc
             if raw is None:  # flushed between the two calls: decide again next time
                 return bound if bound is not None else tenant
         value = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -106,7 +111,8 @@ class BudgetEngine:
             return None
         try:
             row = await self._pool.fetchrow(
-                "select coalesce(tenant_id, '') as tenant from usage_records where user_id = $1 order by created_at desc limit 1",
+                "select coalesce(tenant_id, '') as tenant from usage_records where user_id = $1"
+                " order by created_at desc limit 1",
                 user,
             )
         except PG_UNAVAILABLE as exc:
@@ -171,13 +177,19 @@ class BudgetEngine:
                 self.owe(Reservation(request_id, scopes, tuple(keys), 0, [], None), 0)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
-                raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
+                raise ServiceUnavailable(
+                    f"Budget service unavailable ({exc.__class__.__name__}); try again shortly."
+                ) from exc
             if result[0] == 1:
                 quotas = [
                     Quota(s.limit, int(result[4 + 2 * i]), int(result[5 + 2 * i]), s.end) for i, s in enumerate(scopes)
                 ]
                 reset = 60 - int(now) % 60
-                rates = Rates(user.rpm, user.tpm, int(result[2]), int(result[3]), reset) if len(keys) > len(scopes) else None
+                rates = (
+                    Rates(user.rpm, user.tpm, int(result[2]), int(result[3]), reset)
+                    if len(keys) > len(scopes)
+                    else None
+                )
                 return Reservation(request_id, scopes, tuple(keys), int(result[1]), quotas, rates)
             if result[0] == 2:
                 raise self._rate_limited(user, int(result[1]), int(result[2]))
@@ -257,7 +269,9 @@ class BudgetEngine:
                 await self.rebuild(scope)
                 used, reserved = await self._redis.hmget(scope.key, "used", "reserved")
         except RedisError as exc:
-            raise ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.") from exc
+            raise ServiceUnavailable(
+                f"Budget service unavailable ({exc.__class__.__name__}); try again shortly."
+            ) from exc
         return Quota(scope.limit, int(used or 0), int(reserved or 0), scope.end)
 
     async def rebuild(self, scope: Scope) -> int:

@@ -11,10 +11,10 @@ import asyncpg
 import orjson
 
 from .auth import issue_token, parse_ttl
-from .quota import period_bounds
 from .config import PERIODS, Settings
 from .db import migrate
 from .limits import Limit, fetch_limit, set_budget, sync_defaults
+from .quota import period_bounds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,12 +63,20 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
     try:
         if args.action == "set":
             limit = Limit(
-                kind, args.subject, args.period or settings.budget_period, args.tokens,
-                args.warn or settings.warn_ratio, args.rpm, args.tpm,
-            )  # fmt: skip
+                kind,
+                args.subject,
+                args.period or settings.budget_period,
+                args.tokens,
+                args.warn or settings.warn_ratio,
+                args.rpm,
+                args.tpm,
+            )
             await set_budget(conn, limit)
             rates = "".join(f", {v:,} {k} per minute" for k, v in (("requests", limit.rpm), ("tokens", limit.tpm)) if v)
-            print(f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period} (warn at {limit.warn_ratio:.0%}){rates}")
+            print(
+                f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period}"
+                f" (warn at {limit.warn_ratio:.0%}){rates}"
+            )
             return
         found = await fetch_limit(conn, kind, args.subject)
         if found is None:
@@ -83,11 +91,25 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
         )
     finally:
         await conn.close()
-    print(orjson.dumps({
-        "subject_type": kind, "subject": args.subject, "budget_row": found.subject, "period": found.period,
-        "limit": found.tokens, "rpm": found.rpm, "tpm": found.tpm, "used": used, "remaining": max(found.tokens - used, 0), "warn_ratio": found.warn_ratio,
-        "period_start": start.isoformat(), "resets_at": end.isoformat() if end else None,
-    }, option=orjson.OPT_INDENT_2).decode())  # fmt: skip
+    print(
+        orjson.dumps(
+            {
+                "subject_type": kind,
+                "subject": args.subject,
+                "budget_row": found.subject,
+                "period": found.period,
+                "limit": found.tokens,
+                "rpm": found.rpm,
+                "tpm": found.tpm,
+                "used": used,
+                "remaining": max(found.tokens - used, 0),
+                "warn_ratio": found.warn_ratio,
+                "period_start": start.isoformat(),
+                "resets_at": end.isoformat() if end else None,
+            },
+            option=orjson.OPT_INDENT_2,
+        ).decode()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,15 +133,22 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         from .app import create_app
 
         uvicorn.run(
-            create_app(settings), host=settings.proxy_host, port=settings.proxy_port,
-            loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level,
+            create_app(settings),
+            host=settings.proxy_host,
+            port=settings.proxy_port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level=settings.log_level,
             # Nothing here reads the client's address, so X-Forwarded-* is not parsed on every request;
             # and responses do not advertise the server's software.
-            proxy_headers=False, server_header=False,
+            proxy_headers=False,
+            server_header=False,
             # Slow or idle clients cannot pile up: past MAX_CONNECTIONS new requests get 503, and an idle
             # keep-alive connection is closed after 5 s (bodies have BODY_READ_TIMEOUT in the relay).
-            limit_concurrency=settings.max_connections, timeout_keep_alive=5,
-        )  # fmt: skip
+            limit_concurrency=settings.max_connections,
+            timeout_keep_alive=5,
+        )
     elif args.command == "ledger":
         from . import writer
 
@@ -130,7 +159,9 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
     elif args.command == "token":
-        print(issue_token(settings, args.sub, args.tenant, parse_ttl(args.ttl), admin=args.admin, delegate=args.delegate))
+        print(
+            issue_token(settings, args.sub, args.tenant, parse_ttl(args.ttl), admin=args.admin, delegate=args.delegate)
+        )
     elif args.command == "budget":
         asyncio.run(_budget(settings, args))
     return 0

@@ -11,7 +11,8 @@ then leave together as one pipeline.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Protocol
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 import hiredis
 import redis.asyncio as redis
@@ -132,7 +133,7 @@ class Coalescer:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), result in zip(batch, results):
+        for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, Exception):

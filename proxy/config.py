@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping
 
 PERIODS = ("day", "week", "month", "total")
 
@@ -72,7 +72,9 @@ class Settings:
     ledger_flush_seconds: float = 1.0
     ledger_consumer: str = ""
     ledger_backlog_warn: int = 100_000
-    ledger_writer: str = "process"  # process: a child of the proxy; inline: in its event loop; off: run `ledger` elsewhere
+    ledger_writer: str = (
+        "process"  # process: a child of the proxy; inline: in its event loop; off: run `ledger` elsewhere
+    )
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
@@ -80,7 +82,7 @@ class Settings:
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
-    ) -> "Settings":
+    ) -> Settings:
         """Environment variables win over `.env`; every field is its upper-cased name."""
         source: dict[str, str] = read_env_file(env_file) if env_file else {}
         source.update(os.environ if environ is None else environ)

@@ -31,7 +31,8 @@ async def migrate(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str
     await conn.execute("select pg_advisory_lock($1)", _MIGRATE_LOCK)
     try:
         await conn.execute(
-            "create table if not exists schema_migrations (version text primary key, applied_at timestamptz not null default now())"
+            "create table if not exists schema_migrations"
+            " (version text primary key, applied_at timestamptz not null default now())"
         )
         done = {r["version"] for r in await conn.fetch("select version from schema_migrations")}
         for path in migration_files(sql_dir):

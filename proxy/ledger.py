@@ -12,7 +12,7 @@ import operator
 import os
 import socket
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import asyncpg
@@ -77,7 +77,7 @@ def as_row(data: bytes) -> tuple[Any, ...]:
     record = orjson.loads(data)
     if b"\\u0000" in data:  # PostgreSQL text cannot hold NUL: drop it rather than refuse the record
         record = {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in record.items()}
-    record["created_at"] = datetime.fromtimestamp(record["created_at"], timezone.utc)
+    record["created_at"] = datetime.fromtimestamp(record["created_at"], UTC)
     try:
         return _ROW(record)  # type: ignore[no-any-return]
     except KeyError:  # queued by an older version, without the newer fields
@@ -91,7 +91,7 @@ async def insert_records(conn: asyncpg.Connection, records: list[bytes], known_m
         rows = [as_row(r) for r in records]
     except (orjson.JSONDecodeError, *_UNENCODABLE, KeyError, AttributeError, OSError) as exc:
         raise asyncpg.DataError(f"not a usage record: {exc}") from None
-    months = {datetime(y, m, 1, tzinfo=timezone.utc) for y, m in {(row[1].year, row[1].month) for row in rows}}
+    months = {datetime(y, m, 1, tzinfo=UTC) for y, m in {(row[1].year, row[1].month) for row in rows}}
     for month in months - known_months:
         await conn.execute("select quota_ensure_partition($1)", month)
         known_months.add(month)
@@ -159,7 +159,7 @@ class Ledger:
         self._months: set[datetime] = set()
 
     @classmethod
-    def for_settings(cls, client: redis.Redis, pool: asyncpg.Pool | None, settings: Settings) -> "Ledger":
+    def for_settings(cls, client: redis.Redis, pool: asyncpg.Pool | None, settings: Settings) -> Ledger:
         return cls(
             client,
             pool,
@@ -184,7 +184,9 @@ class Ledger:
             async with self._pool.acquire() as conn:
                 await insert_records(conn, [record.encode()], self._months)
         except PG_UNAVAILABLE as exc:
-            log.error("usage_record_lost", request_id=record.request_id, error=str(exc), record=record.encode().decode())
+            log.error(
+                "usage_record_lost", request_id=record.request_id, error=str(exc), record=record.encode().decode()
+            )
 
     async def backlog(self) -> int:
         return int(await self._redis.xlen(self.stream))
@@ -223,13 +225,18 @@ class Ledger:
         """A batch PostgreSQL refused for its data: insert its records alone, and set aside (in the
         stream `<LEDGER_STREAM>:rejected`, with the error) the ones it will never take, so one bad
         record cannot hold up everyone's."""
-        for entry_id, fields in entries:
+        for entry_id, entry in entries:
             try:
-                await insert_records(conn, [fields[1]], self._months)
+                await insert_records(conn, [entry[1]], self._months)
             except _REJECTED as exc:
-                await self._redis.xadd(f"{self.stream}:rejected", {"r": fields[1], "error": str(exc), "id": entry_id})
+                await self._redis.xadd(f"{self.stream}:rejected", {"r": entry[1], "error": str(exc), "id": entry_id})
                 metrics.LEDGER_ERRORS.labels("rejected").inc()
-                log.error("usage_record_rejected", entry=entry_id.decode(), error=str(exc), record=fields[1].decode(errors="replace"))
+                log.error(
+                    "usage_record_rejected",
+                    entry=entry_id.decode(),
+                    error=str(exc),
+                    record=entry[1].decode(errors="replace"),
+                )
 
     async def claim_abandoned(self) -> int:
         """Take over entries another (dead) writer left unacknowledged for too long."""
@@ -265,7 +272,9 @@ class Ledger:
             except (RedisError, *PG_UNAVAILABLE) as exc:
                 stage = "redis" if isinstance(exc, RedisError) else "postgres"
                 metrics.LEDGER_ERRORS.labels(stage).inc()
-                log.warning("ledger_write_failed", stage=stage, error=str(exc) or exc.__class__.__name__, retry_in=delay)
+                log.warning(
+                    "ledger_write_failed", stage=stage, error=str(exc) or exc.__class__.__name__, retry_in=delay
+                )
                 pending = True
                 if "NOGROUP" in str(exc):  # Redis restarted empty or was flushed: make the group again at once
                     last_claim = float("-inf")

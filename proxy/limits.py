@@ -73,9 +73,14 @@ async def fetch_limit(conn: asyncpg.Connection, subject_type: str, subject: str)
 
 def _limit(row: asyncpg.Record) -> Limit:
     return Limit(
-        row["subject_type"], row["subject"], row["period"], row["token_limit"], row["warn_ratio"],
-        row["rpm_limit"] or 0, row["tpm_limit"] or 0,
-    )  # fmt: skip
+        row["subject_type"],
+        row["subject"],
+        row["period"],
+        row["token_limit"],
+        row["warn_ratio"],
+        row["rpm_limit"] or 0,
+        row["tpm_limit"] or 0,
+    )
 
 
 class BudgetBook:
@@ -87,7 +92,7 @@ class BudgetBook:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._rows: dict[tuple[str, str], Limit] = {(l.subject_type, l.subject): l for l in env_defaults(settings)}
+        self._rows: dict[tuple[str, str], Limit] = {(d.subject_type, d.subject): d for d in env_defaults(settings)}
         self.version = 0  # changes whenever the rows do, so derived caches know to drop
 
     def user(self, user: str) -> Limit:
@@ -100,7 +105,7 @@ class BudgetBook:
         return self._rows.get(("tenant", tenant)) or self._rows.get(("tenant", DEFAULT))
 
     async def load(self, pool: asyncpg.Pool) -> None:
-        rows = {(l.subject_type, l.subject): l for l in env_defaults(self._settings)}
+        rows = {(d.subject_type, d.subject): d for d in env_defaults(self._settings)}
         for record in await pool.fetch("select * from budgets"):
             limit = _limit(record)
             rows[(limit.subject_type, limit.subject)] = limit

@@ -9,7 +9,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-REQUESTS = Counter("quota_requests", "Proxied requests by endpoint and outcome", ["endpoint", "status"], registry=REGISTRY)
+REQUESTS = Counter(
+    "quota_requests", "Proxied requests by endpoint and outcome", ["endpoint", "status"], registry=REGISTRY
+)
 TOKENS = Counter("quota_tokens", "Tokens charged to budgets", ["endpoint"], registry=REGISTRY)
 LATENCY = Histogram(
     "quota_request_seconds",
@@ -21,7 +23,9 @@ LATENCY = Histogram(
 LEDGER_BACKLOG = Gauge("quota_ledger_backlog", "Usage records waiting in the stream for PostgreSQL", registry=REGISTRY)
 LEDGER_WRITTEN = Counter("quota_ledger_written", "Usage records committed to PostgreSQL", registry=REGISTRY)
 LEDGER_ERRORS = Counter("quota_ledger_errors", "Failed ledger writes (retried)", ["stage"], registry=REGISTRY)
-BACKGROUND_ERRORS = Counter("quota_settle_errors", "Settles or enqueues that failed after the response", registry=REGISTRY)
+BACKGROUND_ERRORS = Counter(
+    "quota_settle_errors", "Settles or enqueues that failed after the response", registry=REGISTRY
+)
 
 
 @functools.lru_cache(maxsize=256)

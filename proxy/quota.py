@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from .limits import Limit
 
@@ -13,9 +13,9 @@ _PERIOD_WORD = {"day": "Daily", "week": "Weekly", "month": "Monthly", "total": "
 
 def period_bounds(period: str, now: float) -> tuple[datetime, datetime | None]:
     """[start, end) of the UTC period containing `now`; weeks start on Monday; 'total' never ends."""
-    at = datetime.fromtimestamp(now, timezone.utc)
+    at = datetime.fromtimestamp(now, UTC)
     if period == "total":
-        return datetime(1970, 1, 1, tzinfo=timezone.utc), None
+        return datetime(1970, 1, 1, tzinfo=UTC), None
     if period == "day":
         start = at.replace(hour=0, minute=0, second=0, microsecond=0)
         return start, start + timedelta(days=1)
@@ -53,7 +53,7 @@ class Quota:
             return "warn"
         return "ok"
 
-    def with_used(self, used: int) -> "Quota":
+    def with_used(self, used: int) -> Quota:
         return Quota(self.limit, used, self.reserved, self.resets_at)
 
     def headers(self) -> dict[str, str]:
@@ -88,8 +88,7 @@ class Quota:
         percent = int(100 * self.used / self.limit.tokens)
         period = _PERIOD_WORD[self.limit.period].lower()
         return (
-            f"\n\n> You have used {percent} % of your {period} token budget "
-            f"({self.used:,} of {self.limit.tokens:,})."
+            f"\n\n> You have used {percent} % of your {period} token budget ({self.used:,} of {self.limit.tokens:,})."
         )
 
     def refusal(self, subject: str) -> str:
@@ -171,5 +170,3 @@ class Reservation:
         if self.rates is not None:
             h.update(self.rates.headers())
         return h
-
-

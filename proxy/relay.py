@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import aiohttp
 import orjson
 import structlog
 from redis.exceptions import NoScriptError
@@ -250,9 +250,12 @@ class Relay:
         prompt = await self._count_prompt(payload, size)
         try:
             reservation = await self._budget.reserve(
-                identity, ticket.request_id, prompt, prompt + completion.choices * per_answer,
+                identity,
+                ticket.request_id,
+                prompt,
+                prompt + completion.choices * per_answer,
                 need=prompt + (completion.choices - 1 if chat_like else 0),
-            )  # fmt: skip
+            )
         except ServiceUnavailable:
             if settings.fail_mode != "open":
                 raise
@@ -263,9 +266,7 @@ class Relay:
             if granted < per_answer:  # the room left is smaller than asked: cap each answer to its share
                 cap_answers(completion, granted)
                 body = encode(payload)
-        upstream = await self._upstream.send(
-            "POST", UPSTREAM_PATHS[endpoint], body=body, request_id=ticket.request_id
-        )
+        upstream = await self._upstream.send("POST", UPSTREAM_PATHS[endpoint], body=body, request_id=ticket.request_id)
         try:
             if completion.stream and upstream.ok_stream:
                 return self._stream(upstream, completion, flight)  # the response owns the upstream from here
@@ -297,7 +298,9 @@ class Relay:
             if usage is None:
                 usage = self._estimate(payload, meter.text)
             flight.finish(
-                ticket.record(outcome, 200, usage, estimated=estimated, served_model=meter.model, cost=cost, ttft_ms=ttft_ms)
+                ticket.record(
+                    outcome, 200, usage, estimated=estimated, served_model=meter.model, cost=cost, ttft_ms=ttft_ms
+                )
             )
 
         return StreamThrough(upstream, headers, meter, on_end, self._lane.written)  # type: ignore[return-value]
@@ -314,10 +317,14 @@ class Relay:
             usage = self._estimate(completion.payload, answer_text(obj) if obj else "")
         flight.finish(
             ticket.record(
-                "ok" if ok else "upstream_error", upstream.status, usage,
-                estimated=estimated, served_model=served, cost=upstream.cost,
+                "ok" if ok else "upstream_error",
+                upstream.status,
+                usage,
+                estimated=estimated,
+                served_model=served,
+                cost=upstream.cost,
             )
-        )  # fmt: skip
+        )
         headers = upstream.headers_for_client()
         headers["X-Request-Id"] = ticket.echo_id()
         headers.update(reservation.headers(used=reservation.quotas[0].used + usage[2] if usage else None))

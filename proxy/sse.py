@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -123,12 +124,13 @@ class StreamMeter:
         del obj["usage"]
         return event[:data_at] + b"data: " + orjson.dumps(obj)
 
-
     def _content_chunk(self, text: str) -> bytes:
         chunk = {
-            "id": self._id or "quota-notice", "object": "chat.completion.chunk", "model": self.model,
+            "id": self._id or "quota-notice",
+            "object": "chat.completion.chunk",
+            "model": self.model,
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
-        }  # fmt: skip
+        }
         return b"data: " + orjson.dumps(chunk)
 
 

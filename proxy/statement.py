@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
-from .errors import BadRequest, ServiceUnavailable
 from .db import PG_UNAVAILABLE
+from .errors import BadRequest, ServiceUnavailable
 
 MAX_LIMIT = 1000
 _FIELDS = (
-    "request_id, client_request_id, created_at, model, served_model, endpoint, prompt_tokens, completion_tokens, total_tokens, "
+    "request_id, client_request_id, created_at, model, served_model, endpoint, prompt_tokens, completion_tokens, "
+    "total_tokens, "
     "cost_usd, status, http_status, stream, estimated, latency_ms"
 )
 
 
 # PostgreSQL's timestamptz and Python's datetime agree on this range; asked for outside it, they fail.
-_EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_LATEST = datetime(9000, 1, 1, tzinfo=timezone.utc)
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 def _instant(value: str, name: str) -> datetime:
     try:
         at = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
-        at = at.astimezone(timezone.utc)
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        at = at.astimezone(UTC)
     except (ValueError, OverflowError):
         raise BadRequest(f"'{name}' must be an ISO 8601 date or time, such as 2026-11-01.", param=name) from None
     if not _EARLIEST <= at <= _LATEST:
@@ -38,7 +39,7 @@ def _instant(value: str, name: str) -> datetime:
 def _cursor(value: str) -> tuple[datetime, str]:
     stamp, _, request_id = value.partition("~")
     try:
-        at = datetime.fromtimestamp(int(stamp) / 1e6, timezone.utc)
+        at = datetime.fromtimestamp(int(stamp) / 1e6, UTC)
     except (ValueError, OverflowError, OSError):
         raise BadRequest("'cursor' is not one this API returned.", param="cursor") from None
     if not _EARLIEST <= at <= _LATEST or len(request_id) > 256 or not request_id.isprintable():
@@ -47,12 +48,16 @@ def _cursor(value: str) -> tuple[datetime, str]:
 
 
 def _iso(at: datetime) -> str:
-    return at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 async def statement(pool: asyncpg.Pool, user: str, params: Mapping[str, str], now: datetime) -> dict[str, Any]:
     """Records newest first within [from, to), `limit` a page; `next_cursor` continues the list."""
-    start = _instant(params["from"], "from") if "from" in params else now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    start = (
+        _instant(params["from"], "from")
+        if "from" in params
+        else now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    )
     end = _instant(params["to"], "to") if "to" in params else now
     try:
         limit = int(params.get("limit", "100")[:10])
@@ -68,19 +73,33 @@ async def statement(pool: asyncpg.Pool, user: str, params: Mapping[str, str], no
             rows = await conn.fetch(
                 f"select {_FIELDS} from usage_records where user_id = $1 and created_at >= $2 and created_at < $3"
                 " and (created_at, request_id) < ($4, $5) order by created_at desc, request_id desc limit $6",
-                user, start, end, before_at, before_id or "\uffff", limit + 1,
-            )  # fmt: skip
+                user,
+                start,
+                end,
+                before_at,
+                before_id or "\uffff",
+                limit + 1,
+            )
             totals = await conn.fetchrow(
                 "select count(*) as requests, coalesce(sum(prompt_tokens), 0) as prompt_tokens,"
-                " coalesce(sum(completion_tokens), 0) as completion_tokens, coalesce(sum(total_tokens), 0) as total_tokens,"
-                " sum(cost_usd) as cost_usd from usage_records where user_id = $1 and created_at >= $2 and created_at < $3",
-                user, start, end,
-            )  # fmt: skip
+                " coalesce(sum(completion_tokens), 0) as completion_tokens,"
+                " coalesce(sum(total_tokens), 0) as total_tokens, sum(cost_usd) as cost_usd"
+                " from usage_records where user_id = $1 and created_at >= $2 and created_at < $3",
+                user,
+                start,
+                end,
+            )
     except PG_UNAVAILABLE as exc:
-        raise ServiceUnavailable("Usage history is unavailable right now (database unreachable); try again shortly.") from exc
+        raise ServiceUnavailable(
+            "Usage history is unavailable right now (database unreachable); try again shortly."
+        ) from exc
     page = rows[:limit]
     data = [
-        {**dict(r), "created_at": _iso(r["created_at"]), "cost_usd": float(r["cost_usd"]) if r["cost_usd"] is not None else None}
+        {
+            **dict(r),
+            "created_at": _iso(r["created_at"]),
+            "cost_usd": float(r["cost_usd"]) if r["cost_usd"] is not None else None,
+        }
         for r in page
     ]
     last = page[-1] if len(rows) > limit else None

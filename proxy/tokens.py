@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 import structlog
@@ -27,7 +28,7 @@ log = structlog.get_logger("proxy.tokens")
 # The file tiktoken would download for cl100k_base, by the name its cache gives it; LiteLLM ships a copy.
 CL100K_CACHE_NAME = "9b5ad71b2ce5302211f9c61530b329a4922fc6a4"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
-CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""  # noqa: E501 (tiktoken's regex, kept whole)
 
 PRIMING = 3  # <|im_start|>assistant<|im_sep|> that starts every chat answer
 MESSAGE_OVERHEAD = 4  # <|im_start|>, separators and <|im_end|> of one chat message, plus one of margin
@@ -37,13 +38,39 @@ IMAGE_PARTS = frozenset({"image_url", "input_image"})
 # Body fields that set how the model answers but never reach it as text.
 NOT_PROMPT = frozenset(
     {
-        "model", "user", "stream", "stream_options", "n", "best_of", "max_tokens", "max_completion_tokens",
-        "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
-        "seed", "logprobs", "top_logprobs", "echo", "logit_bias", "parallel_tool_calls", "service_tier", "store",
-        "modalities", "reasoning_effort", "verbosity", "encoding_format", "dimensions", "include_reasoning",
-        "prompt_cache_key", "safety_identifier",
+        "model",
+        "user",
+        "stream",
+        "stream_options",
+        "n",
+        "best_of",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "echo",
+        "logit_bias",
+        "parallel_tool_calls",
+        "service_tier",
+        "store",
+        "modalities",
+        "reasoning_effort",
+        "verbosity",
+        "encoding_format",
+        "dimensions",
+        "include_reasoning",
+        "prompt_cache_key",
+        "safety_identifier",
     }
-)  # fmt: skip
+)
 
 Count = Callable[[str], int]
 
@@ -163,7 +190,7 @@ class Tokenizer:
         return prompt_bound(payload, self.count)
 
     @classmethod
-    def load(cls, configured: str = "") -> "Tokenizer":
+    def load(cls, configured: str = "") -> Tokenizer:
         """From TOKENIZER_FILE, else LiteLLM's bundled copy. The file is checked against its known hash
         and read directly (tiktoken's own loader would fetch it, or delete a copy it does not trust)."""
         path = Path(configured) if configured else _bundled_bpe()
@@ -176,12 +203,22 @@ class Tokenizer:
             data = path.read_bytes()
             if hashlib.sha256(data).hexdigest() != CL100K_SHA256:
                 raise ValueError("not the cl100k_base file (sha256 differs)")
-            ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+            ranks = {
+                base64.b64decode(token): int(rank)
+                for token, rank in (line.split() for line in data.splitlines() if line)
+            }
             encoding = tiktoken.Encoding(
-                name="cl100k_base", pat_str=CL100K_PATTERN, mergeable_ranks=ranks,
-                special_tokens={"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
-                                "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
-            )  # fmt: skip
+                name="cl100k_base",
+                pat_str=CL100K_PATTERN,
+                mergeable_ranks=ranks,
+                special_tokens={
+                    "<|endoftext|>": 100257,
+                    "<|fim_prefix|>": 100258,
+                    "<|fim_middle|>": 100259,
+                    "<|fim_suffix|>": 100260,
+                    "<|endofprompt|>": 100276,
+                },
+            )
         except (OSError, ValueError, ImportError) as exc:
             log.warning("tokenizer", using="one token per byte", file=str(path), error=str(exc))
             return cls()

@@ -79,7 +79,9 @@ class WriterProcess:
         delay = 1.0
         while True:
             receiver, sender = self._context.Pipe(duplex=False)
-            process = self._context.Process(target=run, args=(self._settings, sender), name="ledger-writer", daemon=True)
+            process = self._context.Process(
+                target=run, args=(self._settings, sender), name="ledger-writer", daemon=True
+            )
             await asyncio.to_thread(process.start)
             sender.close()
             seen: metrics.Samples = {}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
@@ -15,8 +15,8 @@ import redis.asyncio as aioredis
 
 from proxy.config import Settings
 from proxy.db import migrate
-from .devstack import free_port, start_litellm, stop
 
+from .devstack import free_port, start_litellm, stop
 from .fake_upstream import FakeUpstream
 from .helpers import JWT_SECRET, RedisProcess, serve
 

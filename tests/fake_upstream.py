@@ -25,10 +25,14 @@ from starlette.routing import Route
 
 ECHOED_SK_KEY = "sk-live-0123456789abcdefghij"  # an sk- key an upstream error body may echo
 LEAKY_HEADERS = {
-    "x-litellm-key-spend": "1234.5", "x-litellm-model-api-base": "https://internal-provider.example/v1",
-    "set-cookie": "session=upstream-secret; Path=/", "x-ratelimit-remaining-requests": "42",
-    "llm_provider-foo": "bar", "openai-model": "gpt-fake", "openai-processing-ms": "7",
-}  # fmt: skip
+    "x-litellm-key-spend": "1234.5",
+    "x-litellm-model-api-base": "https://internal-provider.example/v1",
+    "set-cookie": "session=upstream-secret; Path=/",
+    "x-ratelimit-remaining-requests": "42",
+    "llm_provider-foo": "bar",
+    "openai-model": "gpt-fake",
+    "openai-processing-ms": "7",
+}
 INTEGRITY_MODELS = frozenset(
     {"honest", "honest-slow", "leaky-headers", "echo-auth-error", "leak-master-key", "unauthorized"}
 )
@@ -38,9 +42,11 @@ USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
 
 def completion(content: str = "ok", usage: dict[str, int] | None = USAGE) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "id": "chatcmpl-fake", "object": "chat.completion", "model": "fake",
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "model": "fake",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-    }  # fmt: skip
+    }
     if usage is not None:
         body["usage"] = usage
     return body
@@ -60,10 +66,15 @@ class FakeUpstream:
         self.cancelled: list[str] = []  # models whose stream the proxy abandoned
         self.url = ""  # set once it is served
         self._tokenizer: Any = None
-        self.app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                                     Route("/v1/completions", self.other, methods=["POST"]),
-                                     Route("/v1/embeddings", self.other, methods=["POST"]),
-                                     Route("/v1/models", self.models), Route("/health/liveliness", self.models)])  # fmt: skip
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/completions", self.other, methods=["POST"]),
+                Route("/v1/embeddings", self.other, methods=["POST"]),
+                Route("/v1/models", self.models),
+                Route("/health/liveliness", self.models),
+            ]
+        )
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "fake", "object": "model"}]})
@@ -76,7 +87,9 @@ class FakeUpstream:
         if model in INTEGRITY_MODELS:
             return await self.integrity(request, body, "chat")
         if model == "bad-request":
-            return JSONResponse({"error": {"message": "context too long", "type": "invalid_request_error", "code": "400"}}, 400)
+            return JSONResponse(
+                {"error": {"message": "context too long", "type": "invalid_request_error", "code": "400"}}, 400
+            )
         if model == "server-error":
             return JSONResponse({"error": {"message": "boom", "type": "api_error"}}, 500)
         if model == "no-usage":
@@ -105,7 +118,15 @@ class FakeUpstream:
             if model == "cut-stream":
                 raise RuntimeError("upstream dies mid-stream")
             if model != "no-usage-stream":
-                yield sse({"id": "c", "object": "chat.completion.chunk", "model": "fake-served", "choices": [], "usage": USAGE})
+                yield sse(
+                    {
+                        "id": "c",
+                        "object": "chat.completion.chunk",
+                        "model": "fake-served",
+                        "choices": [],
+                        "usage": USAGE,
+                    }
+                )
             yield b"data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.append(model)
@@ -133,9 +154,12 @@ class FakeUpstream:
         if model == "echo-auth-error":
             error = {
                 "message": f"Bad request. Received headers: authorization={authorization}; key {ECHOED_SK_KEY}",
-                "type": "invalid_request_error", "code": "400", "param": None,
-                "headers": dict(request.headers), "api_base": "https://internal-provider.example/v1",
-            }  # fmt: skip
+                "type": "invalid_request_error",
+                "code": "400",
+                "param": None,
+                "headers": dict(request.headers),
+                "api_base": "https://internal-provider.example/v1",
+            }
             return JSONResponse({"error": error, "litellm_params": {"api_key": master}}, 400, headers=LEAKY_HEADERS)
         if model == "honest-slow":
             await asyncio.sleep(0.3)
@@ -154,8 +178,10 @@ class FakeUpstream:
             return JSONResponse({"object": "list", "data": data, "model": model, "usage": usage}, headers=headers)
         if endpoint == "completions":
             choices = [{"index": i, "text": content, "finish_reason": "length"} for i in range(answers(body, endpoint))]
-            return JSONResponse({"id": "cmpl-fake", "object": "text_completion", "model": model, "choices": choices,
-                                 "usage": usage}, headers=headers)  # fmt: skip
+            return JSONResponse(
+                {"id": "cmpl-fake", "object": "text_completion", "model": model, "choices": choices, "usage": usage},
+                headers=headers,
+            )
         answer = completion(content, usage)
         answer["choices"] = [{**answer["choices"][0], "index": i} for i in range(answers(body, endpoint))]
         return JSONResponse(answer, headers=headers)

@@ -6,9 +6,10 @@ import asyncio
 import threading
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -105,7 +106,7 @@ class RedisProcess:
         self._exe = redis_server_executable()
         self.proc: Any = None
 
-    def start(self) -> "RedisProcess":
+    def start(self) -> RedisProcess:
         import subprocess
 
         args = [self._exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self._dir]
@@ -156,7 +157,7 @@ class PostgresProcess:
         if done.returncode:
             raise RuntimeError(f"{args[0]} failed: {done.stderr or done.stdout}")
 
-    def init(self) -> "PostgresProcess":
+    def init(self) -> PostgresProcess:
         import os
         import shutil
 
@@ -167,7 +168,7 @@ class PostgresProcess:
         self._run(str(self._bin / "initdb"), "-D", str(self._data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         return self.start()
 
-    def start(self) -> "PostgresProcess":
+    def start(self) -> PostgresProcess:
         opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self._data.parent} -c fsync=off"
         self._run(str(self._bin / "pg_ctl"), "-D", str(self._data), "-l", str(self._log), "-o", opts, "-w", "start")
         return self
@@ -207,8 +208,11 @@ def send(url: str, users: list[str], n: int, *, stream: bool = False) -> list[st
     with httpx.Client(base_url=url, timeout=10) as client:
         for i in range(n):
             rid = uid("req")
-            r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream},
-                            headers={"Authorization": f"Bearer {token(users[i % len(users)])}", "X-Request-Id": rid})  # fmt: skip
+            r = client.post(
+                "/v1/chat/completions",
+                json={**CHAT, "stream": stream},
+                headers={"Authorization": f"Bearer {token(users[i % len(users)])}", "X-Request-Id": rid},
+            )
             assert r.status_code == 200, r.text
             assert not stream or r.text.rstrip().endswith("data: [DONE]"), r.text
             ids.append(rid)

@@ -27,9 +27,11 @@ class KeyPair:
 
     @property
     def public_pem(self) -> str:
-        return self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+        return (
+            self.private.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
 
     def jwk(self) -> dict[str, Any]:
         algorithm = jwt.get_algorithm_by_name(self.alg)
@@ -37,8 +39,12 @@ class KeyPair:
         return {**data, "kid": self.kid, "use": "sig", "alg": self.alg}
 
     def token(self, sub: str, ttl: int = 300, **claims: Any) -> str:
-        return jwt.encode({"sub": sub, "exp": int(time.time()) + ttl, **claims}, self.private, algorithm=self.alg,
-                          headers={"kid": self.kid})  # fmt: skip
+        return jwt.encode(
+            {"sub": sub, "exp": int(time.time()) + ttl, **claims},
+            self.private,
+            algorithm=self.alg,
+            headers={"kid": self.kid},
+        )
 
 
 class JwksServer:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import httpx
 import jwt
@@ -40,12 +40,30 @@ NOW = int(time.time())
 BAD_INPUT = {
     "no token": ("POST", "/v1/chat/completions", {}, CHAT, 401),
     "expired token": ("POST", "/v1/chat/completions", {"Authorization": f"Bearer {token('a', ttl=-100)}"}, CHAT, 401),
-    "forged token": ("POST", "/v1/chat/completions", {"Authorization": f"Bearer {token('a', secret='x' * 40)}"}, CHAT, 401),
-    "alg none": ("POST", "/v1/chat/completions", {"Authorization": "Bearer " + jwt.encode({"sub": "a", "exp": NOW + 60}, None, algorithm="none")}, CHAT, 401),
+    "forged token": (
+        "POST",
+        "/v1/chat/completions",
+        {"Authorization": f"Bearer {token('a', secret='x' * 40)}"},
+        CHAT,
+        401,
+    ),
+    "alg none": (
+        "POST",
+        "/v1/chat/completions",
+        {"Authorization": "Bearer " + jwt.encode({"sub": "a", "exp": NOW + 60}, None, algorithm="none")},
+        CHAT,
+        401,
+    ),
     "malformed json": ("POST", "/v1/chat/completions", auth(), b"{not json", 400),
     "json array": ("POST", "/v1/chat/completions", auth(), b"[1, 2]", 400),
     "no model": ("POST", "/v1/chat/completions", auth(), {"messages": []}, 400),
-    "oversized body": ("POST", "/v1/chat/completions", auth(), {"model": "fake", "messages": [{"role": "user", "content": "x" * 70_000}]}, 413),
+    "oversized body": (
+        "POST",
+        "/v1/chat/completions",
+        auth(),
+        {"model": "fake", "messages": [{"role": "user", "content": "x" * 70_000}]},
+        413,
+    ),
     "unknown route": ("GET", "/v1/nothing-here", auth(), None, 404),
     "wrong method": ("GET", "/v1/chat/completions", auth(), None, 405),
 }
@@ -86,7 +104,9 @@ def test_quota_headers_and_request_id_on_every_response(client: httpx.Client) ->
         client.get("/v1/quota", headers=headers),
     ):
         assert r.status_code == 200, r.text
-        assert {"x-quota-limit", "x-quota-used", "x-quota-remaining", "x-quota-reset", "x-quota-state"} <= set(r.headers)
+        assert {"x-quota-limit", "x-quota-used", "x-quota-remaining", "x-quota-reset", "x-quota-state"} <= set(
+            r.headers
+        )
     first = client.post("/v1/chat/completions", headers={**headers, "X-Request-Id": "my-id-2"}, json=CHAT)
     assert first.headers["x-request-id"] == "my-id-2"
     assert first.headers["x-quota-state"] == "ok"
@@ -101,9 +121,15 @@ def test_upstream_4xx_passes_through_and_charges_nothing(client: httpx.Client) -
 
 
 def test_missing_usage_is_estimated_and_marked(client: httpx.Client, base_settings: Settings) -> None:
-    r = client.post("/v1/chat/completions", headers={**auth(), "X-Request-Id": (rid := uid("req"))}, json={**CHAT, "model": "no-usage"})
+    r = client.post(
+        "/v1/chat/completions",
+        headers={**auth(), "X-Request-Id": (rid := uid("req"))},
+        json={**CHAT, "model": "no-usage"},
+    )
     assert r.status_code == 200
-    row = eventually(lambda: pg_row(base_settings.database_url, "select * from usage_records where client_request_id = $1", rid))
+    row = eventually(
+        lambda: pg_row(base_settings.database_url, "select * from usage_records where client_request_id = $1", rid)
+    )
     assert row["estimated"] is True and row["status"] == "ok"
     assert row["completion_tokens"] == Tokenizer.load().count("four score and seven")  # the answer text, in cl100k_base
     assert row["total_tokens"] == int(r.headers["x-quota-used"]) > 0
@@ -137,9 +163,14 @@ def test_fifty_concurrent_requests_through_the_proxy_never_overrun(base_settings
     user = uid()
     headers = auth(user)
     body = {**CHAT, "max_tokens": 2}
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=50)) as c:
+    with (
+        serve(create_app(settings)) as url,
+        httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=50)) as c,
+    ):
         with concurrent.futures.ThreadPoolExecutor(50) as pool:
-            statuses = list(pool.map(lambda _: c.post("/v1/chat/completions", headers=headers, json=body).status_code, range(50)))
+            statuses = list(
+                pool.map(lambda _: c.post("/v1/chat/completions", headers=headers, json=body).status_code, range(50))
+            )
         quota = lambda: c.get("/v1/quota", headers=headers).json()["budgets"][0]  # noqa: E731
         eventually(lambda: quota()["reserved"] == 0)
         served = statuses.count(200)
@@ -192,8 +223,16 @@ def test_usage_statement_is_the_callers_own_and_pages(client: httpx.Client, base
     assert theirs["user"] == other and theirs["totals"]["requests"] == 1
 
 
-@pytest.mark.parametrize("params", [{"limit": "0"}, {"limit": "x"}, {"from": "yesterday"}, {"cursor": "bogus"},
-                                    {"from": "2026-11-10", "to": "2026-11-01"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": "0"},
+        {"limit": "x"},
+        {"from": "yesterday"},
+        {"cursor": "bogus"},
+        {"from": "2026-11-10", "to": "2026-11-01"},
+    ],
+)
 def test_usage_statement_rejects_bad_parameters(client: httpx.Client, params: dict[str, str]) -> None:
     r = client.get("/v1/usage", headers=auth(), params=params)
     assert r.status_code == 400 and r.json()["error"]["param"] in {"limit", "from", "to", "cursor"}
@@ -213,5 +252,9 @@ def test_litellm_cost_header_lands_in_the_ledger(client: httpx.Client, base_sett
     for stream in (False, True):
         rid = uid("req")
         client.post("/v1/chat/completions", headers={**auth(), "X-Request-Id": rid}, json={**CHAT, "stream": stream})
-        row = eventually(lambda: pg_row(base_settings.database_url, "select * from usage_records where client_request_id = $1", rid))
+        row = eventually(
+            lambda rid=rid: pg_row(
+                base_settings.database_url, "select * from usage_records where client_request_id = $1", rid
+            )
+        )
         assert float(row["cost_usd"]) == pytest.approx(0.00042)

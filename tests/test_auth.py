@@ -1,11 +1,10 @@
+import asyncio
 import time
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-
-import asyncio
 
 from proxy.auth import Authenticator, Principal, issue_token, parse_ttl
 from proxy.config import Settings
@@ -91,7 +90,11 @@ def test_cached_token_still_expires() -> None:
 
 @pytest.mark.parametrize(
     "settings",
-    [Settings(jwt_secret="x", jwt_algorithms=("HS256", "RS256")), Settings(jwt_secret="x", jwt_algorithms=("none",)), Settings()],
+    [
+        Settings(jwt_secret="x", jwt_algorithms=("HS256", "RS256")),
+        Settings(jwt_secret="x", jwt_algorithms=("none",)),
+        Settings(),
+    ],
 )
 def test_unsafe_or_incomplete_configuration_is_refused(settings: Settings) -> None:
     with pytest.raises(ValueError):

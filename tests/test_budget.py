@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
@@ -14,12 +14,12 @@ import redis.asyncio as aioredis
 
 from proxy.auth import Identity
 from proxy.budget import BudgetEngine
-from proxy.quota import period_bounds
 from proxy.config import Settings
 from proxy.errors import QuotaExceeded
 from proxy.ledger import insert_records
 from proxy.limits import BudgetBook
 from proxy.pipe import PipedRedis
+from proxy.quota import period_bounds
 
 from .helpers import uid
 
@@ -32,19 +32,40 @@ def engine_for(client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings, *
 
 def usage_row(user: str, tokens: int, at: float, tenant: str | None = None) -> bytes:
     """An encoded ledger record (without the fields added in sql/003, as an older version queued them)."""
-    return orjson.dumps({
-        "request_id": uid("r"), "created_at": at, "user_id": user, "tenant_id": tenant, "model": "m",
-        "served_model": None, "endpoint": "chat", "prompt_tokens": tokens, "completion_tokens": 0,
-        "total_tokens": tokens, "cost_usd": None, "status": "ok", "http_status": 200, "stream": False,
-        "estimated": False, "latency_ms": 1.0, "ttft_ms": None,
-    })  # fmt: skip
+    return orjson.dumps(
+        {
+            "request_id": uid("r"),
+            "created_at": at,
+            "user_id": user,
+            "tenant_id": tenant,
+            "model": "m",
+            "served_model": None,
+            "endpoint": "chat",
+            "prompt_tokens": tokens,
+            "completion_tokens": 0,
+            "total_tokens": tokens,
+            "cost_usd": None,
+            "status": "ok",
+            "http_status": 200,
+            "stream": False,
+            "estimated": False,
+            "latency_ms": 1.0,
+            "ttft_ms": None,
+        }
+    )
 
 
 def test_period_bounds_are_utc_calendar_periods() -> None:
-    at = datetime(2026, 12, 31, 23, 30, tzinfo=timezone.utc).timestamp()  # a Thursday
-    assert period_bounds("month", at) == (datetime(2026, 12, 1, tzinfo=timezone.utc), datetime(2027, 1, 1, tzinfo=timezone.utc))
-    assert period_bounds("day", at)[1] == datetime(2027, 1, 1, tzinfo=timezone.utc)
-    assert period_bounds("week", at) == (datetime(2026, 12, 28, tzinfo=timezone.utc), datetime(2027, 1, 4, tzinfo=timezone.utc))
+    at = datetime(2026, 12, 31, 23, 30, tzinfo=UTC).timestamp()  # a Thursday
+    assert period_bounds("month", at) == (
+        datetime(2026, 12, 1, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    assert period_bounds("day", at)[1] == datetime(2027, 1, 1, tzinfo=UTC)
+    assert period_bounds("week", at) == (
+        datetime(2026, 12, 28, tzinfo=UTC),
+        datetime(2027, 1, 4, tzinfo=UTC),
+    )
     assert period_bounds("total", at)[1] is None
 
 
@@ -61,7 +82,7 @@ async def test_reserve_then_settle_moves_used_by_exactly_the_real_usage(redis_cl
 
 async def test_warn_and_blocked_states_and_the_readable_refusal(redis_client, pg_pool, base_settings) -> None:
     settings = replace(base_settings, default_token_budget=100_000)
-    engine = engine_for(redis_client, pg_pool, settings, clock=lambda: datetime(2026, 11, 23, tzinfo=timezone.utc).timestamp())
+    engine = engine_for(redis_client, pg_pool, settings, clock=lambda: datetime(2026, 11, 23, tzinfo=UTC).timestamp())
     me = Identity(uid())
     r = await engine.reserve(me, "a", 10, 20)
     await engine.settle(r, 80_000)
@@ -118,18 +139,20 @@ async def test_counter_lost_in_redis_is_rebuilt_from_postgres(redis_client, pg_p
     assert q.used == 1000
 
 
-async def test_new_period_starts_from_zero_and_old_usage_stays_in_its_period(redis_client, pg_pool, base_settings) -> None:
-    now = [datetime(2026, 11, 30, 23, 59, tzinfo=timezone.utc).timestamp()]
+async def test_new_period_starts_from_zero_and_old_usage_stays_in_its_period(
+    redis_client, pg_pool, base_settings
+) -> None:
+    now = [datetime(2026, 11, 30, 23, 59, tzinfo=UTC).timestamp()]
     engine = engine_for(redis_client, pg_pool, replace(base_settings, default_token_budget=1000), clock=lambda: now[0])
     me = Identity(uid())
     async with pg_pool.acquire() as conn:
         await insert_records(conn, [usage_row(me.user, 990, now[0] - 60)], set())
     with pytest.raises(QuotaExceeded):
         await engine.reserve(me, "late-november", 10, 20)
-    now[0] = datetime(2026, 12, 1, 0, 1, tzinfo=timezone.utc).timestamp()
+    now[0] = datetime(2026, 12, 1, 0, 1, tzinfo=UTC).timestamp()
     r = await engine.reserve(me, "early-december", 10, 20)
     assert r.quotas[0].used == 0
-    assert r.quotas[0].resets_at == datetime(2027, 1, 1, tzinfo=timezone.utc)
+    assert r.quotas[0].resets_at == datetime(2027, 1, 1, tzinfo=UTC)
 
 
 async def test_tenant_budget_blocks_a_user_who_still_has_room(redis_client, pg_pool, base_settings) -> None:
@@ -212,7 +235,9 @@ async def test_tokens_per_minute_count_settled_usage(redis_client, pg_pool, base
         await engine.reserve(me, "b", 10, 20)
 
 
-async def test_reconcile_settles_each_owed_request_and_releases_its_reservation(redis_client, pg_pool, base_settings) -> None:
+async def test_reconcile_settles_each_owed_request_and_releases_its_reservation(
+    redis_client, pg_pool, base_settings
+) -> None:
     engine = engine_for(redis_client, pg_pool, base_settings)
     me = Identity(uid())
     first, second = await engine.reserve(me, "a", 10, 100), await engine.reserve(me, "b", 10, 100)

@@ -7,8 +7,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import redis
@@ -20,6 +20,7 @@ from proxy.config import Settings
 from proxy.errors import QuotaExceeded
 from proxy.limits import BudgetBook
 
+from .devstack import spawn
 from .helpers import eventually, redis_server_executable, uid
 
 pytestmark = pytest.mark.anyio
@@ -53,17 +54,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
     try:
         for port in ports:
             node = tmp_path_factory.mktemp(f"node{port}")
-            procs.append(subprocess.Popen(
-                [exe, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file",
-                 str(node / "nodes.conf"), "--dir", str(node), "--save", "", "--appendonly", "no"],
-                stdout=open(node / "redis.log", "wb"), stderr=subprocess.STDOUT,
-            ))  # fmt: skip
+            args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
+            args += ["--cluster-config-file", str(node / "nodes.conf"), "--dir", str(node)]
+            procs.append(spawn([*args, "--save", "", "--appendonly", "no"], node / "redis.log"))
         for port in ports:
-            eventually(lambda: redis.Redis(port=port).ping(), timeout=10)
+            eventually(lambda port=port: redis.Redis(port=port).ping(), timeout=10)
         subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         eventually(lambda: redis.Redis(port=ports[0]).cluster("info").get("cluster_state") == "ok", timeout=20)
         yield ports
     finally:

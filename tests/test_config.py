@@ -17,7 +17,9 @@ def test_defaults_match_the_documented_contract() -> None:
 def test_environment_wins_over_env_file(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("# comment\nJWT_SECRET=from-file\nDEFAULT_TOKEN_BUDGET=5\nexport WARN_RATIO='0.5'\n")
-    s = Settings.from_env({"DEFAULT_TOKEN_BUDGET": "7", "CLAMP_MAX_TOKENS": "false", "JWT_ALGORITHMS": "HS256, HS512"}, env_file)
+    s = Settings.from_env(
+        {"DEFAULT_TOKEN_BUDGET": "7", "CLAMP_MAX_TOKENS": "false", "JWT_ALGORITHMS": "HS256, HS512"}, env_file
+    )
     assert s.jwt_secret == "from-file"
     assert s.default_token_budget == 7
     assert s.warn_ratio == 0.5
@@ -27,7 +29,11 @@ def test_environment_wins_over_env_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "env, message",
-    [({"BUDGET_PERIOD": "year"}, "BUDGET_PERIOD"), ({"WARN_RATIO": "1.5"}, "WARN_RATIO"), ({"FAIL_MODE": "maybe"}, "FAIL_MODE")],
+    [
+        ({"BUDGET_PERIOD": "year"}, "BUDGET_PERIOD"),
+        ({"WARN_RATIO": "1.5"}, "WARN_RATIO"),
+        ({"FAIL_MODE": "maybe"}, "FAIL_MODE"),
+    ],
 )
 def test_invalid_values_are_refused_with_the_variable_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):

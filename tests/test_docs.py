@@ -73,7 +73,7 @@ def documented_defaults(rows: list[tuple[list[str], str]]) -> dict[str, str]:
             assert len(values) == len(names), (
                 f"{' / '.join(names)}: give one `literal` default per variable, or {EMPTY} for empty; got {cell!r}"
             )
-        for name, value in zip(names, values):
+        for name, value in zip(names, values, strict=True):
             defaults[name] = normalise(value)
     return defaults
 
@@ -95,21 +95,38 @@ def test_every_setting_is_documented_once_and_nothing_else() -> None:
 def test_documented_defaults_are_the_settings_defaults() -> None:
     documented = documented_defaults(config_rows(CONFIGURATION.read_text()))
     actual = settings_defaults()
-    wrong = {name: (value, actual[name]) for name, value in documented.items() if name in actual and value != actual[name]}
+    wrong = {
+        name: (value, actual[name]) for name, value in documented.items() if name in actual and value != actual[name]
+    }
     assert not wrong, f"(documented, actual) defaults that differ: {wrong}"
 
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(5, "5"), (5.0, "5"), ("5.0", "5"), (0.8, "0.8"), ("0.8", "0.8"), (True, "true"), ("False", "false"),
-     ((), ""), (("a", "b"), "a,b"), ("", ""), ("100_000", "100000"), ("127.0.0.1", "127.0.0.1")],
-)  # fmt: skip
+    [
+        (5, "5"),
+        (5.0, "5"),
+        ("5.0", "5"),
+        (0.8, "0.8"),
+        ("0.8", "0.8"),
+        (True, "true"),
+        ("False", "false"),
+        ((), ""),
+        (("a", "b"), "a,b"),
+        ("", ""),
+        ("100_000", "100000"),
+        ("127.0.0.1", "127.0.0.1"),
+    ],
+)
 def test_normalise(value: object, expected: str) -> None:
     assert normalise(value) == expected
 
 
 def test_config_rows_reads_rows_naming_several_variables() -> None:
-    text = "| variable | default | meaning |\n| --- | --- | --- |\n| `A_B` / `C` | `5` / `6.0` | x |\n| `D`, `E` | — | y |\n\n| a | b |\n| `F` | `1` |\n"
+    text = (
+        "| variable | default | meaning |\n| --- | --- | --- |\n| `A_B` / `C` | `5` / `6.0` | x |\n"
+        "| `D`, `E` | — | y |\n\n| a | b |\n| `F` | `1` |\n"
+    )
     rows = config_rows(text)
     assert rows == [(["A_B", "C"], "`5` / `6.0`"), (["D", "E"], "—")]
     assert documented_defaults(rows) == {"A_B": "5", "C": "6", "D": "", "E": ""}
@@ -150,7 +167,10 @@ def test_relative_links_point_at_existing_files(path: Path) -> None:
 
 
 def test_anchors_are_githubs() -> None:
-    text = "# Identity (JWT)\n## How requests end, and what they cost\n```\n# not a heading\n```\n## Runs (`LEDGER_WRITER`)\n"
+    text = (
+        "# Identity (JWT)\n## How requests end, and what they cost\n```\n# not a heading\n```\n"
+        "## Runs (`LEDGER_WRITER`)\n"
+    )
     assert anchors_of(text) == {"identity-jwt", "how-requests-end-and-what-they-cost", "runs-ledger_writer"}
 
 

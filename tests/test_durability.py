@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import asyncpg
 import httpx
@@ -17,10 +17,11 @@ import pytest
 
 from proxy.config import Settings
 from proxy.db import migrate
-from .devstack import alive, children, free_port, start_proxy, stop
 
+from .devstack import alive, children, free_port, start_proxy, stop
 from .fake_upstream import FakeUpstream
 from .helpers import PostgresProcess, count_rows, eventually, send, settings_env, uid
+
 
 @pytest.fixture
 def private_pg() -> Iterator[PostgresProcess]:
@@ -38,14 +39,21 @@ def private_pg() -> Iterator[PostgresProcess]:
 
 def proxy_env(base: Settings, fake: FakeUpstream, pg: PostgresProcess) -> dict[str, str]:
     settings = replace(
-        base, database_url=pg.url, litellm_base_url=fake.url, ledger_stream=f"test:durable:{uid()}",
-        ledger_consumer=f"writer-{uid()}", ledger_flush_seconds=0.05, budget_refresh_seconds=0.5,
+        base,
+        database_url=pg.url,
+        litellm_base_url=fake.url,
+        ledger_stream=f"test:durable:{uid()}",
+        ledger_consumer=f"writer-{uid()}",
+        ledger_flush_seconds=0.05,
+        budget_refresh_seconds=0.5,
         ledger_writer="process",  # the default: the writer is the proxy's child
-    )  # fmt: skip
+    )
     return settings_env(settings)
 
 
-def test_postgres_down_for_a_while_loses_nothing(base_settings: Settings, fake: FakeUpstream, private_pg: PostgresProcess, tmp_path: Path) -> None:
+def test_postgres_down_for_a_while_loses_nothing(
+    base_settings: Settings, fake: FakeUpstream, private_pg: PostgresProcess, tmp_path: Path
+) -> None:
     env = proxy_env(base_settings, fake, private_pg)
     port = free_port()
     proc = start_proxy(env, port, tmp_path / "proxy.log")

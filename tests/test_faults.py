@@ -5,11 +5,10 @@ Each test checks what the client saw, what the ledger recorded, and what the bud
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import httpx
 import orjson
@@ -17,7 +16,6 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import Settings
-
 from proxy.tokens import Tokenizer
 
 from .fake_upstream import USAGE, FakeUpstream
@@ -43,7 +41,9 @@ class Call:
         return httpx.post(f"{self.proxy_url}/v1/chat/completions", headers=self.headers, json=self.body, timeout=10)
 
     def record(self):  # type: ignore[no-untyped-def]
-        return eventually(lambda: pg_row(self.dsn, "select * from usage_records where client_request_id = $1", self.request_id))
+        return eventually(
+            lambda: pg_row(self.dsn, "select * from usage_records where client_request_id = $1", self.request_id)
+        )
 
     def quota(self) -> dict:
         r = httpx.get(f"{self.proxy_url}/v1/quota", headers=self.headers)
@@ -66,7 +66,12 @@ def test_complete_stream_is_charged_its_usage(proxy_url: str, base_settings: Set
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert data_events(r.text)[-1] == "[DONE]"
     row = call.record()
-    assert (row["status"], row["total_tokens"], row["estimated"], row["served_model"]) == ("ok", USAGE["total_tokens"], False, "fake-served")
+    assert (row["status"], row["total_tokens"], row["estimated"], row["served_model"]) == (
+        "ok",
+        USAGE["total_tokens"],
+        False,
+        "fake-served",
+    )
     call.settled(USAGE["total_tokens"])
 
 
@@ -119,7 +124,9 @@ def test_slow_first_byte_is_waited_for_and_measured(proxy_url: str, base_setting
     assert row["status"] == "ok" and 500 <= row["ttft_ms"] < 1500
 
 
-def test_upstream_errors_before_streaming_pass_through_with_their_status(proxy_url: str, base_settings: Settings) -> None:
+def test_upstream_errors_before_streaming_pass_through_with_their_status(
+    proxy_url: str, base_settings: Settings
+) -> None:
     for model, status in (("bad-request", 400), ("server-error", 500)):
         call = Call(proxy_url, model, base_settings.database_url)
         r = call.run()
@@ -133,7 +140,9 @@ def test_client_hanging_up_cancels_the_upstream_and_charges_what_was_streamed(
     proxy_url: str, fake: FakeUpstream, base_settings: Settings
 ) -> None:
     call = Call(proxy_url, "endless", base_settings.database_url)
-    with httpx.stream("POST", f"{proxy_url}/v1/chat/completions", headers=call.headers, json=call.body, timeout=10) as r:
+    with httpx.stream(
+        "POST", f"{proxy_url}/v1/chat/completions", headers=call.headers, json=call.body, timeout=10
+    ) as r:
         seen = b""
         for part in r.iter_bytes():
             seen += part

@@ -7,8 +7,8 @@ import base64
 import hashlib
 import hmac
 import time
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import httpx
 import jwt
@@ -22,7 +22,7 @@ from proxy.errors import BadRequest, Unauthorized
 from proxy.jwks import JwksKeys
 
 from .fake_upstream import FakeUpstream
-from .helpers import JWT_SECRET, eventually, pg_row, serve, token, uid
+from .helpers import JWT_SECRET, eventually, serve, token, uid
 from .keys import JwksServer, KeyPair
 
 
@@ -78,20 +78,28 @@ def test_public_key_algorithms_with_a_pem(alg: str) -> None:
 def test_algorithm_confusion_is_refused() -> None:
     key = KeyPair("RS256", "k")
     auth = Authenticator(Settings(jwt_public_key=key.public_pem, jwt_algorithms=("RS256",)))
+
     # The attacker signs HS256 with the public key as the shared secret (by hand: PyJWT refuses to).
     def b64(data: bytes) -> bytes:
         return base64.urlsafe_b64encode(data).rstrip(b"=")
 
     signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(b'{"sub":"admin","exp":%d}' % (time.time() + 60))
-    forged = (signing_input + b"." + b64(hmac.new(key.public_pem.encode(), signing_input, hashlib.sha256).digest())).decode()
+    forged = (
+        signing_input + b"." + b64(hmac.new(key.public_pem.encode(), signing_input, hashlib.sha256).digest())
+    ).decode()
     with pytest.raises(Unauthorized):
         verify(auth, forged)
 
 
 def test_claims_are_configurable_for_existing_identity_providers() -> None:
     key = KeyPair("RS256", "k")
-    settings = Settings(jwt_public_key=key.public_pem, jwt_user_claim="preferred_username", jwt_tenant_claim="org",
-                        jwt_issuer="https://keycloak/realms/acme", jwt_audience="librechat")  # fmt: skip
+    settings = Settings(
+        jwt_public_key=key.public_pem,
+        jwt_user_claim="preferred_username",
+        jwt_tenant_claim="org",
+        jwt_issuer="https://keycloak/realms/acme",
+        jwt_audience="librechat",
+    )
     t = key.token("uuid-1", preferred_username="alice", org="acme", iss="https://keycloak/realms/acme", aud="librechat")
     assert verify(Authenticator(settings), t).identity == Identity("alice", "acme")
 
@@ -138,7 +146,9 @@ def test_admin_reads_any_users_usage_and_sets_budgets(proxy_url: str) -> None:
     user, admin = uid(), bearer(token(uid("admin"), quota_admin=True))
     with httpx.Client(base_url=proxy_url, timeout=10) as c:
         c.post("/v1/chat/completions", headers=bearer(token(user)), json={"model": "fake", "messages": []})
-        eventually(lambda: c.get("/admin/usage", headers=admin, params={"user": user}).json()["totals"]["requests"] == 1)
+        eventually(
+            lambda: c.get("/admin/usage", headers=admin, params={"user": user}).json()["totals"]["requests"] == 1
+        )
         r = c.put(f"/admin/budgets/{user}", headers=admin, json={"tokens": 5000, "rpm": 10})
         assert r.status_code == 200 and r.json()["tokens"] == 5000
         eventually(lambda: c.get("/v1/quota", headers=bearer(token(user))).json()["budgets"][0]["limit"] == 5000)
@@ -175,9 +185,21 @@ BAD = {
     "not yet valid": (bearer(_hs({"sub": "a", "exp": NOW + 600, "nbf": NOW + 300})), CHAT, 401),
     "issued in the future": (bearer(_hs({"sub": "a", "exp": NOW + 600, "iat": NOW + 300})), CHAT, 401),
     "forged signature": (bearer(token("a", secret="not-the-secret-0123456789abcdefghij")), CHAT, 401),
-    "tampered payload": (bearer(OK.split(".")[0] + "." + _hs({"sub": "admin", "exp": NOW + 60}).split(".")[1] + "." + OK.split(".")[2]), CHAT, 401),
+    "tampered payload": (
+        bearer(OK.split(".")[0] + "." + _hs({"sub": "admin", "exp": NOW + 60}).split(".")[1] + "." + OK.split(".")[2]),
+        CHAT,
+        401,
+    ),
     "alg none": (bearer(jwt.encode({"sub": "a", "exp": NOW + 60}, None, algorithm="none")), CHAT, 401),
-    "alg none, uppercase": (bearer(jwt.encode({"sub": "a", "exp": NOW + 60}, None, algorithm="none").replace("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJhbGciOiJOT05FIiwidHlwIjoiSldUIn0")), CHAT, 401),
+    "alg none, uppercase": (
+        bearer(
+            jwt.encode({"sub": "a", "exp": NOW + 60}, None, algorithm="none").replace(
+                "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJhbGciOiJOT05FIiwidHlwIjoiSldUIn0"
+            )
+        ),
+        CHAT,
+        401,
+    ),
     "HS512 when HS256 expected": (bearer(_hs({"sub": "a", "exp": NOW + 60}, alg="HS512")), CHAT, 401),
     "RS256 token": (bearer(RSA.token("a")), CHAT, 401),
     "no sub": (bearer(_hs({"exp": NOW + 60})), CHAT, 401),
@@ -192,13 +214,19 @@ BAD = {
     "model missing": (bearer(OK), {"messages": []}, 400),
     "model not a string": (bearer(OK), {"model": 42, "messages": []}, 400),
     "not utf-8": (bearer(OK), b"\xff\xfe{}", 400),
-    "body over the limit": (bearer(OK), {"model": "fake", "messages": [{"role": "user", "content": "x" * 40_000}]}, 413),
+    "body over the limit": (
+        bearer(OK),
+        {"model": "fake", "messages": [{"role": "user", "content": "x" * 40_000}]},
+        413,
+    ),
     "delegate token naming nobody": (bearer(token("svc", quota_delegate=True)), {"model": "fake", "messages": []}, 400),
 }
 
 
 @pytest.mark.parametrize("headers, body, status", BAD.values(), ids=BAD.keys())
-def test_bad_tokens_and_bodies(proxy_url: str, fake: FakeUpstream, base_settings: Settings, headers: dict, body: object, status: int) -> None:
+def test_bad_tokens_and_bodies(
+    proxy_url: str, fake: FakeUpstream, base_settings: Settings, headers: dict, body: object, status: int
+) -> None:
     assert len(BAD) >= 25
     sent = len(fake.requests)
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}

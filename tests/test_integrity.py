@@ -25,8 +25,8 @@ from urllib.parse import quote
 import asyncpg
 import httpx
 import pytest
-from redis.exceptions import TimeoutError as RedisTimeoutError
 import redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.app import create_app
 from proxy.config import Settings
@@ -64,8 +64,14 @@ class Proxy:
     def budget(self) -> Any:
         return self.services.budget
 
-    def post(self, path: str, body: Any, user: str | None = None, headers: dict[str, str] | None = None,
-             bearer: str | None = None) -> httpx.Response:  # fmt: skip
+    def post(
+        self,
+        path: str,
+        body: Any,
+        user: str | None = None,
+        headers: dict[str, str] | None = None,
+        bearer: str | None = None,
+    ) -> httpx.Response:
         sent = {"Authorization": f"Bearer {bearer or token(user or uid())}", **(headers or {})}
         kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
         return self.client.post(path, headers=sent, **kwargs)
@@ -506,11 +512,15 @@ def test_6_internal_upstream_headers_stay_in_the_proxy(proxy: Proxy, stream: boo
     assert r.headers["openai-model"] == "gpt-fake" and r.headers["x-litellm-response-cost"] == "0.00042"
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/chat/completions", chat("echo-auth-error")),
-    ("/v1/chat/completions", chat("echo-auth-error", stream=True)),
-    ("/v1/embeddings", {"model": "echo-auth-error", "input": "hi"}),
-], ids=["chat", "stream", "embeddings"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", chat("echo-auth-error")),
+        ("/v1/chat/completions", chat("echo-auth-error", stream=True)),
+        ("/v1/embeddings", {"model": "echo-auth-error", "input": "hi"}),
+    ],
+    ids=["chat", "stream", "embeddings"],
+)
 def test_6_an_upstream_error_echoing_secrets_is_rebuilt_without_them(
     proxy: Proxy, path: str, body: dict[str, Any]
 ) -> None:
@@ -753,3 +763,31 @@ def test_a_failure_at_any_step_releases_the_slot_settles_and_records_once(
         user, timeout=4
     )  # nothing reserved, in the counter or as an r:<id> field (reconciled each second)
     assert quota["used"] == row["total_tokens"]  # settled with exactly what was recorded
+
+
+def test_a_user_named_in_a_header_is_the_same_user_as_in_the_body(proxy: Proxy) -> None:
+    """ASGI hands headers over as latin-1: a non-ASCII id sent as UTF-8 in X-User-Id must still be one user."""
+    name = f"josé-{secrets.token_hex(3)}"
+    service = {"Authorization": f"Bearer {token(uid('svc'), tenant=uid('t'), quota_delegate=True)}"}
+    by_header = proxy.client.post(
+        "/v1/chat/completions", json=chat("fake"), headers={**service, "X-User-Id": name.encode()}
+    )
+    by_body = proxy.client.post("/v1/chat/completions", json=chat("fake", user=name), headers=service)
+    assert by_header.status_code == by_body.status_code == 200, (by_header.text, by_body.text)
+    assert int(by_body.headers["x-quota-used"]) == 2 * 12  # both on one counter (the fake charges 12 each)
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGVsbG8="}},
+        {"type": "image_url", "image_url": {"url": "data:application/pdf;base64,JVBERi0="}},
+        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}},
+        {"type": "file", "file": {"file_id": "file-abc123"}},
+    ],
+    ids=["text behind an image", "pdf behind an image", "file url", "file by id"],
+)
+def test_parts_whose_cost_no_reservation_can_bound_are_refused(proxy: Proxy, part: dict[str, Any]) -> None:
+    body = {**chat("fake"), "messages": [{"role": "user", "content": [{"type": "text", "text": "read"}, part]}]}
+    r = proxy.client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token(uid())}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text

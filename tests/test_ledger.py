@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
@@ -21,11 +21,24 @@ pytestmark = pytest.mark.anyio
 
 def record(user: str, tokens: int = 30, at: float | None = None, **kw: object) -> UsageRecord:
     fields = dict(
-        request_id=uid("req"), created_at=at or time.time(), user_id=user, tenant_id="acme", model="mock-gpt",
-        served_model="mock-gpt", endpoint="chat", prompt_tokens=10, completion_tokens=tokens - 10,
-        total_tokens=tokens, cost_usd=0.00012, status="ok", http_status=200, stream=True, estimated=False,
-        latency_ms=12.5, ttft_ms=3.25,
-    )  # fmt: skip
+        request_id=uid("req"),
+        created_at=at or time.time(),
+        user_id=user,
+        tenant_id="acme",
+        model="mock-gpt",
+        served_model="mock-gpt",
+        endpoint="chat",
+        prompt_tokens=10,
+        completion_tokens=tokens - 10,
+        total_tokens=tokens,
+        cost_usd=0.00012,
+        status="ok",
+        http_status=200,
+        stream=True,
+        estimated=False,
+        latency_ms=12.5,
+        ttft_ms=3.25,
+    )
     fields.update(kw)
     return UsageRecord(**fields)  # type: ignore[arg-type]
 
@@ -50,7 +63,10 @@ async def test_records_land_in_postgres_with_every_field(ledger, redis_client, p
     await enqueue(redis_client, ledger, records)
     assert await ledger.drain_once(block=False) == 2
     rows = await pg_pool.fetch("select * from usage_records where user_id = $1 order by total_tokens", user)
-    assert [(r["total_tokens"], r["stream"], r["estimated"], r["ttft_ms"]) for r in rows] == [(30, True, False, 3.25), (50, False, True, None)]
+    assert [(r["total_tokens"], r["stream"], r["estimated"], r["ttft_ms"]) for r in rows] == [
+        (30, True, False, 3.25),
+        (50, False, True, None),
+    ]
     assert rows[0]["request_id"] == records[0].request_id and rows[0]["tenant_id"] == "acme"
     assert float(rows[0]["cost_usd"]) == pytest.approx(0.00012)
     assert abs(rows[0]["created_at"].timestamp() - records[0].created_at) < 1e-3
@@ -98,7 +114,7 @@ async def test_entries_of_a_dead_writer_are_claimed(redis_client, pg_pool) -> No
 
 async def test_a_record_in_a_month_without_partition_creates_it(ledger, redis_client, pg_pool) -> None:
     user = uid()
-    far = datetime(2031, 7, 15, tzinfo=timezone.utc).timestamp()
+    far = datetime(2031, 7, 15, tzinfo=UTC).timestamp()
     await pg_pool.execute("drop table if exists usage_records_203107; drop table if exists usage_records_203106")
     await enqueue(redis_client, ledger, [record(user), record(user, at=far)])
     assert await ledger.drain_once(block=False) == 2
@@ -109,11 +125,13 @@ async def test_a_record_in_a_month_without_partition_creates_it(ledger, redis_cl
 
 async def test_text_fields_arrive_exactly_and_a_nul_is_dropped(ledger, redis_client, pg_pool) -> None:
     user = uid()
-    awkward = 'quote " back\\slash \\u0000 tab\t newline\n é 漢 \U0001F600'  # \\u0000 here is text, not a NUL
+    awkward = 'quote " back\\slash \\u0000 tab\t newline\n é 漢 \U0001f600'  # \\u0000 here is text, not a NUL
     records = [record(user, model=awkward), record(user, model="nul\x00inside", user_email="a\\\x00b@x")]
     await enqueue(redis_client, ledger, records)
     assert await ledger.drain_once(block=False) == 2
-    rows = await pg_pool.fetch("select model, user_email from usage_records where user_id = $1 order by total_tokens, model", user)
+    rows = await pg_pool.fetch(
+        "select model, user_email from usage_records where user_id = $1 order by total_tokens, model", user
+    )
     assert sorted(r["model"] for r in rows) == sorted([awkward, "nulinside"])
     assert {r["user_email"] for r in rows} == {None, "a\\b@x"}
 
@@ -147,11 +165,19 @@ async def test_direct_write_when_redis_is_unreachable(pg_pool) -> None:
 async def test_views_report_what_the_records_say(ledger, redis_client, pg_pool) -> None:
     user = uid()
     await pg_pool.execute(
-        "insert into budgets (subject_type, subject, period, token_limit, warn_ratio) values ('user', $1, 'month', 100, 0.8)", user
+        "insert into budgets (subject_type, subject, period, token_limit, warn_ratio)"
+        " values ('user', $1, 'month', 100, 0.8)",
+        user,
     )
-    await enqueue(redis_client, ledger, [record(user, 30), record(user, 55, model="other"), record(user, 0, status="blocked", http_status=429)])
+    await enqueue(
+        redis_client,
+        ledger,
+        [record(user, 30), record(user, 55, model="other"), record(user, 0, status="blocked", http_status=429)],
+    )
     await ledger.drain_once(block=False)
-    daily = await pg_pool.fetch("select model, requests, tokens from usage_daily where user_id = $1 order by model", user)
+    daily = await pg_pool.fetch(
+        "select model, requests, tokens from usage_daily where user_id = $1 order by model", user
+    )
     assert [tuple(r) for r in daily] == [("mock-gpt", 2, 30), ("other", 1, 55)]
     status = await pg_pool.fetchrow("select * from budget_status where subject_type = 'user' and subject = $1", user)
     assert (status["token_limit"], status["used"], status["remaining"], status["state"]) == (100, 85, 15, "warn")

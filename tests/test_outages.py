@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -59,7 +58,11 @@ def test_closed_mode_refuses_with_503_then_recovers_from_postgres(
         assert client.get("/readyz").status_code == 503
         # Redis comes back empty (no persistence): the user's spend is rebuilt from PostgreSQL.
         volatile_redis.start()
-        r = eventually(lambda: (resp := client.post("/v1/chat/completions", headers=headers, json=CHAT)).status_code == 200 and resp)
+        r = eventually(
+            lambda: (
+                (resp := client.post("/v1/chat/completions", headers=headers, json=CHAT)).status_code == 200 and resp
+            )
+        )
         assert r.headers["x-quota-used"] == "24"
 
 

@@ -33,8 +33,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(ROOT / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(source)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return next(out.glob("quota_sidecar-*.whl"))
 
 
@@ -55,8 +57,11 @@ def test_installed_wheel_migrates_an_empty_database_and_serves(wheel: Path, tmp_
     subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", str(wheel)], check=True, timeout=120)
     found = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import proxy, pathlib; print(pathlib.Path(proxy.__file__).parent)"],
-        check=True, capture_output=True, text=True, cwd=tmp_path,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    ).stdout.strip()
     assert found.startswith(str(venv)), f"proxy imported from {found}, not the wheel"
 
     database = f"pkg_{secrets.token_hex(4)}"
@@ -66,9 +71,13 @@ def test_installed_wheel_migrates_an_empty_database_and_serves(wheel: Path, tmp_
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "LEDGER_"))},
             "DATABASE_URL": TEST_DATABASE_URL.rsplit("/", 1)[0] + f"/{database}",
-            "REDIS_URL": "redis://127.0.0.1:6379/12", "JWT_SECRET": JWT_SECRET, "LITELLM_MASTER_KEY": "sk-unused",
-            "LITELLM_BASE_URL": "http://127.0.0.1:9", "LEDGER_WRITER": "off", "PROXY_PORT": str(free_port()),
-        }  # fmt: skip
+            "REDIS_URL": "redis://127.0.0.1:6379/12",
+            "JWT_SECRET": JWT_SECRET,
+            "LITELLM_MASTER_KEY": "sk-unused",
+            "LITELLM_BASE_URL": "http://127.0.0.1:9",
+            "LEDGER_WRITER": "off",
+            "PROXY_PORT": str(free_port()),
+        }
         cli = str(venv / "bin" / "quota-sidecar")
         migrated = subprocess.run([cli, "migrate"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert migrated.returncode == 0, migrated.stderr
@@ -79,7 +88,7 @@ def test_installed_wheel_migrates_an_empty_database_and_serves(wheel: Path, tmp_
             eventually(lambda: httpx.get(url, timeout=1).json()["status"] == "ok", timeout=30)
         finally:
             server.terminate()
-            server.wait(20)
+            server.communicate(timeout=20)
     finally:
         time.sleep(0.2)  # the server's pool lets go of the database
         _sql(admin_url, f"drop database if exists {database} with (force)")

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -132,7 +132,9 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize("wait", [True, False], ids=["written", "not-waited"])
-async def test_what_written_waited_for_survives_a_crash(base_settings, redis_client: aioredis.Redis, wait: bool) -> None:  # type: ignore[no-untyped-def]
+async def test_what_written_waited_for_survives_a_crash(
+    base_settings, redis_client: aioredis.Redis, wait: bool
+) -> None:  # type: ignore[no-untyped-def]
     stream = uid("crash")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CRASH_AFTER_SUBMIT, base_settings.redis_url, stream, "wait" if wait else "go"

@@ -36,7 +36,11 @@ def test_usage_chunk_passes_when_the_caller_asked_for_it() -> None:
 def test_usage_riding_on_a_content_chunk_is_stripped_not_dropped() -> None:
     meter = StreamMeter(hide_usage=True)
     out = meter.feed(chunk("end", usage=USAGE))
-    assert orjson.loads(out[6:]) == {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "end"}}]}
+    assert orjson.loads(out[6:]) == {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "end"}}],
+    }
     assert meter.usage == USAGE
 
 

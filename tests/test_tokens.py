@@ -38,10 +38,14 @@ def reference_chat(body: dict[str, Any]) -> int:
                 else:
                     parts.append(orjson.dumps(part).decode())
             content = "".join(parts)
-        rest = "".join(v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in m.items() if k not in ("role", "content"))
+        rest = "".join(
+            v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in m.items() if k not in ("role", "content")
+        )
         text += f"{START}{m['role']}\n{content or ''}{rest}{END}\n"
     text += f"{START}assistant\n"
-    extra = sum(len(ENC.encode_ordinary(orjson.dumps(body[k]).decode())) for k in ("tools", "response_format") if k in body)
+    extra = sum(
+        len(ENC.encode_ordinary(orjson.dumps(body[k]).decode())) for k in ("tools", "response_format") if k in body
+    )
     return len(ENC.encode(text, allowed_special="all")) + images * 765 + extra
 
 
@@ -55,7 +59,10 @@ def reference_inputs(value: Any) -> int:
 
 
 text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=300)
-words = st.lists(st.sampled_from(["hello", " world", "\n", "  ", "123", "naïve", "日本語", "🙂", "'s", "<|im_end|>", "\t"]), max_size=40).map("".join)
+words = st.lists(
+    st.sampled_from(["hello", " world", "\n", "  ", "123", "naïve", "日本語", "🙂", "'s", "<|im_end|>", "\t"]),
+    max_size=40,
+).map("".join)
 any_text = st.one_of(text, words)
 part = st.one_of(
     st.builds(lambda t: {"type": "text", "text": t}, any_text),
@@ -65,13 +72,25 @@ part = st.one_of(
     st.builds(lambda t: {"type": "refusal", "refusal": t}, any_text),
 )
 message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
-     "content": st.one_of(any_text, st.lists(part, max_size=4), st.none())},
-    optional={"name": st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=20),
-              "tool_calls": st.lists(st.fixed_dictionaries({"id": any_text, "type": st.just("function"),
-                                     "function": st.fixed_dictionaries({"name": any_text, "arguments": any_text})}), max_size=2),
-              "tool_call_id": any_text},
-)  # fmt: skip
+    {
+        "role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
+        "content": st.one_of(any_text, st.lists(part, max_size=4), st.none()),
+    },
+    optional={
+        "name": st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=20),
+        "tool_calls": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "id": any_text,
+                    "type": st.just("function"),
+                    "function": st.fixed_dictionaries({"name": any_text, "arguments": any_text}),
+                }
+            ),
+            max_size=2,
+        ),
+        "tool_call_id": any_text,
+    },
+)
 json_value = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(10**6), 10**6), any_text),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(any_text, inner, max_size=4)),
@@ -79,11 +98,15 @@ json_value = st.recursive(
 )
 chat = st.fixed_dictionaries(
     {"model": st.just("m"), "messages": st.lists(message, min_size=1, max_size=6)},
-    optional={"tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": json_value}), max_size=3),
-              "response_format": st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": json_value})},
-)  # fmt: skip
+    optional={
+        "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": json_value}), max_size=3),
+        "response_format": st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": json_value}),
+    },
+)
 token_array = st.lists(st.integers(0, 100_000), min_size=1, max_size=300)
-inputs = st.one_of(any_text, st.lists(any_text, min_size=1, max_size=5), token_array, st.lists(token_array, min_size=1, max_size=5))
+inputs = st.one_of(
+    any_text, st.lists(any_text, min_size=1, max_size=5), token_array, st.lists(token_array, min_size=1, max_size=5)
+)
 
 
 @PROPERTY

@@ -15,10 +15,11 @@ from starlette.applications import Starlette
 
 from proxy.app import create_app
 from proxy.config import Settings
-from .devstack import ROOT, alive
 
+from .devstack import ROOT, alive
 from .fake_upstream import FakeUpstream
 from .helpers import count_rows, eventually, send, serve, settings_env, uid
+
 
 def recorded(settings: Settings, ids: list[str]) -> int:
     return count_rows(settings.database_url, ids)
@@ -36,7 +37,9 @@ def writer_of(app: Starlette) -> Any:
 
 
 def test_a_writer_process_records_requests_and_reports_to_metrics(base_settings: Settings, fake: FakeUpstream) -> None:
-    settings = replace(base_settings, litellm_base_url=fake.url, ledger_writer="process", ledger_stream=f"test:writer:{uid()}")
+    settings = replace(
+        base_settings, litellm_base_url=fake.url, ledger_writer="process", ledger_stream=f"test:writer:{uid()}"
+    )
     app = create_app(settings)
     with serve(app) as url:
         pid = writer_of(app).pid
@@ -49,7 +52,9 @@ def test_a_writer_process_records_requests_and_reports_to_metrics(base_settings:
 
 
 def test_a_writer_process_that_dies_is_restarted_and_loses_nothing(base_settings: Settings, fake: FakeUpstream) -> None:
-    settings = replace(base_settings, litellm_base_url=fake.url, ledger_writer="process", ledger_stream=f"test:writer:{uid()}")
+    settings = replace(
+        base_settings, litellm_base_url=fake.url, ledger_writer="process", ledger_stream=f"test:writer:{uid()}"
+    )
     app = create_app(settings)
     with serve(app) as url:
         first = writer_of(app).pid
@@ -60,7 +65,9 @@ def test_a_writer_process_that_dies_is_restarted_and_loses_nothing(base_settings
 
 
 def test_the_ledger_command_drains_for_proxies_that_run_no_writer(base_settings: Settings, fake: FakeUpstream) -> None:
-    settings = replace(base_settings, litellm_base_url=fake.url, ledger_writer="off", ledger_stream=f"test:writer:{uid()}")
+    settings = replace(
+        base_settings, litellm_base_url=fake.url, ledger_writer="off", ledger_stream=f"test:writer:{uid()}"
+    )
     app = create_app(settings)
     with serve(app) as url:
         ids = send(url, [uid()], 8)
@@ -68,9 +75,12 @@ def test_the_ledger_command_drains_for_proxies_that_run_no_writer(base_settings:
         eventually(lambda: httpx.get(f"{url}/readyz").json()["checks"]["ledger_backlog"] == 8)
         assert recorded(settings, ids) == 0
         writer = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "ledger"], env={**os.environ, **settings_env(settings)}, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [sys.executable, "-m", "proxy", "ledger"],
+            env={**os.environ, **settings_env(settings)},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             eventually(lambda: recorded(settings, ids) == 8, timeout=20)
             eventually(lambda: httpx.get(f"{url}/readyz").json()["checks"]["ledger_backlog"] == 0)
