@@ -73,6 +73,7 @@ NOT_PROMPT = frozenset(
 )
 
 Count = Callable[[str], int]
+_SHORT, _SHORT_CACHE = 64, 10_000
 
 
 def _json(value: Any, count: Count) -> int:
@@ -173,6 +174,8 @@ class Tokenizer:
 
     def __init__(self, encoding: Any = None) -> None:
         self._encoding = encoding
+        # Roles, names and short prompts come back again and again; a lookup is a tenth of a BPE call.
+        self._short: dict[str, int] = {}
 
     @property
     def exact(self) -> bool:
@@ -183,7 +186,14 @@ class Tokenizer:
             return 0
         if self._encoding is None:
             return len(text.encode("utf-8", "surrogatepass"))  # no BPE token is shorter than one byte
-        return len(self._encoding.encode_ordinary(text))
+        if len(text) > _SHORT:
+            return len(self._encoding.encode_ordinary(text))
+        known = self._short.get(text)
+        if known is None:
+            if len(self._short) >= _SHORT_CACHE:
+                self._short.clear()
+            known = self._short[text] = len(self._encoding.encode_ordinary(text))
+        return known
 
     def prompt(self, payload: dict[str, Any]) -> int:
         """An upper bound of the body's prompt tokens (see the module's docstring)."""
