@@ -18,7 +18,7 @@ from proxy.auth import Identity  # noqa: E402
 from proxy.budget import BudgetEngine  # noqa: E402
 from proxy.config import Settings  # noqa: E402
 from proxy.limits import BudgetBook  # noqa: E402
-from proxy.pipe import PipedRedis  # noqa: E402
+from proxy.redis_wire import PipedRedis  # noqa: E402
 
 N = 5000
 
@@ -31,8 +31,8 @@ def stats(samples: list[float]) -> tuple[float, float]:
 async def run() -> dict[str, object]:
     url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
     client = redis.Redis.from_url(url)
-    lane = PipedRedis(url, 5.0)  # the proxy's own request-path connection, for the floor too
-    engine = BudgetEngine(client, BudgetBook(Settings(default_token_budget=10**12)), None, lane=lane)
+    sender = PipedRedis(url, 5.0)  # the proxy's own request-path connection, for the floor too
+    engine = BudgetEngine(client, BudgetBook(Settings(default_token_budget=10**12)), None, sender=sender)
     me = Identity(f"bench-{uuid.uuid4().hex[:8]}")
     for scope in engine.scopes(me, time.time()):
         await client.hsetnx(scope.key, "used", 0)  # seeded: no PostgreSQL in this benchmark
@@ -42,7 +42,7 @@ async def run() -> dict[str, object]:
     loop_start = time.perf_counter()
     for _ in range(N):
         t0 = time.perf_counter()
-        await lane.call("INCRBY", "bench:floor", 1)
+        await sender.call("INCRBY", "bench:floor", 1)
         incr.append(time.perf_counter() - t0)
     incr_rate = N / (time.perf_counter() - loop_start)
     loop_start = time.perf_counter()
@@ -56,7 +56,7 @@ async def run() -> dict[str, object]:
         settle.append(t2 - t1)
         both.append(t2 - t0)
     rate = N / (time.perf_counter() - loop_start)
-    await lane.close()
+    await sender.close()
     await client.aclose()
     (i50, i99), (r50, r99), (s50, s99), (b50, b99) = stats(incr), stats(reserve), stats(settle), stats(both)
     return {

@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg  # noqa: E402
 from budget_bench import stats  # noqa: E402  (bench/ is on the path when run)
 
-from proxy.coalesce import connect  # noqa: E402
 from proxy.db import migrate  # noqa: E402
 from proxy.ledger import Ledger, UsageRecord  # noqa: E402
-from proxy.pipe import PipedRedis  # noqa: E402
+from proxy.redis_batch import connect  # noqa: E402
+from proxy.redis_wire import PipedRedis  # noqa: E402
 
 RECORDS = 100_000
 
@@ -58,16 +58,16 @@ async def run() -> dict[str, object]:
 
     # What the request path pays: build the record and hand it over, not waiting for Redis; and the
     # XADD's round trip, which no request waits for (an answer waits only until it is written).
-    lane = PipedRedis(redis_url, 5.0)
+    sender = PipedRedis(redis_url, 5.0)
     handed, samples = [], []
     for i in range(4000):
         t0 = time.perf_counter()
-        future = lane.submit(*ledger.command(record(user, i)))
+        future = sender.submit(*ledger.command(record(user, i)))
         t1 = time.perf_counter()
         await future
         handed.append(t1 - t0)
         samples.append(time.perf_counter() - t0)
-    await lane.close()
+    await sender.close()
     # Fill the stream, then time the writer draining it into PostgreSQL.
     for start in range(4000, RECORDS, 5000):
         async with client.pipeline(transaction=False) as pipe:

@@ -12,7 +12,7 @@ from .body import printable_id, read_json
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden
 from .limits import Limit, set_budget
-from .statement import statement
+from .usage_history import usage_history
 
 
 def require_admin(principal: Principal) -> None:
@@ -27,7 +27,7 @@ async def usage(pool: asyncpg.Pool, principal: Principal, request: Request) -> d
     if not user:
         raise BadRequest("Name the user: /admin/usage?user=<id>.", param="user")
     printable_id(user, "user")
-    return await statement(pool, user, request.query_params, datetime.now(UTC))
+    return await usage_history(pool, user, request.query_params, datetime.now(UTC))
 
 
 async def put_budget(

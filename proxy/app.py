@@ -21,7 +21,6 @@ from starlette.routing import Route
 from . import admin, metrics
 from .auth import Authenticator
 from .budget import BudgetEngine
-from .coalesce import Lane, connect, open_lane
 from .config import Settings
 from .db import PG_UNAVAILABLE, create_pool
 from .errors import ProxyError, error_for_status, error_response
@@ -29,9 +28,10 @@ from .forward import Upstream
 from .ledger import Ledger
 from .limits import BudgetBook, sync_defaults
 from .logs import configure_logging
+from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay
-from .statement import statement
 from .tokens import Tokenizer
+from .usage_history import usage_history
 from .writer import WriterProcess
 
 log = structlog.get_logger("proxy.app")
@@ -60,7 +60,7 @@ class Services:
         self.ledger: Ledger | None = None
         self.budget: BudgetEngine | None = None
         self.relay: Relay | None = None
-        self.lane: Lane | None = None
+        self.sender: CommandSender | None = None
         self.writer: WriterProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -74,14 +74,14 @@ class Services:
             await self.book.load(self.pool)
         except PG_UNAVAILABLE as exc:
             log.warning("postgres_unavailable_at_start", error=str(exc), using="environment defaults")
-        self.lane = open_lane(s.redis_url, self.redis, s.redis_timeout)
+        self.sender = command_sender(s.redis_url, self.redis, s.redis_timeout)
         self.budget = BudgetEngine(
-            self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds, lane=self.lane
+            self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds, sender=self.sender
         )
         self.ledger = Ledger.for_settings(self.redis, self.pool, s)
         await self.upstream.start()
         tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # ~0.5 s, off the event loop
-        self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, self.lane, tokenizer)
+        self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, self.sender, tokenizer)
         self._tasks = [
             asyncio.create_task(self.book.refresh_forever(self.pool), name="budget-refresh"),
             asyncio.create_task(self.budget.reconcile_forever(), name="budget-reconcile"),
@@ -101,8 +101,8 @@ class Services:
         await self.upstream.close()
         if self.pool is not None:
             await self.pool.close()
-        if self.lane is not None:
-            await self.lane.close()
+        if self.sender is not None:
+            await self.sender.close()
         await self.redis.aclose()
 
 
@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def usage(request: Request) -> Response:
         identity = await relay().identify(request)
         assert services.pool is not None and services.budget is not None
-        body = await statement(services.pool, identity.user, request.query_params, datetime.now(UTC))
+        body = await usage_history(services.pool, identity.user, request.query_params, datetime.now(UTC))
         try:
             body["budgets"] = [q.as_json() for q in await services.budget.snapshot(identity)]
         except ProxyError:

@@ -21,11 +21,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from .auth import Identity
-from .coalesce import Coalescer, Lane
 from .db import PG_UNAVAILABLE
 from .errors import Forbidden, QuotaExceeded, RateLimited, ServiceUnavailable
 from .limits import BudgetBook, Limit
 from .quota import Quota, Rates, Reservation, Scope, period_bounds
+from .redis_batch import BatchingRedis, CommandSender
 
 _HERE = Path(__file__).resolve().parent
 RESERVE_LUA = (_HERE / "reserve.lua").read_text()
@@ -41,10 +41,10 @@ class BudgetEngine:
         *,
         reservation_ttl: float = 900,
         clock: Callable[[], float] = time.time,
-        lane: Lane | None = None,
+        sender: CommandSender | None = None,
     ) -> None:
         self._redis = client
-        self._lane: Lane = lane or Coalescer(client)
+        self._sender: CommandSender = sender or BatchingRedis(client)
         self._book = book
         self._pool = pool
         self._ttl_ms = int(reservation_ttl * 1000)
@@ -241,7 +241,7 @@ class BudgetEngine:
 
     async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await self._lane.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._sender.call("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:  # a restarted Redis: redis-py's Script loads it and runs it
             return await script(keys=keys, args=args)
 

@@ -19,7 +19,6 @@ from . import metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
 from .body import Completion, allowed_params, cap_answers, check, encode, read_json
 from .budget import BudgetEngine
-from .coalesce import Lane
 from .config import Settings
 from .errors import (
     BadRequest,
@@ -34,6 +33,7 @@ from .errors import (
 from .forward import StreamThrough, Upstream, Upstreamed
 from .ledger import Ledger, UsageRecord
 from .quota import Reservation
+from .redis_batch import CommandSender
 from .sse import StreamMeter, answer_text, usage_totals
 from .tokens import Tokenizer
 
@@ -68,7 +68,7 @@ def client_request_id(request: Request) -> str | None:
 
 
 @dataclass(slots=True)
-class Ticket:
+class RecordDraft:
     """What one request's ledger record needs, gathered as the request goes."""
 
     request_id: str
@@ -141,11 +141,11 @@ class Flight:
     reservation settled with what was used, and one ledger record written.
     """
 
-    __slots__ = ("_relay", "ticket", "reservation", "_slot", "_done")
+    __slots__ = ("_relay", "draft", "reservation", "_slot", "_done")
 
-    def __init__(self, relay: Relay, ticket: Ticket) -> None:
+    def __init__(self, relay: Relay, draft: RecordDraft) -> None:
         self._relay = relay
-        self.ticket = ticket
+        self.draft = draft
         self.reservation: Reservation | None = None
         self._slot = False
         self._done = False
@@ -167,7 +167,7 @@ class Flight:
 
     def fail(self, exc: BaseException) -> None:
         status, http = outcome_of(exc)
-        self.finish(self.ticket.record(status, http))
+        self.finish(self.draft.record(status, http))
 
 
 def _served_model(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
@@ -189,7 +189,7 @@ class Relay:
         budget: BudgetEngine,
         ledger: Ledger,
         upstream: Upstream,
-        lane: Lane,
+        sender: CommandSender,
         tokenizer: Tokenizer,
     ) -> None:
         self._settings = settings
@@ -197,7 +197,7 @@ class Relay:
         self._budget = budget
         self._ledger = ledger
         self._upstream = upstream
-        self._lane = lane
+        self._sender = sender
         self._tokens = tokenizer
         self._allowed = {e: allowed_params(e, settings.extra_body_params) for e in UPSTREAM_PATHS}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -217,19 +217,19 @@ class Relay:
         perf_start, wall_start = time.perf_counter(), time.time()
         principal = await self.principal(request)  # no record for a caller we cannot name
         # Until the user charged is known and checked, a refusal is recorded under the token's own subject.
-        ticket = Ticket(new_request_id(), None, principal.identity, endpoint, wall_start, perf_start)
-        flight = Flight(self, ticket)
+        draft = RecordDraft(new_request_id(), None, principal.identity, endpoint, wall_start, perf_start)
+        flight = Flight(self, draft)
         try:
             return await self._complete(request, endpoint, principal, flight)
         except BaseException as exc:
             flight.fail(exc)
             if isinstance(exc, ProxyError):
-                exc.headers["X-Request-Id"] = ticket.echo_id()
+                exc.headers["X-Request-Id"] = draft.echo_id()
             raise
 
     async def _complete(self, request: Request, endpoint: str, principal: Principal, flight: Flight) -> Response:
-        settings, ticket = self._settings, flight.ticket
-        ticket.client_request_id = client_request_id(request)
+        settings, draft = self._settings, flight.draft
+        draft.client_request_id = client_request_id(request)
         flight.take_slot(settings.upstream_max_concurrency)
         payload, size = await read_json(request, settings.max_body_bytes, settings.body_read_timeout)
         completion = check(payload, endpoint, self._allowed[endpoint])
@@ -239,7 +239,7 @@ class Relay:
         except ServiceUnavailable:
             if settings.fail_mode != "open":
                 raise  # open: the request goes through unmetered below, its tenant unchecked
-        ticket.identity, ticket.model, ticket.stream = identity, completion.model, completion.stream
+        draft.identity, draft.model, draft.stream = identity, completion.model, completion.stream
         payload["user"] = identity.user
         chat_like = endpoint != "embeddings"
         per_answer = (completion.cap or settings.completion_allowance) if chat_like else 0
@@ -251,7 +251,7 @@ class Relay:
         try:
             reservation = await self._budget.reserve(
                 identity,
-                ticket.request_id,
+                draft.request_id,
                 prompt,
                 prompt + completion.choices * per_answer,
                 need=prompt + (completion.choices - 1 if chat_like else 0),
@@ -259,14 +259,14 @@ class Relay:
         except ServiceUnavailable:
             if settings.fail_mode != "open":
                 raise
-            reservation = self._budget.unmetered(identity, ticket.request_id, prompt + completion.choices * per_answer)
+            reservation = self._budget.unmetered(identity, draft.request_id, prompt + completion.choices * per_answer)
         flight.reservation = reservation
         if clamp and reservation.metered:
             granted = (reservation.granted - prompt) // completion.choices
             if granted < per_answer:  # the room left is smaller than asked: cap each answer to its share
                 cap_answers(completion, granted)
                 body = encode(payload)
-        upstream = await self._upstream.send("POST", UPSTREAM_PATHS[endpoint], body=body, request_id=ticket.request_id)
+        upstream = await self._upstream.send("POST", UPSTREAM_PATHS[endpoint], body=body, request_id=draft.request_id)
         try:
             if completion.stream and upstream.ok_stream:
                 return self._stream(upstream, completion, flight)  # the response owns the upstream from here
@@ -281,15 +281,15 @@ class Relay:
         return self._tokens.prompt(payload)
 
     def _stream(self, upstream: Upstreamed, completion: Completion, flight: Flight) -> Response:
-        ticket, reservation = flight.ticket, flight.reservation
+        draft, reservation = flight.draft, flight.reservation
         assert reservation is not None
         headers = upstream.headers_for_client()
-        headers["X-Request-Id"] = ticket.echo_id()
+        headers["X-Request-Id"] = draft.echo_id()
         headers.update(reservation.headers())
         notice = self._notice_hook(reservation) if completion.endpoint == "chat" else None
         meter = StreamMeter(completion.hide_usage, notice)
         cost = upstream.cost
-        payload, perf_start = completion.payload, ticket.perf_start
+        payload, perf_start = completion.payload, draft.perf_start
 
         def on_end(outcome: str, first_byte: float | None) -> None:
             ttft_ms = round((first_byte - perf_start) * 1000, 3) if first_byte is not None else None
@@ -298,15 +298,15 @@ class Relay:
             if usage is None:
                 usage = self._estimate(payload, meter.text)
             flight.finish(
-                ticket.record(
+                draft.record(
                     outcome, 200, usage, estimated=estimated, served_model=meter.model, cost=cost, ttft_ms=ttft_ms
                 )
             )
 
-        return StreamThrough(upstream, headers, meter, on_end, self._lane.written)  # type: ignore[return-value]
+        return StreamThrough(upstream, headers, meter, on_end, self._sender.written)  # type: ignore[return-value]
 
     async def _answer(self, upstream: Upstreamed, completion: Completion, flight: Flight) -> Response:
-        ticket, reservation = flight.ticket, flight.reservation
+        draft, reservation = flight.draft, flight.reservation
         assert reservation is not None
         body = await upstream.read_for_client()
         ok = 200 <= upstream.status < 300
@@ -316,7 +316,7 @@ class Relay:
         if estimated:
             usage = self._estimate(completion.payload, answer_text(obj) if obj else "")
         flight.finish(
-            ticket.record(
+            draft.record(
                 "ok" if ok else "upstream_error",
                 upstream.status,
                 usage,
@@ -326,9 +326,9 @@ class Relay:
             )
         )
         headers = upstream.headers_for_client()
-        headers["X-Request-Id"] = ticket.echo_id()
+        headers["X-Request-Id"] = draft.echo_id()
         headers.update(reservation.headers(used=reservation.quotas[0].used + usage[2] if usage else None))
-        await self._lane.written()  # the settle and record reach Redis's socket before the answer goes out
+        await self._sender.written()  # the settle and record reach Redis's socket before the answer goes out
         return Response(body, status_code=upstream.status, headers=headers)
 
     def _estimate(self, payload: dict[str, Any], answer: str) -> tuple[int, int, int]:
@@ -375,11 +375,11 @@ class Relay:
         settled: asyncio.Future[Any] | None = None
         if reservation is not None:  # unmetered too: a Redis back by now counts what was let through
             try:
-                settled = self._lane.submit(*self._budget.settle_command(reservation, record.total_tokens))
+                settled = self._sender.submit(*self._budget.settle_command(reservation, record.total_tokens))
             except Exception as exc:
                 self._settle_failed(reservation, record, exc)
         try:
-            recorded = self._lane.submit(*self._ledger.command(record))
+            recorded = self._sender.submit(*self._ledger.command(record))
         except Exception as exc:
             self._record_failed(record, exc)
             if settled is not None:
@@ -424,6 +424,6 @@ class Relay:
 
     async def drain(self) -> None:
         """Wait for accounting still in flight (on shutdown)."""
-        await self._lane.idle()
+        await self._sender.idle()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

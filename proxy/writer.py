@@ -20,11 +20,11 @@ import structlog
 import uvloop
 
 from . import metrics
-from .coalesce import connect
 from .config import Settings
 from .db import create_pool
 from .ledger import Ledger
 from .logs import configure_logging
+from .redis_batch import connect
 
 log = structlog.get_logger("proxy.writer")
 

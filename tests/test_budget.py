@@ -18,7 +18,7 @@ from proxy.config import Settings
 from proxy.errors import QuotaExceeded
 from proxy.ledger import insert_records
 from proxy.limits import BudgetBook
-from proxy.pipe import PipedRedis
+from proxy.redis_wire import PipedRedis
 from proxy.quota import period_bounds
 
 from .helpers import uid
@@ -98,13 +98,13 @@ async def test_warn_and_blocked_states_and_the_readable_refusal(redis_client, pg
     assert exc.headers["X-Quota-State"] == "blocked" and exc.headers["X-Quota-Remaining"] == "0"
 
 
-@pytest.mark.parametrize("lane", ["redis-py", "piped"])
-async def test_fifty_concurrent_requests_never_overrun(redis_client, pg_pool, base_settings, lane) -> None:
+@pytest.mark.parametrize("sender", ["redis-py", "piped"])
+async def test_fifty_concurrent_requests_never_overrun(redis_client, pg_pool, base_settings, sender) -> None:
     """Room for about 5 requests; the first requests of a never-seen user (no counter yet) included.
     Over both ways of sending commands: redis-py pipelines (Cluster, TLS) and the piped connection."""
     settings = replace(base_settings, default_token_budget=500)
-    piped = PipedRedis(settings.redis_url, 2.0) if lane == "piped" else None
-    engine = engine_for(redis_client, pg_pool, settings, lane=piped)
+    piped = PipedRedis(settings.redis_url, 2.0) if sender == "piped" else None
+    engine = engine_for(redis_client, pg_pool, settings, sender=piped)
     me = Identity(uid())
 
     async def one(i: int) -> int:

@@ -658,8 +658,8 @@ def _araise(exc: BaseException) -> Callable[..., Any]:
 
 def _reply_lost(p: Proxy, mp: pytest.MonkeyPatch) -> None:
     """The reserve script ran in Redis, and then its reply was lost (the connection timed out)."""
-    lane = p.budget._lane
-    real = lane.call
+    sender = p.budget._sender
+    real = sender.call
 
     async def call(*command: Any) -> Any:
         result = await real(*command)
@@ -667,15 +667,15 @@ def _reply_lost(p: Proxy, mp: pytest.MonkeyPatch) -> None:
             raise RedisTimeoutError("injected: the reply to a granted reserve was lost")
         return result
 
-    mp.setattr(lane, "call", call)
+    mp.setattr(sender, "call", call)
 
 
 def _failing_submit(
     p: Proxy, mp: pytest.MonkeyPatch, matches: Callable[[tuple[Any, ...]], bool], *, at_once: bool
 ) -> None:
-    """The relay's lane cannot send the settle (or the record): at once, or its reply is an error."""
-    lane = p.relay._lane
-    real = lane.submit
+    """The relay's sender cannot send the settle (or the record): at once, or its reply is an error."""
+    sender = p.relay._sender
+    real = sender.submit
 
     def submit(*command: Any) -> Any:
         if not matches(command):
@@ -686,7 +686,7 @@ def _failing_submit(
         future.set_exception(redis.ConnectionError("injected: Redis connection lost"))
         return future
 
-    mp.setattr(lane, "submit", submit)
+    mp.setattr(sender, "submit", submit)
 
 
 def _is_settle(p: Proxy) -> Callable[[tuple[Any, ...]], bool]:

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-from proxy.pipe import PipedRedis
+from proxy.redis_wire import PipedRedis
 
 from .helpers import RedisProcess, uid
 
@@ -117,7 +117,7 @@ async def test_an_unreachable_server_fails_queued_commands(volatile_redis: Redis
 
 CRASH_AFTER_SUBMIT = """
 import asyncio, os, sys
-from proxy.pipe import PipedRedis
+from proxy.redis_wire import PipedRedis
 
 async def main():
     pipe = PipedRedis(sys.argv[1], timeout=2.0)

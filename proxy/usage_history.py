@@ -51,7 +51,7 @@ def _iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-async def statement(pool: asyncpg.Pool, user: str, params: Mapping[str, str], now: datetime) -> dict[str, Any]:
+async def usage_history(pool: asyncpg.Pool, user: str, params: Mapping[str, str], now: datetime) -> dict[str, Any]:
     """Records newest first within [from, to), `limit` a page; `next_cursor` continues the list."""
     start = (
         _instant(params["from"], "from")

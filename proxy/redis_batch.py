@@ -2,8 +2,8 @@
 
 redis-py spends far more CPU per command than Redis does, so under load the budget's
 reserve/settle and the ledger's XADD cost more than the upstream call itself. A plain
-redis:// server gets a PipedRedis (pipe.py): hiredis on a raw connection. Other clients
-(Redis Cluster, TLS, unix sockets) get a Coalescer over redis-py: the first command goes
+redis:// server gets a PipedRedis (redis_wire.py): hiredis on a raw connection. Other clients
+(Redis Cluster, TLS, unix sockets) get a BatchingRedis over redis-py: the first command goes
 out at once (no added latency when idle); commands issued while it is in flight wait and
 then leave together as one pipeline.
 """
@@ -18,12 +18,12 @@ import hiredis
 import redis.asyncio as redis
 from redis.asyncio.connection import Connection
 
-from .pipe import PipedRedis
+from .redis_wire import PipedRedis
 
 Command = tuple[Any, ...]
 
 
-class Lane(Protocol):
+class CommandSender(Protocol):
     """What the budget engine and the relay send their commands through."""
 
     def call(self, *command: Any) -> Awaitable[Any]: ...
@@ -54,12 +54,12 @@ def connect(url: str, timeout: float) -> redis.Redis:
     return redis.Redis.from_url(url, **options)
 
 
-def open_lane(url: str, client: redis.Redis, timeout: float) -> Lane:
+def command_sender(url: str, client: redis.Redis, timeout: float) -> CommandSender:
     """The cheapest way to send request-path commands to the Redis at `url`."""
-    return PipedRedis(url, timeout) if url.startswith("redis://") else Coalescer(client)
+    return PipedRedis(url, timeout) if url.startswith("redis://") else BatchingRedis(client)
 
 
-class Coalescer:
+class BatchingRedis:
     def __init__(self, client: redis.Redis, max_batch: int = 512) -> None:
         self._client = client
         self._max_batch = max_batch

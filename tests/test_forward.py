@@ -1,0 +1,285 @@
+"""proxy/forward.py: what of an upstream answer a client may see (headers, errors, keys), and read failures."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.forward import CLIENT_HEADERS, Upstreamed, client_headers, error_body, read_failure, redact, stream_error_event
+
+pytestmark = pytest.mark.anyio
+
+MASTER = "sk-master-0123456789abcdef"
+
+
+# client_headers
+
+
+def test_client_headers_keep_only_the_allow_list() -> None:
+    upstream = {
+        "Content-Type": "application/json",
+        "Retry-After": "3",
+        "openai-model": "gpt-4o-2024",
+        "openai-processing-ms": "120",
+        "openai-version": "2020-10-01",
+        "x-litellm-response-cost": "0.0012",
+        "x-litellm-key-spend": "1234.5",
+        "x-litellm-model-api-base": "https://internal-provider.example",
+        "x-ratelimit-remaining-tokens": "99",
+        "set-cookie": "session=abc",
+        "server": "uvicorn",
+        "content-length": "42",
+    }
+    assert client_headers(upstream) == {
+        "Content-Type": "application/json",
+        "Retry-After": "3",
+        "openai-model": "gpt-4o-2024",
+        "openai-processing-ms": "120",
+        "openai-version": "2020-10-01",
+        "x-litellm-response-cost": "0.0012",
+    }
+
+
+def test_client_headers_match_names_in_any_case_and_drop_non_ascii_values() -> None:
+    upstream = CIMultiDict([("CONTENT-TYPE", "text/event-stream"), ("OpenAI-Model", "modèle"), ("Retry-After", "1")])
+    assert client_headers(upstream) == {"CONTENT-TYPE": "text/event-stream", "Retry-After": "1"}
+
+
+def test_the_allow_list_has_no_litellm_spend_or_provider_header() -> None:
+    assert CLIENT_HEADERS == {
+        "content-type",
+        "retry-after",
+        "openai-model",
+        "openai-processing-ms",
+        "openai-version",
+        "x-litellm-response-cost",
+    }
+
+
+# redact
+
+
+@pytest.mark.parametrize(
+    "text, secret, clean",
+    [
+        (f"key {MASTER} refused", MASTER, "key [redacted] refused"),
+        ("Authorization: Bearer abc.def.ghi", "", "Authorization: Bearer [redacted]"),
+        ("header bearer   eyJhbGciOi rest", "", "header bearer   [redacted] rest"),
+        ("BEARER tok", "", "BEARER [redacted]"),
+        ("key sk-abcdef and sk-proj_AB-12xyz.", "", "key [redacted] and [redacted]."),
+        ("sk-abc is too short to be a key", "", "sk-abc is too short to be a key"),
+        ("task-manager-123456 is a word", "", "task-manager-123456 is a word"),
+        ("secret hunter2 here", "hunter2", "secret [redacted] here"),
+        ("nothing to hide", "", "nothing to hide"),
+    ],
+)
+def test_redact_takes_out_the_master_key_bearer_tokens_and_sk_keys(text: str, secret: str, clean: str) -> None:
+    assert redact(text, secret) == clean
+
+
+def test_redact_takes_out_every_occurrence() -> None:
+    assert redact(f"{MASTER}/{MASTER}", MASTER) == "[redacted]/[redacted]"
+
+
+# error_body
+
+
+def rebuilt(status: int, body: Any, secret: str = MASTER) -> dict[str, Any]:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return orjson.loads(error_body(status, raw, secret))
+
+
+def test_error_body_keeps_message_type_code_and_param_only() -> None:
+    upstream = {
+        "error": {
+            "message": "max_tokens is too large",
+            "type": "invalid_request_error",
+            "code": "context_length_exceeded",
+            "param": "max_tokens",
+            "headers": {"authorization": f"Bearer {MASTER}"},
+            "provider": "internal-provider",
+        },
+        "request": {"api_key": MASTER},
+    }
+    assert rebuilt(400, upstream) == {
+        "error": {
+            "message": "max_tokens is too large",
+            "type": "invalid_request_error",
+            "code": "context_length_exceeded",
+            "param": "max_tokens",
+        }
+    }
+
+
+def test_error_body_redacts_keys_in_every_field_kept() -> None:
+    upstream = {
+        "error": {
+            "message": f"Incorrect API key provided: {MASTER}. Authorization: Bearer zzz",
+            "type": f"auth {MASTER}",
+            "code": "sk-another-key-123456",
+            "param": f"Bearer {MASTER}",
+        }
+    }
+    assert rebuilt(400, upstream) == {
+        "error": {
+            "message": "Incorrect API key provided: [redacted]. Authorization: Bearer [redacted]",
+            "type": "auth [redacted]",
+            "code": "[redacted]",
+            "param": "Bearer [redacted]",
+        }
+    }
+
+
+def test_error_body_takes_an_error_string_as_its_message() -> None:
+    assert rebuilt(429, {"error": "Rate limit reached"}) == {
+        "error": {"message": "Rate limit reached", "type": "api_error", "code": None, "param": None}
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>502 Bad Gateway</html>",
+        b"",
+        [1, 2],
+        {"detail": "nope"},
+        {"error": None},
+        {"error": 5},
+        {"error": {"message": ""}},
+        {"error": {"message": 42}},
+    ],
+)
+def test_error_body_without_a_message_says_what_the_status_was(body: Any) -> None:
+    assert rebuilt(502, body) == {
+        "error": {"message": "The model server answered HTTP 502.", "type": "api_error", "code": None, "param": None}
+    }
+
+
+def test_error_body_codes_as_numbers_become_strings_and_other_kinds_are_dropped() -> None:
+    assert rebuilt(429, {"error": {"message": "m", "code": 429}})["error"]["code"] == "429"
+    assert rebuilt(429, {"error": {"message": "m", "code": {"x": 1}, "type": 7, "param": ["p"]}})["error"] == {
+        "message": "m",
+        "type": "api_error",
+        "code": None,
+        "param": None,
+    }
+
+
+def test_error_body_bounds_the_length_of_each_field() -> None:
+    error = rebuilt(400, {"error": {"message": "m" * 5000, "type": "t" * 500, "code": "c" * 500, "param": "p" * 500}})
+    assert error["error"] == {"message": "m" * 2000, "type": "t" * 200, "code": "c" * 200, "param": "p" * 200}
+
+
+def test_error_body_redacts_a_key_before_cutting_the_message() -> None:
+    message = "x" * 1990 + MASTER
+    assert rebuilt(400, {"error": {"message": message}})["error"]["message"] == "x" * 1990 + "[redacted]"
+
+
+# read_failure and stream_error_event
+
+
+def test_a_read_that_timed_out_is_an_upstream_timeout() -> None:
+    for exc in (asyncio.TimeoutError(), TimeoutError()):
+        failure = read_failure(exc)
+        assert type(failure) is UpstreamTimeout
+        assert (failure.status, failure.message) == (504, "The model server did not finish its answer in time.")
+
+
+def test_a_read_broken_off_is_an_upstream_error_naming_the_failure() -> None:
+    failure = read_failure(aiohttp.ClientPayloadError("truncated"))
+    assert type(failure) is UpstreamError
+    assert (failure.status, failure.message) == (502, "The model server broke off its answer (ClientPayloadError).")
+    assert read_failure(ConnectionResetError()).message == (
+        "The model server broke off its answer (ConnectionResetError)."
+    )
+
+
+def test_stream_error_event_is_one_openai_shaped_sse_event() -> None:
+    event = stream_error_event("gone", "upstream_timeout")
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    assert orjson.loads(event[6:]) == {
+        "error": {"message": "gone", "type": "api_error", "code": "upstream_timeout", "param": None}
+    }
+    assert orjson.loads(stream_error_event("x")[6:])["error"]["code"] == "upstream_error"
+
+
+# Upstreamed, over a stand-in for aiohttp's response
+
+
+class FakeResponse:
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        fail: BaseException | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = CIMultiDict(headers or {})
+        self.content_type = content_type
+        self._body = body
+        self._fail = fail
+        self.released = 0
+
+    async def read(self) -> bytes:
+        if self._fail is not None:
+            raise self._fail
+        return self._body
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def upstreamed(response: FakeResponse) -> Upstreamed:
+    return Upstreamed(response, MASTER)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw, cost", [(None, None), ("0.0012", 0.0012), ("0", 0.0), ("n/a", None), ("", None)])
+def test_cost_is_litellms_response_cost_header_when_it_is_a_number(raw: str | None, cost: float | None) -> None:
+    headers = {} if raw is None else {"x-litellm-response-cost": raw}
+    assert upstreamed(FakeResponse(200, headers=headers)).cost == cost
+
+
+def test_only_a_200_event_stream_is_streamed_through() -> None:
+    assert upstreamed(FakeResponse(200, content_type="text/event-stream")).ok_stream is True
+    assert upstreamed(FakeResponse(200, content_type="application/json")).ok_stream is False
+    assert upstreamed(FakeResponse(400, content_type="text/event-stream")).ok_stream is False
+
+
+async def test_a_success_is_read_with_the_master_key_taken_out() -> None:
+    response = FakeResponse(200, b'{"content": "the key is ' + MASTER.encode() + b'"}')
+    assert await upstreamed(response).read_for_client() == b'{"content": "the key is [redacted]"}'
+    assert response.released == 1
+
+
+async def test_an_error_is_read_rebuilt() -> None:
+    body = orjson.dumps({"error": {"message": f"bad key {MASTER}", "code": 400, "extra": "x"}})
+    response = FakeResponse(400, body)
+    assert orjson.loads(await upstreamed(response).read_for_client()) == {
+        "error": {"message": "bad key [redacted]", "type": "api_error", "code": "400", "param": None}
+    }
+    assert response.released == 1
+
+
+async def test_a_read_that_fails_is_released_and_raised_as_an_upstream_failure() -> None:
+    response = FakeResponse(200, fail=aiohttp.ClientPayloadError("cut"))
+    with pytest.raises(UpstreamError) as caught:
+        await upstreamed(response).read_for_client()
+    assert caught.value.message == "The model server broke off its answer (ClientPayloadError)."
+    assert response.released == 1
+    response = FakeResponse(200, fail=TimeoutError())
+    with pytest.raises(UpstreamTimeout):
+        await upstreamed(response).read_for_client()
+    assert response.released == 1
+
+
+def test_headers_for_client_are_the_allow_listed_ones() -> None:
+    response = FakeResponse(200, headers={"Content-Type": "application/json", "x-litellm-key-spend": "9"})
+    assert upstreamed(response).headers_for_client() == {"Content-Type": "application/json"}
