@@ -153,7 +153,7 @@ async def read_json(request: Request, max_bytes: int, timeout: float) -> tuple[d
         raise PayloadTooLarge(f"Request body is larger than the limit of {max_bytes:,} bytes.")
     chunks: list[bytes] = []
     size = 0
-    # A timer of the loop's own rather than asyncio.timeout(), which cost 4 µs a request.
+    # A timer of the loop's own: asyncio.timeout() costs several times more, on every request.
     task = asyncio.current_task()
     assert task is not None
     expired: list[bool] = []

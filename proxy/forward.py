@@ -1,8 +1,7 @@
 """The upstream (LiteLLM) client, and the response that streams its answer through.
 
-aiohttp is the client because it was measured: on this 2-core machine a forwarder on httpx's
-default transport added 2.3 ms per request and fell to ~200 req/s at 16 concurrent clients,
-while aiohttp added ~0.5 ms and served ~2,300 req/s (README, Performance).
+aiohttp is the client because it was measured: a forwarder on httpx's default transport added
+several times the latency and served a tenth of the requests (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self._secret = master_key
         # Named here, so aiohttp adds no User-Agent of its own: its skip_auto_headers option
-        # rebuilds a header multidict on every request (~3.5 µs each, measured under load).
+        # rebuilds a header multidict on every request.
         self._headers = {
             "Authorization": f"Bearer {master_key}",
             "Accept-Encoding": "identity",

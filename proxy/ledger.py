@@ -2,7 +2,7 @@
 
 The stream is the durable hand-off: an entry is acknowledged (XACK) and deleted only after
 its PostgreSQL transaction commits, entries a dead instance left pending are claimed
-(XAUTOCLAIM), and `request_id` is the primary key, so redelivery never double-counts.
+(XAUTOCLAIM), and `(request_id, created_at)` is the primary key, so redelivery never double-counts.
 """
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ COLUMNS = [f.name for f in fields(UsageRecord)]
 # A batch arrives by one binary COPY straight into the table. A batch written before (redelivered
 # after a crash between commit and XACK) fails that COPY on the primary key, and is then staged in a
 # session-local table and moved over in one statement that skips the request ids already recorded.
-# (The staging route for every batch was measured: it costs PostgreSQL ~1.8x the CPU of the COPY
-# alone, and that burst on shared cores showed in the proxy's p99. Letting PostgreSQL parse the JSON
-# instead halved the writer's Python but doubled PostgreSQL's work; the ledger moved fewer records.)
+# (The staging route for every batch cost PostgreSQL far more CPU than the COPY alone, and that burst
+# on shared cores showed in the proxy's p99. Letting PostgreSQL parse the JSON instead moved the work
+# to PostgreSQL and the ledger moved fewer records; docs/performance.md.)
 _STAGE = "create temp table if not exists usage_staging (like usage_records including defaults) on commit delete rows"
 _MOVE = "insert into usage_records select * from usage_staging on conflict do nothing"
 _ROW = operator.itemgetter(*COLUMNS)
@@ -143,7 +143,7 @@ class Ledger:
     ) -> None:
         self._redis = client
         # The writer takes XREADGROUP replies as hiredis parsed them: redis-py's per-entry tuples
-        # and dicts cost more than the PostgreSQL write (measured ~8 µs a record).
+        # and dicts cost more than the PostgreSQL write.
         self._reader = redis.Redis(connection_pool=client.connection_pool)
         self._reader.set_response_callback("XREADGROUP", cast(Any, _raw))
         self._pool = pool

@@ -38,8 +38,8 @@ class CommandSender(Protocol):
 
 
 class _HiredisPacking(Connection):
-    """redis-py's asyncio connection packs commands in Python; hiredis does it in C (pipelined
-    commands measured 37 -> 26 µs each here)."""
+    """redis-py's asyncio connection packs commands in Python; hiredis does it in C, for a third less
+    per pipelined command."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str) and " " in args[0]:  # "CLIENT SETINFO" and the like

@@ -1,7 +1,7 @@
 """One pipelined Redis connection for the request path: RESP over an asyncio protocol.
 
-redis-py spends 30-40 µs of Python per command (pipeline objects, connection pool, retry
-wrapper, per-command parsing) where Redis spends a few. The budget's reserve/settle and the
+redis-py spends many times more Python per command (pipeline objects, connection pool, retry
+wrapper, per-command parsing) than Redis spends serving it. The budget's reserve/settle and the
 ledger's XADD are three commands per request, so on this path commands are packed and
 parsed by hiredis in C, written together (all commands of one event-loop turn leave in one
 write), and their replies are matched to callers in order. No request waits on a timer.
@@ -142,8 +142,8 @@ class PipedRedis:
         """Resolves once every command queued so far is handed to the socket, or has failed.
 
         An answer waits for this before it goes out, so a crash after the client has it cannot lose
-        its settle and record: the kernel still delivers what was written. Waiting one loop turn for
-        the turn's shared write cost ~14 µs a request at concurrency 16; a write of its own, 26."""
+        its settle and record: the kernel still delivers what was written. The answer waits one loop
+        turn for the turn's shared write, which costs about half of a write of its own."""
         waiter = self.loop.create_future()
         if self._unsent:
             self._waiters.append(waiter)  # one future each: a cancelled request cancels only its own
