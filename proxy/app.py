@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 import orjson
+import redis.asyncio as redis
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
@@ -19,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import admin, metrics
-from .auth import Authenticator
+from .auth import Authenticator, Identity, Principal, charged_identity
 from .budget import BudgetEngine
 from .config import Settings
 from .db import PG_UNAVAILABLE, create_pool
@@ -41,144 +43,151 @@ def json_response(data: object, status: int = 200, headers: dict[str, str] | Non
     return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
 
 
+@dataclass(slots=True)
 class Services:
-    """Everything the routes need, built once at start-up."""
+    """Everything the routes need, built whole at start-up (`start`) and taken down by `stop`."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.redis = connect(settings.redis_url, settings.redis_timeout)
-        self.pool: asyncpg.Pool | None = None
-        self.book = BudgetBook(settings)
-        self.upstream = Upstream(
-            settings.litellm_base_url,
-            settings.litellm_master_key,
-            connect_timeout=settings.upstream_connect_timeout,
-            read_timeout=settings.upstream_read_timeout,
-            max_connections=settings.upstream_max_connections,
-        )
-        self.auth = Authenticator(settings)
-        self.ledger: Ledger | None = None
-        self.budget: BudgetEngine | None = None
-        self.relay: Relay | None = None
-        self.sender: CommandSender | None = None
-        self.writer: WriterProcess | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+    settings: Settings
+    redis: redis.Redis
+    pool: asyncpg.Pool
+    sender: CommandSender
+    book: BudgetBook
+    auth: Authenticator
+    budget: BudgetEngine
+    ledger: Ledger
+    upstream: Upstream
+    relay: Relay
+    writer: WriterProcess | None
+    tasks: list[asyncio.Task[None]]
 
-    async def start(self) -> None:
-        s = self.settings
+    @classmethod
+    async def start(cls, s: Settings, auth: Authenticator) -> Services:
+        client = connect(s.redis_url, s.redis_timeout)
         # min_size=0: the proxy starts and serves while PostgreSQL is down; the pool connects on first use.
-        self.pool = await create_pool(s.database_url, min_size=0, max_size=10)
+        pool = await create_pool(s.database_url, min_size=0, max_size=10)
+        book = BudgetBook(s)
         try:
-            async with self.pool.acquire(timeout=5) as conn:
+            async with pool.acquire(timeout=5) as conn:
                 await sync_defaults(conn, s)
-            await self.book.load(self.pool)
+            await book.load(pool)
         except PG_UNAVAILABLE as exc:
             log.warning("postgres_unavailable_at_start", error=str(exc), using="environment defaults")
-        self.sender = command_sender(s.redis_url, self.redis, s.redis_timeout)
-        self.budget = BudgetEngine(
-            self.redis, self.book, self.pool, reservation_ttl=s.reservation_ttl_seconds, sender=self.sender
+        sender = command_sender(s.redis_url, client, s.redis_timeout)
+        budget = BudgetEngine(client, book, pool, reservation_ttl=s.reservation_ttl_seconds, sender=sender)
+        ledger = Ledger.for_settings(client, pool, s)
+        upstream = Upstream(
+            s.litellm_base_url,
+            s.litellm_master_key,
+            connect_timeout=s.upstream_connect_timeout,
+            read_timeout=s.upstream_read_timeout,
+            max_connections=s.upstream_max_connections,
         )
-        self.ledger = Ledger.for_settings(self.redis, self.pool, s)
-        await self.upstream.start()
-        tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # ~0.5 s, off the event loop
-        self.relay = Relay(s, self.auth, self.budget, self.ledger, self.upstream, self.sender, tokenizer)
-        self._tasks = [
-            asyncio.create_task(self.book.refresh_forever(self.pool), name="budget-refresh"),
-            asyncio.create_task(self.budget.reconcile_forever(), name="budget-reconcile"),
+        await upstream.start()
+        tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # reading the file takes a while
+        relay = Relay(s, budget, ledger, upstream, sender, tokenizer)
+        tasks = [
+            asyncio.create_task(book.refresh_forever(pool), name="budget-refresh"),
+            asyncio.create_task(budget.reconcile_forever(), name="budget-reconcile"),
         ]
-        if s.ledger_writer == "process":
-            self.writer = WriterProcess(s)
-            self._tasks.append(asyncio.create_task(self.writer.run(), name="ledger-writer-process"))
+        writer = WriterProcess(s) if s.ledger_writer == "process" else None
+        if writer is not None:
+            tasks.append(asyncio.create_task(writer.run(), name="ledger-writer-process"))
         elif s.ledger_writer == "inline":
-            self._tasks.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
+            tasks.append(asyncio.create_task(ledger.run(), name="ledger-writer"))
+        return cls(s, client, pool, sender, book, auth, budget, ledger, upstream, relay, writer, tasks)
 
     async def stop(self) -> None:
-        if self.relay is not None:
-            await self.relay.drain()
-        for task in self._tasks:
+        await self.relay.drain()
+        for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.upstream.close()
-        if self.pool is not None:
-            await self.pool.close()
-        if self.sender is not None:
-            await self.sender.close()
+        await self.pool.close()
+        await self.sender.close()
         await self.redis.aclose()
+
+    async def caller(self, request: Request) -> Principal:
+        """Who holds the request's token: the one authentication step every route shares."""
+        return await self.auth.authenticate(request.headers.get("authorization"))
+
+    async def identify(self, request: Request) -> Identity:
+        """The user a read is about: the token's, or the one a delegate names within its tenant."""
+        identity = charged_identity(await self.caller(request), request.headers, required=False)
+        await self.budget.check_tenant(identity, bind=False)
+        return identity
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
-    services = Services(settings)
+    auth = Authenticator(settings)  # a key misconfigured fails here, before the server starts
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await services.start()
-        app.state.services = services
+        app.state.services = await Services.start(settings, auth)
         try:
             yield
         finally:
-            await services.stop()
+            await app.state.services.stop()
 
-    def relay() -> Relay:
-        assert services.relay is not None
-        return services.relay
+    def services(request: Request) -> Services:
+        return request.app.state.services  # type: ignore[no-any-return]
 
-    def completions(endpoint: str):  # type: ignore[no-untyped-def]
+    def completions(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
-            return await relay().completion(request, endpoint)
+            s = services(request)
+            return await s.relay.completion(request, await s.caller(request), endpoint)
 
         return handler
 
     async def models(request: Request) -> Response:
-        return await relay().models(request)
+        s = services(request)
+        return await s.relay.models(request, await s.identify(request))
 
     async def quota(request: Request) -> Response:
-        identity = await relay().identify(request)
-        assert services.budget is not None
-        quotas = await services.budget.snapshot(identity)
+        s = services(request)
+        identity = await s.identify(request)
+        quotas = await s.budget.snapshot(identity)
         body = {"user": identity.user, "tenant": identity.tenant, "budgets": [q.as_json() for q in quotas]}
         return json_response(body, headers=quotas[0].headers())
 
     async def usage(request: Request) -> Response:
-        identity = await relay().identify(request)
-        assert services.pool is not None and services.budget is not None
-        body = await usage_history(services.pool, identity.user, request.query_params, datetime.now(UTC))
+        s = services(request)
+        identity = await s.identify(request)
+        body = await usage_history(s.pool, identity.user, request.query_params, datetime.now(UTC))
         try:
-            body["budgets"] = [q.as_json() for q in await services.budget.snapshot(identity)]
+            body["budgets"] = [q.as_json() for q in await s.budget.snapshot(identity)]
         except ProxyError:
             body["budgets"] = None  # Redis is down: the history still answers
         return json_response(body)
 
     async def admin_usage(request: Request) -> Response:
-        assert services.pool is not None
-        return json_response(await admin.usage(services.pool, await relay().principal(request), request))
+        s = services(request)
+        return json_response(await admin.usage(s.pool, await s.caller(request), request))
 
     async def admin_budget(request: Request) -> Response:
-        assert services.pool is not None
-        principal = await relay().principal(request)
-        return json_response(await admin.put_budget(services.pool, settings, principal, request))
+        s = services(request)
+        return json_response(await admin.put_budget(s.pool, settings, await s.caller(request), request))
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        s = services(request)
         checks: dict[str, object] = {}
         try:
-            await asyncio.wait_for(services.redis.ping(), 2)
+            await asyncio.wait_for(s.redis.ping(), 2)
             checks["redis"] = "ok"
-            assert services.ledger is not None
-            checks["ledger_backlog"] = await services.ledger.backlog()
+            checks["ledger_backlog"] = await s.ledger.backlog()
         except (TimeoutError, RedisError, OSError) as exc:
             checks["redis"] = f"error: {exc.__class__.__name__}"
         try:
-            assert services.pool is not None
-            await asyncio.wait_for(services.pool.fetchval("select 1"), 2)
+            await asyncio.wait_for(s.pool.fetchval("select 1"), 2)
             checks["postgres"] = "ok"
         except PG_UNAVAILABLE as exc:
             checks["postgres"] = f"error: {exc.__class__.__name__}"
         try:
-            up = await asyncio.wait_for(services.upstream.send("GET", "/health/liveliness"), 2)
+            up = await asyncio.wait_for(s.upstream.send("GET", "/health/liveliness"), 2)
             up.response.release()
             checks["litellm"] = "ok" if up.status == 200 else f"error: HTTP {up.status}"
         except (TimeoutError, ProxyError) as exc:

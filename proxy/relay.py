@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import metrics
-from .auth import Authenticator, Identity, Principal, charged_identity
+from .auth import Identity, Principal, charged_identity
 from .body import Completion, allowed_params, cap_answers, check, encode, read_json
 from .budget import BudgetEngine
 from .config import Settings
@@ -185,7 +185,6 @@ class Relay:
     def __init__(
         self,
         settings: Settings,
-        auth: Authenticator,
         budget: BudgetEngine,
         ledger: Ledger,
         upstream: Upstream,
@@ -193,7 +192,6 @@ class Relay:
         tokenizer: Tokenizer,
     ) -> None:
         self._settings = settings
-        self._auth = auth
         self._budget = budget
         self._ledger = ledger
         self._upstream = upstream
@@ -203,19 +201,10 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
         self.in_flight = 0  # requests holding a slot: checked, reserving, upstream or streaming
 
-    async def identify(self, request: Request, body_user: Any = None, *, required: bool = False) -> Identity:
-        """The user charged: the token's, or the end user a delegating service token names (in its tenant)."""
-        identity = charged_identity(await self.principal(request), request.headers, body_user, required=required)
-        await self._budget.check_tenant(identity, bind=False)
-        return identity
-
-    async def principal(self, request: Request) -> Principal:
-        return await self._auth.authenticate(request.headers.get("authorization"))
-
-    async def completion(self, request: Request, endpoint: str) -> Response:
-        """POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
+    async def completion(self, request: Request, principal: Principal, endpoint: str) -> Response:
+        """POST /v1/chat/completions, /v1/completions and /v1/embeddings, for an authenticated caller
+        (one that could not be authenticated is not recorded: there is nobody to record it for)."""
         perf_start, wall_start = time.perf_counter(), time.time()
-        principal = await self.principal(request)  # no record for a caller we cannot name
         # Until the user charged is known and checked, a refusal is recorded under the token's own subject.
         draft = RecordDraft(new_request_id(), None, principal.identity, endpoint, wall_start, perf_start)
         flight = Flight(self, draft)
@@ -347,10 +336,9 @@ class Relay:
 
         return notice
 
-    async def models(self, request: Request) -> Response:
+    async def models(self, request: Request, identity: Identity) -> Response:
         """GET /v1/models: the upstream's list (the caller's query is not passed on), never charged,
         with the caller's quota headers."""
-        identity = await self.identify(request)
         echo = client_request_id(request) or new_request_id()
         try:
             quota_headers = (await self._budget.snapshot(identity))[0].headers()

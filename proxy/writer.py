@@ -2,9 +2,10 @@
 
 Moving records from the stream to PostgreSQL is batch work: reading, decoding, COPY, acknowledging.
 In the proxy's event loop it took CPU from every request and its bursts showed in the p99 latency;
-in a process of its own it runs on whichever core is free (docs/performance.md). `serve` starts it, restarts it when it dies and stops it on the way out;
-it sends its metrics back over a pipe, so the proxy's /metrics still shows them. `quota-sidecar
-ledger` runs one on its own, for proxies started with LEDGER_WRITER=off.
+in a process of its own it runs on whichever core is free (docs/performance.md). `serve` starts it,
+restarts it when it dies and stops it on the way out; it sends its metrics back over a pipe, so the
+proxy's /metrics still shows them. `quota-sidecar ledger` runs one on its own, for proxies started
+with LEDGER_WRITER=off.
 """
 
 from __future__ import annotations
