@@ -22,7 +22,14 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .auth import Identity
 from .db import PG_UNAVAILABLE
-from .errors import Forbidden, QuotaExceeded, RateLimited, ServiceUnavailable
+from .errors import (
+    Forbidden,
+    QuotaExceeded,
+    RateLimited,
+    ServiceUnavailable,
+    budget_store_down,
+    ledger_down_for_rebuild,
+)
 from .limits import BudgetBook, Limit
 from .quota import Quota, Rates, Reservation, Scope, period_bounds
 from .redis_batch import BatchingRedis, CommandSender
@@ -84,9 +91,7 @@ class BudgetEngine:
         except RedisError as exc:
             if tenant is None:  # a read: the ledger alone can say
                 return await self._tenant_of_record(user)
-            raise ServiceUnavailable(
-                f"Budget service unavailable ({exc.__class__.__name__}); try again shortly."
-            ) from exc
+            raise budget_store_down(exc) from exc
         if raw is None:
             bound = await self._tenant_of_record(user)
             if bound is None and tenant is None:
@@ -95,9 +100,7 @@ class BudgetEngine:
                 await self._redis.set(key, bound if bound is not None else tenant or "", nx=True)
                 raw = await self._redis.get(key)
             except RedisError as exc:
-                raise ServiceUnavailable(
-                    f"Budget service unavailable ({exc.__class__.__name__}); try again shortly."
-                ) from exc
+                raise budget_store_down(exc) from exc
             if raw is None:  # flushed between the two calls: decide again next time
                 return bound if bound is not None else tenant
         value = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -116,9 +119,7 @@ class BudgetEngine:
                 user,
             )
         except PG_UNAVAILABLE as exc:
-            raise ServiceUnavailable(
-                "Budget counters are being rebuilt but PostgreSQL is unreachable; try again shortly."
-            ) from exc
+            raise ledger_down_for_rebuild() from exc
         return None if row is None else str(row["tenant"])
 
     @staticmethod
@@ -177,9 +178,7 @@ class BudgetEngine:
                 self.owe(Reservation(request_id, scopes, tuple(keys), 0, [], None), 0)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
-                raise ServiceUnavailable(
-                    f"Budget service unavailable ({exc.__class__.__name__}); try again shortly."
-                ) from exc
+                raise budget_store_down(exc) from exc
             if result[0] == 1:
                 quotas = [
                     Quota(s.limit, int(result[4 + 2 * i]), int(result[5 + 2 * i]), s.end) for i, s in enumerate(scopes)
@@ -269,9 +268,7 @@ class BudgetEngine:
                 await self.rebuild(scope)
                 used, reserved = await self._redis.hmget(scope.key, "used", "reserved")
         except RedisError as exc:
-            raise ServiceUnavailable(
-                f"Budget service unavailable ({exc.__class__.__name__}); try again shortly."
-            ) from exc
+            raise budget_store_down(exc) from exc
         return Quota(scope.limit, int(used or 0), int(reserved or 0), scope.end)
 
     async def rebuild(self, scope: Scope) -> int:
@@ -288,9 +285,7 @@ class BudgetEngine:
                 *([scope.end] if scope.end else []),
             )
         except PG_UNAVAILABLE as exc:
-            raise ServiceUnavailable(
-                "Budget counters are being rebuilt but PostgreSQL is unreachable; try again shortly."
-            ) from exc
+            raise ledger_down_for_rebuild() from exc
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(scope.key, "used", int(used))
             pipe.expireat(scope.key, self._key_expiry(scope))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import aiohttp
 import orjson
 from starlette.responses import Response
 
@@ -29,7 +30,12 @@ class ProxyError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+        return openai_error(self.message, self.type, self.code, self.param)
+
+
+def openai_error(message: str, type: str, code: str | None, param: str | None) -> dict[str, object]:
+    """The one shape of every error body the proxy sends: OpenAI's, which the SDKs and LibreChat read."""
+    return {"error": {"message": message, "type": type, "code": code, "param": param}}
 
 
 class BadRequest(ProxyError):
@@ -86,6 +92,35 @@ class UpstreamTimeout(ProxyError):
 
 class ServiceUnavailable(ProxyError):
     status, type, code = 503, "api_error", "service_unavailable"
+
+
+# What the caller is told when something the proxy depends on fails: said here, and only here.
+
+
+def budget_store_down(exc: BaseException) -> ServiceUnavailable:
+    """Redis did not answer (a RedisError)."""
+    return ServiceUnavailable(f"Budget service unavailable ({exc.__class__.__name__}); try again shortly.")
+
+
+def ledger_down_for_rebuild() -> ServiceUnavailable:
+    """A counter or binding Redis lost must be read back from PostgreSQL, which is unreachable."""
+    return ServiceUnavailable("Budget counters are being rebuilt but PostgreSQL is unreachable; try again shortly.")
+
+
+def history_down() -> ServiceUnavailable:
+    return ServiceUnavailable("Usage history is unavailable right now (database unreachable); try again shortly.")
+
+
+def upstream_failed(exc: BaseException, *, answering: bool) -> ProxyError:
+    """The model server failed (an aiohttp error or a timeout): before its answer began, or during it."""
+    name = exc.__class__.__name__
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"The model server did not {'finish its answer' if answering else 'answer'} in time.")
+    if answering:
+        return UpstreamError(f"The model server broke off its answer ({name}).")
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return ServiceUnavailable(f"The model server is unreachable ({name}).")
+    return UpstreamError(f"The model server request failed ({name}).")
 
 
 _STATUS_ERRORS: dict[int, type[ProxyError]] = {404: NotFound, 405: MethodNotAllowed}

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from .errors import ProxyError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from .errors import ProxyError, UpstreamError, openai_error, upstream_failed
 from .sse import StreamMeter
 
 # Upstream response headers a client may see. LiteLLM's own (x-litellm-key-spend is the master key's
@@ -63,21 +63,13 @@ def error_body(status: int, body: bytes, secret: str) -> bytes:
     )
     code = error.get("code")
     return orjson.dumps(
-        {
-            "error": {
-                "message": text,
-                "type": _short(error.get("type"), secret) or "api_error",
-                "code": _short(code, secret) if not isinstance(code, int) else str(code),
-                "param": _short(error.get("param"), secret),
-            }
-        }
+        openai_error(
+            text,
+            _short(error.get("type"), secret) or "api_error",
+            str(code) if isinstance(code, int) else _short(code, secret),
+            _short(error.get("param"), secret),
+        )
     )
-
-
-def read_failure(exc: BaseException) -> ProxyError:
-    if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamTimeout("The model server did not finish its answer in time.")
-    return UpstreamError(f"The model server broke off its answer ({exc.__class__.__name__}).")
 
 
 class Upstreamed:
@@ -114,7 +106,7 @@ class Upstreamed:
         try:
             body = await self.response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise read_failure(exc) from None
+            raise upstream_failed(exc, answering=True) from None
         finally:
             self.response.release()
         if not 200 <= self.status < 300:
@@ -172,12 +164,8 @@ class Upstream:
         url = f"{self.base_url}{path}?{query}" if query else f"{self.base_url}{path}"
         try:
             response = await self._session.request(method, url, data=body, headers=headers)
-        except TimeoutError:
-            raise UpstreamTimeout("The model server did not answer in time.") from None
-        except aiohttp.ClientConnectionError as exc:
-            raise ServiceUnavailable(f"The model server is unreachable ({exc.__class__.__name__}).") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"The model server request failed ({exc.__class__.__name__}).") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise upstream_failed(exc, answering=False) from None
         if response.status in (401, 403, 407):
             # The proxy's own key was refused: not the caller's fault, and not to be shown as theirs.
             response.release()
@@ -187,10 +175,9 @@ class Upstream:
         return Upstreamed(response, self._secret)
 
 
-def stream_error_event(message: str, code: str = "upstream_error") -> bytes:
+def stream_error_event(error: ProxyError) -> bytes:
     """An in-stream error the OpenAI SDKs raise as an APIError once the 200 headers are out."""
-    body = {"error": {"message": message, "type": "api_error", "code": code, "param": None}}
-    return b"data: " + orjson.dumps(body) + b"\n\n"
+    return b"data: " + orjson.dumps(error.body()) + b"\n\n"
 
 
 # Called once with how the stream ended and the perf_counter() time of its first byte.
@@ -264,19 +251,10 @@ class StreamThrough:
             tail = meter.flush()
             if tail.strip():
                 await send({"type": "http.response.body", "body": tail, "more_body": True})
-        except TimeoutError:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             outcome = "upstream_error"
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": stream_error_event("The model server stopped responding mid-answer.", "upstream_timeout"),
-                    "more_body": True,
-                }
-            )
-        except aiohttp.ClientError as exc:
-            outcome = "upstream_error"
-            message = f"The model server broke off the answer ({exc.__class__.__name__})."
-            await send({"type": "http.response.body", "body": stream_error_event(message), "more_body": True})
+            event = stream_error_event(upstream_failed(exc, answering=True))
+            await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return outcome
 

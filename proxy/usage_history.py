@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from .db import PG_UNAVAILABLE
-from .errors import BadRequest, ServiceUnavailable
+from .errors import BadRequest, history_down
 
 MAX_LIMIT = 1000
 _FIELDS = (
@@ -90,9 +90,7 @@ async def usage_history(pool: asyncpg.Pool, user: str, params: Mapping[str, str]
                 end,
             )
     except PG_UNAVAILABLE as exc:
-        raise ServiceUnavailable(
-            "Usage history is unavailable right now (database unreachable); try again shortly."
-        ) from exc
+        raise history_down() from exc
     page = rows[:limit]
     data = [
         {

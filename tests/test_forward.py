@@ -10,8 +10,8 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.forward import CLIENT_HEADERS, Upstreamed, client_headers, error_body, read_failure, redact, stream_error_event
+from proxy.errors import ProxyError, ServiceUnavailable, UpstreamError, UpstreamTimeout, upstream_failed
+from proxy.forward import CLIENT_HEADERS, Upstream, Upstreamed, client_headers, error_body, redact, stream_error_event
 
 pytestmark = pytest.mark.anyio
 
@@ -181,32 +181,59 @@ def test_error_body_redacts_a_key_before_cutting_the_message() -> None:
     assert rebuilt(400, {"error": {"message": message}})["error"]["message"] == "x" * 1990 + "[redacted]"
 
 
-# read_failure and stream_error_event
+# How the upstream failing reads (errors.upstream_failed, raised by Upstream.send and Upstreamed), and in a stream
 
 
-def test_a_read_that_timed_out_is_an_upstream_timeout() -> None:
-    for exc in (asyncio.TimeoutError(), TimeoutError()):
-        failure = read_failure(exc)
-        assert type(failure) is UpstreamTimeout
-        assert (failure.status, failure.message) == (504, "The model server did not finish its answer in time.")
-
-
-def test_a_read_broken_off_is_an_upstream_error_naming_the_failure() -> None:
-    failure = read_failure(aiohttp.ClientPayloadError("truncated"))
-    assert type(failure) is UpstreamError
-    assert (failure.status, failure.message) == (502, "The model server broke off its answer (ClientPayloadError).")
-    assert read_failure(ConnectionResetError()).message == (
-        "The model server broke off its answer (ConnectionResetError)."
-    )
+@pytest.mark.parametrize(
+    "exc, answering, kind, status, message",
+    [
+        (TimeoutError(), True, UpstreamTimeout, 504, "The model server did not finish its answer in time."),
+        (asyncio.TimeoutError(), False, UpstreamTimeout, 504, "The model server did not answer in time."),
+        (
+            aiohttp.ClientPayloadError("cut"),
+            True,
+            UpstreamError,
+            502,
+            "The model server broke off its answer (ClientPayloadError).",
+        ),
+        (
+            aiohttp.ServerDisconnectedError(),
+            True,
+            UpstreamError,
+            502,
+            "The model server broke off its answer (ServerDisconnectedError).",
+        ),
+        (
+            aiohttp.ClientConnectionError(),
+            False,
+            ServiceUnavailable,
+            503,
+            "The model server is unreachable (ClientConnectionError).",
+        ),
+        (
+            aiohttp.TooManyRedirects(None, ()),  # type: ignore[arg-type]
+            False,
+            UpstreamError,
+            502,
+            "The model server request failed (TooManyRedirects).",
+        ),
+    ],
+)
+def test_an_upstream_failure_says_whether_the_answer_had_begun(
+    exc: BaseException, answering: bool, kind: type[ProxyError], status: int, message: str
+) -> None:
+    failure = upstream_failed(exc, answering=answering)
+    assert type(failure) is kind
+    assert (failure.status, failure.message) == (status, message)
 
 
 def test_stream_error_event_is_one_openai_shaped_sse_event() -> None:
-    event = stream_error_event("gone", "upstream_timeout")
-    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    event = stream_error_event(UpstreamTimeout("gone"))
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
     assert orjson.loads(event[6:]) == {
         "error": {"message": "gone", "type": "api_error", "code": "upstream_timeout", "param": None}
     }
-    assert orjson.loads(stream_error_event("x")[6:])["error"]["code"] == "upstream_error"
+    assert orjson.loads(stream_error_event(UpstreamError("x"))[6:])["error"]["code"] == "upstream_error"
 
 
 # Upstreamed, over a stand-in for aiohttp's response
@@ -283,3 +310,97 @@ async def test_a_read_that_fails_is_released_and_raised_as_an_upstream_failure()
 def test_headers_for_client_are_the_allow_listed_ones() -> None:
     response = FakeResponse(200, headers={"Content-Type": "application/json", "x-litellm-key-spend": "9"})
     assert upstreamed(response).headers_for_client() == {"Content-Type": "application/json"}
+
+
+# Upstream.send, against a loopback aiohttp server
+
+
+@pytest.fixture
+async def model_server() -> Any:
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    seen: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append({"path": request.path_qs, "headers": dict(request.headers), "body": await request.read()})
+        status = int(request.query.get("status", "200"))
+        response = web.json_response({"ok": True}, status=status)
+        response.set_cookie("session", "for-one-user-only")
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")), seen
+    finally:
+        await server.close()
+
+
+async def test_send_carries_the_master_key_and_our_request_id_only(model_server: Any) -> None:
+    url, seen = model_server
+    upstream = Upstream(url + "/", MASTER)
+    await upstream.start()
+    try:
+        answer = await upstream.send("POST", "/v1/chat/completions", body=b'{"model":"m"}', request_id="r-42")
+        assert (answer.status, await answer.read_for_client()) == (200, b'{"ok": true}')
+        await (await upstream.send("GET", "/v1/models", query="a=1")).read_for_client()
+    finally:
+        await upstream.close()
+    first, second = seen
+    assert (first["path"], first["body"]) == ("/v1/chat/completions", b'{"model":"m"}')
+    assert {k: first["headers"][k] for k in ("Authorization", "Content-Type", "X-Request-Id", "User-Agent")} == {
+        "Authorization": f"Bearer {MASTER}",
+        "Content-Type": "application/json",
+        "X-Request-Id": "r-42",
+        "User-Agent": "quota-sidecar",
+    }
+    assert first["headers"]["Accept-Encoding"] == "identity"
+    # A GET has no body type and no request id, and the first answer's cookie does not ride along.
+    assert second["path"] == "/v1/models?a=1"
+    assert not {"Content-Type", "X-Request-Id", "Cookie"} & set(second["headers"])
+
+
+@pytest.mark.parametrize("status", [401, 403, 407])
+async def test_the_proxys_own_key_refused_is_an_upstream_error_for_the_administrator(
+    model_server: Any, status: int
+) -> None:
+    url, _ = model_server
+    upstream = Upstream(url, MASTER)
+    await upstream.start()
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await upstream.send("GET", "/v1/models", query=f"status={status}")
+    finally:
+        await upstream.close()
+    assert caught.value.status == 502
+    assert caught.value.message == (
+        f"The model server refused the proxy's credentials (HTTP {status}); tell your administrator."
+    )
+
+
+async def test_other_error_statuses_are_handed_back_as_answers(model_server: Any) -> None:
+    url, _ = model_server
+    upstream = Upstream(url, MASTER)
+    await upstream.start()
+    try:
+        answer = await upstream.send("GET", "/x", query="status=429")
+        assert answer.status == 429
+        assert orjson.loads(await answer.read_for_client())["error"]["message"] == "The model server answered HTTP 429."
+    finally:
+        await upstream.close()
+
+
+async def test_an_unreachable_model_server_is_a_503() -> None:
+    from .devstack import free_port
+
+    upstream = Upstream(f"http://127.0.0.1:{free_port()}", MASTER, connect_timeout=2)
+    await upstream.start()
+    try:
+        with pytest.raises(ServiceUnavailable) as caught:
+            await upstream.send("GET", "/v1/models")
+    finally:
+        await upstream.close()
+    assert caught.value.message == "The model server is unreachable (ClientConnectorError)."
