@@ -67,7 +67,7 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 args.subject,
                 args.period or settings.budget_period,
                 args.tokens,
-                args.warn or settings.warn_ratio,
+                args.warn if args.warn is not None else settings.warn_ratio,
                 args.rpm,
                 args.tpm,
             )

@@ -138,7 +138,9 @@ def test_embeddings_are_not_streamed() -> None:
     assert refused({"model": "e", "input": "x", "stream": True}, "embeddings").message == (
         "Unknown field(s) for this endpoint: stream."
     )
-    error = refused({"model": "e", "input": "x", "stream": True}, "embeddings", allowed_params("embeddings", ("stream",)))
+    error = refused(
+        {"model": "e", "input": "x", "stream": True}, "embeddings", allowed_params("embeddings", ("stream",))
+    )
     assert (error.message, error.param) == ("Embeddings are not streamed: leave 'stream' out.", "stream")
 
 
@@ -294,7 +296,10 @@ def test_well_typed_optional_fields_pass() -> None:
         ([{"content": "no role"}], "messages[0]"),
         ([{"role": "user", "content": "ok"}, {"role": "user", "content": 5}], "messages[1].content"),
         ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc"}}]}], "messages[0].content"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc"}}]}],
+            "messages[0].content",
+        ),
         ([{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}], "messages[0].content"),
         ([{"role": "assistant", "tool_calls": {"id": "x"}}], "messages[0].tool_calls"),
     ],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -188,7 +187,7 @@ def test_error_body_redacts_a_key_before_cutting_the_message() -> None:
     "exc, answering, kind, status, message",
     [
         (TimeoutError(), True, UpstreamTimeout, 504, "The model server did not finish its answer in time."),
-        (asyncio.TimeoutError(), False, UpstreamTimeout, 504, "The model server did not answer in time."),
+        (TimeoutError(), False, UpstreamTimeout, 504, "The model server did not answer in time."),
         (
             aiohttp.ClientPayloadError("cut"),
             True,
@@ -302,8 +301,9 @@ async def test_a_read_that_fails_is_released_and_raised_as_an_upstream_failure()
     assert caught.value.message == "The model server broke off its answer (ClientPayloadError)."
     assert response.released == 1
     response = FakeResponse(200, fail=TimeoutError())
-    with pytest.raises(UpstreamTimeout):
+    with pytest.raises(UpstreamTimeout) as timed_out:
         await upstreamed(response).read_for_client()
+    assert timed_out.value.message == "The model server did not finish its answer in time."
     assert response.released == 1
 
 
@@ -323,7 +323,7 @@ async def model_server() -> Any:
     seen: list[dict[str, Any]] = []
 
     async def handle(request: web.Request) -> web.Response:
-        seen.append({"path": request.path_qs, "headers": dict(request.headers), "body": await request.read()})
+        seen.append({"path": request.path_qs, "headers": CIMultiDict(request.headers), "body": await request.read()})
         status = int(request.query.get("status", "200"))
         response = web.json_response({"ok": True}, status=status)
         response.set_cookie("session", "for-one-user-only")
@@ -334,7 +334,8 @@ async def model_server() -> Any:
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
-        yield str(server.make_url("")), seen
+        # By name: aiohttp keeps no cookies of a bare IP address, so a cookie jar would go unnoticed there.
+        yield f"http://localhost:{server.port}", seen
     finally:
         await server.close()
 
@@ -360,7 +361,7 @@ async def test_send_carries_the_master_key_and_our_request_id_only(model_server:
     assert first["headers"]["Accept-Encoding"] == "identity"
     # A GET has no body type and no request id, and the first answer's cookie does not ride along.
     assert second["path"] == "/v1/models?a=1"
-    assert not {"Content-Type", "X-Request-Id", "Cookie"} & set(second["headers"])
+    assert [name for name in ("Content-Type", "X-Request-Id", "Cookie") if name in second["headers"]] == []
 
 
 @pytest.mark.parametrize("status", [401, 403, 407])

@@ -216,10 +216,12 @@ async def test_records_of_the_same_instant_are_paged_by_request_id(conn: asyncpg
 
 
 async def test_nothing_in_the_window_is_an_empty_list(conn: asyncpg.Connection) -> None:
-    page = await usage_history(OnePool(conn), uid(), {"from": "2026-01-01", "to": "2026-01-02"}, NOW)  # type: ignore[arg-type]
+    me = uid()
+    await add(conn, me, MONTH + timedelta(hours=1))  # outside the window asked for
+    page = await usage_history(OnePool(conn), me, {"from": "2026-01-01", "to": "2026-01-02"}, NOW)  # type: ignore[arg-type]
     assert page == {
         "object": "list",
-        "user": page["user"],
+        "user": me,
         "from": "2026-01-01T00:00:00Z",
         "to": "2026-01-02T00:00:00Z",
         "totals": {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": None},
@@ -288,10 +290,15 @@ def test_instant_reads_iso_dates_and_times_into_utc(text: str, at: datetime) -> 
 def test_instant_refuses_what_is_not_an_iso_instant(text: str) -> None:
     with pytest.raises(BadRequest) as caught:
         _instant(text, "to")
-    assert (caught.value.param, caught.value.message) == ("to", "'to' must be an ISO 8601 date or time, such as 2026-11-01.")
+    assert (caught.value.param, caught.value.message) == (
+        "to",
+        "'to' must be an ISO 8601 date or time, such as 2026-11-01.",
+    )
 
 
-@pytest.mark.parametrize("text", ["1969-12-31T23:59:59Z", "1970-01-01T00:00:00+00:01", "9000-01-01T00:00:01Z", "9999-12-31"])
+@pytest.mark.parametrize(
+    "text", ["1969-12-31T23:59:59Z", "1970-01-01T00:00:00+00:01", "9000-01-01T00:00:01Z", "9999-12-31"]
+)
 def test_instant_refuses_what_lies_outside_1970_to_9000(text: str) -> None:
     with pytest.raises(BadRequest) as caught:
         _instant(text, "from")
