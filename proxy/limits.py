@@ -48,6 +48,8 @@ set period = excluded.period, token_limit = excluded.token_limit, warn_ratio = e
 async def set_budget(conn: asyncpg.Connection, limit: Limit) -> None:
     if limit.period not in PERIODS:
         raise ValueError(f"period must be one of {', '.join(PERIODS)}")
+    if min(limit.tokens, limit.rpm, limit.tpm) < 0:
+        raise ValueError("tokens, rpm and tpm must be 0 or more")
     await conn.execute(
         _UPSERT, limit.subject_type, limit.subject, limit.period, limit.tokens, limit.warn_ratio, limit.rpm, limit.tpm
     )

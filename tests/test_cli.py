@@ -290,15 +290,23 @@ def test_budget_set_again_replaces_the_budget(
     assert budget_row(db, "user", me) == ("total", 20, 0.8, None, None)
 
 
-@pytest.mark.parametrize("argv", [["-5"], ["5", "--warn", "1.5"], ["5", "--warn", "-0.2"]])
-def test_budget_set_refused_by_the_table_is_exit_1_and_writes_nothing(
-    env: pytest.MonkeyPatch, db: str, capsys: pytest.CaptureFixture[str], argv: list[str]
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["-5"], "error: tokens, rpm and tpm must be 0 or more"),
+        (["5", "--rpm", "-1"], "error: tokens, rpm and tpm must be 0 or more"),
+        (["5", "--warn", "1.5"], 'error: new row for relation "budgets" violates check constraint'),
+        (["5", "--warn", "-0.2"], 'error: new row for relation "budgets" violates check constraint'),
+    ],
+)
+def test_budget_set_refused_is_exit_1_and_writes_nothing(
+    env: pytest.MonkeyPatch, db: str, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
 ) -> None:
     env.setenv("DATABASE_URL", db)
     me = uid()
     code, out, err = cli(capsys, "budget", "set", me, *argv)
     assert (code, out) == (1, "")
-    assert err.startswith('error: new row for relation "budgets" violates check constraint')
+    assert err.startswith(says)
     assert budget_row(db, "user", me) is None
 
 

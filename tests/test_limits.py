@@ -91,9 +91,15 @@ async def test_set_budget_refuses_an_unknown_period_before_writing(conn: asyncpg
     assert await row(conn, "user", me) is None
 
 
-async def test_set_budget_leaves_other_checks_to_the_table(conn: asyncpg.Connection) -> None:
-    with pytest.raises(asyncpg.CheckViolationError):
+async def test_set_budget_refuses_negative_numbers_and_leaves_other_checks_to_the_table(
+    conn: asyncpg.Connection,
+) -> None:
+    with pytest.raises(ValueError, match="0 or more"):
         await set_budget(conn, Limit("user", uid(), "day", -1, 0.8))
+    with pytest.raises(ValueError, match="0 or more"):
+        await set_budget(conn, Limit("user", uid(), "day", 10, 0.8, rpm=-1))
+    with pytest.raises(asyncpg.CheckViolationError):
+        await set_budget(conn, Limit("user", uid(), "day", 10, 1.5))
 
 
 async def test_fetch_limit_prefers_the_subjects_own_row_over_the_default(conn: asyncpg.Connection) -> None:
