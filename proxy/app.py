@@ -73,7 +73,14 @@ class Services:
         except PG_UNAVAILABLE as exc:
             log.warning("postgres_unavailable_at_start", error=str(exc), using="environment defaults")
         sender = command_sender(s.redis_url, client, s.redis_timeout)
-        budget = BudgetEngine(client, book, pool, reservation_ttl=s.reservation_ttl_seconds, sender=sender)
+        budget = BudgetEngine(
+            client,
+            book,
+            pool,
+            reservation_ttl=s.reservation_ttl_seconds,
+            sender=sender,
+            holdback=s.holdback_tokens,
+        )
         ledger = Ledger.for_settings(client, pool, s)
         upstream = Upstream(
             s.litellm_base_url,

@@ -48,6 +48,7 @@ class BudgetEngine:
         *,
         reservation_ttl: float = 900,
         clock: Callable[[], float] = time.time,
+        holdback: int = 0,
         sender: CommandSender | None = None,
     ) -> None:
         self._redis = client
@@ -56,6 +57,7 @@ class BudgetEngine:
         self._pool = pool
         self._ttl_ms = int(reservation_ttl * 1000)
         self._clock = clock
+        self._holdback = holdback  # room kept back from a request that wants more than there is (reserve.lua)
         self._reserve = client.register_script(RESERVE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
         # Scopes per identity until the earliest of their periods ends or the budgets change.
@@ -169,7 +171,7 @@ class BudgetEngine:
         args: list[Any] = [request_id, now_ms, now_ms + self._ttl_ms, floor, max(wanted, floor + 1), len(scopes)]
         args += [s.limit.tokens for s in scopes]
         args += [self._key_expiry(s) for s in scopes]
-        args += [user.rpm, user.tpm]
+        args += [user.rpm, user.tpm, self._holdback]
         for _ in range(3):
             try:
                 result = await self._eval(self._reserve, keys, args)

@@ -54,6 +54,7 @@ class Settings:
     warn_ratio: float = 0.8
     tokenizer_file: str = ""  # a cl100k_base.tiktoken file; default: the copy LiteLLM ships, if installed
     completion_allowance: int = 4096
+    holdback_tokens: int = 1024  # room kept for a concurrent request when one wants more than is left
     clamp_max_tokens: bool = True
     quota_notice: str = "inline"
     reservation_ttl_seconds: int = 900
@@ -115,5 +116,7 @@ class Settings:
             raise ValueError("QUOTA_NOTICE must be 'inline' or 'off'")
         if self.fail_mode not in ("closed", "open"):
             raise ValueError("FAIL_MODE must be 'closed' or 'open'")
+        if self.holdback_tokens < 0 or self.completion_allowance < 1:
+            raise ValueError("HOLDBACK_TOKENS must be 0 or more and COMPLETION_ALLOWANCE at least 1")
         if self.ledger_writer not in ("process", "inline", "off"):
             raise ValueError("LEDGER_WRITER must be 'process', 'inline' or 'off'")

@@ -4,7 +4,10 @@
 -- KEYS[n+1]:  (only when rpm or tpm is set) the user's rate hash: q:<minute> requests, t:<minute> tokens.
 -- All keys share one hash tag, so this runs unchanged on Redis Cluster.
 -- ARGV: request_id, now_ms, expires_at_ms, prompt_estimate, wanted, n, limit_1..limit_n,
---       key_expire_at_s_1..n, rpm, tpm (0 = no limit)
+--       key_expire_at_s_1..n, rpm, tpm (0 = no limit), holdback
+-- A request that wants more than a budget's room gets the room less a holdback for requests that
+-- arrive with it (LibreChat sends a chat and its title at once): half of what the room holds past the
+-- prompt, at most `holdback` tokens. Never more than the room: the hard bound stands.
 -- Returns {1, granted, requests_in_window, tokens_in_window, used_1, reserved_1, ...}
 --         {0, i, used_i, reserved_i, limit_i}           refused: budget i has no room for the prompt
 --         {-1, i}                                       budget i's counter is missing: rebuild, then retry
@@ -13,6 +16,8 @@ local rid, now = ARGV[1], tonumber(ARGV[2])
 local expires_at, prompt, grant = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
 local rpm, tpm = tonumber(ARGV[7 + 2 * n]), tonumber(ARGV[8 + 2 * n])
+local holdback = tonumber(ARGV[9 + 2 * n] or '0')
+local wanted = grant
 
 for i = 1, n do
   if redis.call('HEXISTS', KEYS[i], 'used') == 0 then return {-1, i} end
@@ -60,7 +65,9 @@ for i = 1, n do
   local limit = tonumber(ARGV[6 + i])
   local room = limit - used - reserved
   if room <= prompt then return {0, i, used, reserved, limit} end
-  if room < grant then grant = room end
+  local fits = room
+  if room < wanted then fits = room - math.min(math.floor((room - prompt) / 2), holdback) end
+  if fits < grant then grant = fits end
   state[2 * i - 1], state[2 * i] = used, reserved
 end
 
