@@ -57,6 +57,7 @@ class Settings:
     holdback_tokens: int = 1024  # room kept for a concurrent request when one wants more than is left
     clamp_max_tokens: bool = True
     quota_notice: str = "inline"
+    stream_usage_to_client: str = "auto"  # the usage chunk the proxy asked for: auto, always or never shown
     reservation_ttl_seconds: int = 900
     budget_refresh_seconds: float = 5.0
     fail_mode: str = "closed"
@@ -114,6 +115,8 @@ class Settings:
             raise ValueError("WARN_RATIO must be in (0, 1]")
         if self.quota_notice not in ("inline", "off"):
             raise ValueError("QUOTA_NOTICE must be 'inline' or 'off'")
+        if self.stream_usage_to_client not in ("auto", "always", "never"):
+            raise ValueError("STREAM_USAGE_TO_CLIENT must be 'auto', 'always' or 'never'")
         if self.fail_mode not in ("closed", "open"):
             raise ValueError("FAIL_MODE must be 'closed' or 'open'")
         if self.holdback_tokens < 0 or self.completion_allowance < 1:

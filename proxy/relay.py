@@ -47,6 +47,9 @@ UPSTREAM_PATHS = {
 # Bodies larger than this are counted in a worker thread, so one long prompt does not stall everyone's.
 _COUNT_IN_THREAD = 64 * 1024
 _CLIENT_ID_MAX = 128
+# User-Agents of the OpenAI clients inside LibreChat: LangChain's (agents 3.6 and later), and LibreChat's
+# own subclass of the openai SDK (earlier agents). Both take usage from any stream chunk that has it.
+_USAGE_READERS = ("langchainjs-openai/", "CustomOpenAIClient/")
 
 
 def new_request_id() -> str:
@@ -222,6 +225,8 @@ class Relay:
         flight.take_slot(settings.upstream_max_concurrency)
         payload, size = await read_json(request, settings.max_body_bytes, settings.body_read_timeout)
         completion = check(payload, endpoint, self._allowed[endpoint])
+        if completion.hide_usage and self._shows_usage(request, principal):
+            completion.hide_usage = False
         identity = charged_identity(principal, request.headers, payload.get("user"))
         try:
             await self._budget.check_tenant(identity)
@@ -319,6 +324,17 @@ class Relay:
         headers.update(reservation.headers(used=reservation.quotas[0].used + usage[2] if usage else None))
         await self._sender.written()  # the settle and record reach Redis's socket before the answer goes out
         return Response(body, status_code=upstream.status, headers=headers)
+
+    def _shows_usage(self, request: Request, principal: Principal) -> bool:
+        """Whether a stream's usage chunk, which the caller did not ask for, reaches it all the same.
+        `auto`: for LibreChat (its delegate token, or LangChain's and its own OpenAI client's User-Agent),
+        whose token counter reads a usage chunk wherever it finds one; never for other clients, since
+        strict OpenAI clients can break on a chunk with no choices."""
+        mode = self._settings.stream_usage_to_client
+        if mode != "auto":
+            return mode == "always"
+        agent = request.headers.get("user-agent", "")
+        return principal.delegate or agent.startswith(_USAGE_READERS)
 
     def _estimate(self, payload: dict[str, Any], answer: str) -> tuple[int, int, int]:
         """Usage the upstream did not report: the prompt's bound, and the answer text counted."""
