@@ -82,11 +82,21 @@ class Quota:
         }
 
     def notice(self) -> str | None:
-        """The line added to a streamed answer once the user is past the warn ratio."""
-        if self.state != "warn":
+        """The line added to a streamed answer once the user is past the warn ratio; the answer that uses
+        the budget up says the next message will be refused, and until when."""
+        state = self.state
+        if state == "ok":
             return None
-        percent = int(100 * self.used / self.limit.tokens)
         period = _PERIOD_WORD[self.limit.period].lower()
+        if state == "blocked":
+            until = (
+                f"until {self.resets_at:%Y-%m-%d %H:%M} UTC" if self.resets_at else "until your administrator adds more"
+            )
+            return (
+                f"\n\n> You have used all of your {period} token budget ({self.used:,} of {self.limit.tokens:,}):"
+                f" your next message will be refused {until}."
+            )
+        percent = int(100 * self.used / self.limit.tokens)
         return (
             f"\n\n> You have used {percent} % of your {period} token budget ({self.used:,} of {self.limit.tokens:,})."
         )
@@ -103,9 +113,16 @@ class Quota:
         )
         if self.used >= self.limit.tokens:
             return f"{what} used up: {self.used:,} of {self.limit.tokens:,} tokens. {resets}"
+        if self.reserved:
+            return (
+                f"{what} is fully taken by requests in progress: {self.used:,} of {self.limit.tokens:,} tokens "
+                f"used, {self.reserved:,} reserved. Try again when they finish. {resets}"
+            )
+        # Nothing in flight, yet too little left for this request's prompt (a long conversation, say).
+        left = self.limit.tokens - self.used
         return (
-            f"{what} is fully taken by requests in progress: {self.used:,} of {self.limit.tokens:,} tokens used, "
-            f"{self.reserved:,} reserved. Try again when they finish. {resets}"
+            f"{what} is nearly used up: {self.used:,} of {self.limit.tokens:,} tokens used, and the {left:,} left "
+            f"are too few for this request. {resets}"
         )
 
 

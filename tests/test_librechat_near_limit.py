@@ -23,6 +23,7 @@ from .fake_upstream import FakeUpstream
 from .helpers import serve, token, uid
 
 ROOM = 1500
+ROOMIER = 4000  # still below COMPLETION_ALLOWANCE, so every request wants more than the room
 HISTORY = "You are a helpful assistant. Answer briefly."
 TITLE_PROMPT = (
     "Please generate a concise, 5-word-or-less title for the conversation, using its same language, with no "
@@ -93,14 +94,26 @@ def test_a_chat_and_its_title_sent_together_are_both_served(proxy_url: str, chat
     assert after["reserved"] == 0 and 0 < after["used"] <= ROOM  # the hard bound
 
 
+@pytest.fixture(scope="module")
+def roomier_url(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
+    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=ROOMIER)
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+# Each request that wants more than the room leaves half of what it could take for the next, so the k-th
+# at once finds about 1/2^(k-1) of the room: two or three fit in 1,500 tokens, four or five in 4,000.
 @pytest.mark.parametrize("count", [2, 3, 4, 5])
-def test_a_few_requests_at_once_near_the_limit_are_all_served_within_it(proxy_url: str, count: int) -> None:
+def test_a_few_requests_at_once_near_the_limit_are_all_served_within_it(
+    proxy_url: str, roomier_url: str, count: int
+) -> None:
+    url, room = (proxy_url, ROOM) if count <= 3 else (roomier_url, ROOMIER)
     user = uid()
     bodies = [chat_body(user) if i % 2 == 0 else title_body(user) for i in range(count)]
-    responses = send_together(proxy_url, user, bodies, gap=0.002)
+    responses = send_together(url, user, bodies, gap=0.002)
     assert [r.status_code for r in responses] == [200] * count, [r.text for r in responses]
-    after = quota(proxy_url, user)
-    assert after["reserved"] == 0 and after["used"] <= ROOM
+    after = quota(url, user)
+    assert after["reserved"] == 0 and after["used"] <= room
 
 
 def test_a_prompt_that_cannot_fit_is_still_refused(proxy_url: str) -> None:
@@ -109,3 +122,18 @@ def test_a_prompt_that_cannot_fit_is_still_refused(proxy_url: str) -> None:
     r = send_together(proxy_url, user, [huge])[0]
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
     assert quota(proxy_url, user)["used"] == 0
+
+
+def test_the_answer_that_uses_the_budget_up_says_the_next_message_will_be_refused(
+    base_settings: Settings, fake: FakeUpstream
+) -> None:
+    # The fake upstream bills every answer 12 tokens: a budget of 12 is used up by one short answer.
+    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=12)
+    user = uid()
+    short = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with serve(create_app(settings)) as url:
+        r = send_together(url, user, [short])[0]
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        assert "You have used all of your monthly token budget (12 of 12): your next message will be refused" in r.text
+        nxt = send_together(url, user, [short])[0]
+        assert nxt.status_code == 429 and "used up: 12 of 12 tokens" in nxt.json()["error"]["message"]

@@ -161,11 +161,16 @@ def test_with_used_keeps_everything_else() -> None:
     assert before.used == 10
 
 
-def test_the_notice_appears_only_in_the_warn_state() -> None:
+def test_the_notice_warns_past_the_ratio_and_says_when_the_budget_is_used_up() -> None:
     assert quota(79_999).notice() is None
     assert quota(85_432).notice() == "\n\n> You have used 85 % of your monthly token budget (85,432 of 100,000)."
     assert quota(99_999).notice() == "\n\n> You have used 99 % of your monthly token budget (99,999 of 100,000)."
-    assert quota(100_000).notice() is None
+    blocked = quota(100_000).notice()
+    assert blocked is not None and blocked.startswith(
+        "\n\n> You have used all of your monthly token budget (100,000 of 100,000): your next message will be"
+        " refused until "
+    )
+    assert blocked.endswith(" 00:00 UTC.")
 
 
 @pytest.mark.parametrize("period, word", [("day", "daily"), ("week", "weekly"), ("total", "total")])
@@ -281,3 +286,17 @@ def test_an_unmetered_reservation_shows_the_limit_and_an_unknown_state_only() ->
     expected = {"X-Quota-Limit": "100000", "X-Quota-State": "unknown", "X-Quota-Reset": "2026-12-01T00:00:00Z"}
     assert reservation(0, rates, metered=False).headers() == expected
     assert reservation(0, rates, metered=False).headers(used=70) == expected
+
+
+def test_refusal_of_a_prompt_too_long_for_what_is_left() -> None:
+    assert quota(9_990, tokens=10_000, period="week", resets_at=utc(2026, 11, 30)).refusal("bob") == (
+        "Weekly token budget is nearly used up: 9,990 of 10,000 tokens used, and the 10 left are too few for"
+        " this request. It resets on 2026-11-30 00:00 UTC."
+    )
+
+
+def test_the_notice_of_a_total_budget_used_up_says_it_does_not_reset() -> None:
+    assert quota(1_000, tokens=1_000, period="total", resets_at=None).notice() == (
+        "\n\n> You have used all of your total token budget (1,000 of 1,000): your next message will be refused"
+        " until your administrator adds more."
+    )
