@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,23 @@ def _check_times(claims: dict[str, Any]) -> None:
             raise Unauthorized(f"Invalid token: claim '{name}' must be a number of seconds.", code="invalid_token")
 
 
+def _check_validity(claims: dict[str, Any], now: float, leeway: float) -> None:
+    """PyJWT's checks of iat, nbf and exp, in its order and with its errors, but against `now`: PyJWT can only
+    read the wall clock. `_check_times` has left each claim a number or null, and `exp` is there."""
+    if "iat" in claims:
+        if claims["iat"] is None:
+            raise jwt.InvalidIssuedAtError("Issued At claim (iat) must be an integer.")
+        if int(claims["iat"]) > now + leeway:
+            raise jwt.ImmatureSignatureError("The token is not yet valid (iat)")
+    if "nbf" in claims:
+        if claims["nbf"] is None:
+            raise jwt.DecodeError("Not Before claim (nbf) must be an integer.")
+        if int(claims["nbf"]) > now + leeway:
+            raise jwt.ImmatureSignatureError("The token is not yet valid (nbf)")
+    if int(claims["exp"]) <= now - leeway:
+        raise jwt.ExpiredSignatureError("Signature has expired")
+
+
 def default_algorithms(settings: Settings) -> tuple[str, ...]:
     if settings.jwt_algorithms:
         return settings.jwt_algorithms
@@ -82,11 +99,15 @@ class Authenticator:
     """Verifies tokens against an explicit algorithm list; `alg: none` is never in it.
 
     Verified tokens are cached until they expire, so a chat's many requests pay the
-    signature check once.
+    signature check once. `clock` is the time both the cache and the token's time claims are
+    judged by (tests pass a fake one).
     """
 
-    def __init__(self, settings: Settings, jwks: JwksKeys | None = None) -> None:
+    def __init__(
+        self, settings: Settings, jwks: JwksKeys | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self._settings = settings
+        self._clock = clock
         self._algorithms = list(default_algorithms(settings))
         if "none" in (a.lower() for a in self._algorithms):
             raise ValueError("JWT_ALGORITHMS must not contain 'none'")
@@ -110,7 +131,7 @@ class Authenticator:
             raise Unauthorized("Malformed Authorization header: expected 'Bearer <token>'.", code="invalid_token")
         cached = self._cache.get(token)
         if cached is not None:
-            if cached[1] > time.time():
+            if cached[1] > self._clock():
                 return cached[0]
             del self._cache[token]
         if len(token) > MAX_TOKEN_BYTES:
@@ -137,14 +158,38 @@ class Authenticator:
         s = self._settings
         try:
             _check_times(jwt.decode(token, key, algorithms=self._algorithms, options={"verify_signature": False}))
+            # PyJWT would judge the time claims by the wall clock; they are judged by `self._clock` instead, at
+            # the point PyJWT judges them: after the signature and the presence of `exp`, before the other claims.
             claims = jwt.decode(
                 token,
                 key,
                 algorithms=self._algorithms,
+                options={
+                    "require": ["exp"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_iss": False,
+                    "verify_aud": False,
+                    "verify_sub": False,
+                    "verify_jti": False,
+                },
+            )
+            _check_validity(claims, self._clock(), s.jwt_leeway_seconds)
+            jwt.decode(  # the signature is verified above: the claims left to check
+                token,
                 issuer=s.jwt_issuer or None,
                 audience=s.jwt_audience or None,
-                leeway=s.jwt_leeway_seconds,
-                options={"require": ["exp"], "verify_aud": bool(s.jwt_audience)},
+                options={
+                    "verify_signature": False,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_iss": True,
+                    "verify_aud": bool(s.jwt_audience),
+                    "verify_sub": True,
+                    "verify_jti": True,
+                },
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("Token expired: ask your administrator for a new one.", code="token_expired") from None

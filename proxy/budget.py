@@ -204,11 +204,13 @@ class BudgetEngine:
             await self.rebuild(scopes[int(result[1]) - 1])
         raise ServiceUnavailable("Budget counters keep disappearing from Redis; try again shortly.")
 
-    def unmetered(self, identity: Identity, request_id: str, wanted: int) -> Reservation:
-        """A pass for one request while Redis is unreachable (FAIL_MODE=open): nothing is reserved."""
+    def unmetered(self, identity: Identity, request_id: str, wanted: int, *, exempt: bool = False) -> Reservation:
+        """A pass for one request with nothing reserved: while Redis is unreachable (FAIL_MODE=open), settled
+        into the counters once Redis answers; or for an exempt model, never settled (no keys)."""
         scopes = self.scopes(identity, self._clock())
         quotas = [Quota(s.limit, 0, 0, s.end) for s in scopes]
-        return Reservation(request_id, scopes, tuple(s.key for s in scopes), wanted, quotas, None, metered=False)
+        keys = () if exempt else tuple(s.key for s in scopes)
+        return Reservation(request_id, scopes, keys, wanted, quotas, None, metered=False, exempt=exempt)
 
     def owe(self, reservation: Reservation, tokens: int) -> None:
         """Remember a settle that did not happen (Redis unreachable, or restarted without the script)."""
@@ -280,8 +282,8 @@ class BudgetEngine:
         column = "user_id" if scope.limit.subject_type == "user" else "tenant_id"
         try:
             used = await self._pool.fetchval(
-                f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and created_at >= $2"
-                + (" and created_at < $3" if scope.end else ""),
+                f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and not exempt"
+                " and created_at >= $2" + (" and created_at < $3" if scope.end else ""),
                 scope.subject,
                 scope.start,
                 *([scope.end] if scope.end else []),

@@ -85,7 +85,8 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
         start, end = period_bounds(found.period, time.time())
         column = "user_id" if kind == "user" else "tenant_id"
         used = await conn.fetchval(
-            f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and created_at >= $2",
+            f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and not exempt"
+            " and created_at >= $2",
             args.subject,
             start,
         )

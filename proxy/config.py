@@ -53,6 +53,7 @@ class Settings:
     budget_period: str = "month"
     warn_ratio: float = 0.8
     tokenizer_file: str = ""  # a cl100k_base.tiktoken file; default: the copy LiteLLM ships, if installed
+    exempt_models: tuple[str, ...] = ()  # globs: requests to these models are recorded but never budgeted
     completion_allowance: int = 4096
     holdback_tokens: int = 1024  # room kept for a concurrent request when one wants more than is left
     clamp_max_tokens: bool = True

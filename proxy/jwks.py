@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import httpx
 import jwt
@@ -15,10 +16,18 @@ log = structlog.get_logger("proxy.jwks")
 
 
 class JwksKeys:
-    def __init__(self, url: str, *, min_refresh_seconds: float = 10.0, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_refresh_seconds: float = 10.0,
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._url = url
         self._min_refresh = min_refresh_seconds
         self._client = client
+        self._clock = clock  # monotonic, so setting the wall clock cannot stall or hurry refetches; tests pass a fake
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -31,7 +40,7 @@ class JwksKeys:
         # once every `min_refresh_seconds`, so forged tokens cannot turn into a flood of fetches.
         async with self._lock:
             found = self._lookup(kid)
-            if found is None and time.monotonic() - self._fetched_at >= self._min_refresh:
+            if found is None and self._clock() - self._fetched_at >= self._min_refresh:
                 await self.refresh()
                 found = self._lookup(kid)
         if found is None:
@@ -44,7 +53,7 @@ class JwksKeys:
         return self._keys.get(kid)
 
     async def refresh(self) -> None:
-        self._fetched_at = time.monotonic()
+        self._fetched_at = self._clock()
         try:
             client = self._client or httpx.AsyncClient(timeout=5)
             try:

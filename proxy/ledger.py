@@ -54,6 +54,7 @@ class UsageRecord:
     via: str | None = None
     user_email: str | None = None
     client_request_id: str | None = None  # the caller's X-Request-Id, a label; request_id is ours
+    exempt: bool = False  # a request to one of EXEMPT_MODELS: recorded, never counted against a budget
 
     def encode(self) -> bytes:
         return orjson.dumps(self)  # orjson serialises dataclasses natively, ~20x faster than asdict

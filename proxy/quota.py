@@ -176,12 +176,16 @@ class Reservation:
     granted: int
     quotas: list[Quota]
     rates: Rates | None
-    metered: bool = True  # False: let through while Redis was unreachable (FAIL_MODE=open)
+    metered: bool = True  # False: let through while Redis was unreachable (FAIL_MODE=open), or exempt
+    exempt: bool = False  # a request to one of EXEMPT_MODELS: nothing reserved, nothing to settle
 
     def headers(self, used: int | None = None) -> dict[str, str]:
         """Response headers: the user's budget (with `used` once the real usage is known), and rate limits."""
         if not self.metered:
-            return unknown_quota_headers(self.quotas[0])
+            h = unknown_quota_headers(self.quotas[0])
+            if self.exempt:
+                h["X-Quota-State"] = "exempt"
+            return h
         quota = self.quotas[0] if used is None else self.quotas[0].with_used(used)
         h = quota.headers()
         if self.rates is not None:

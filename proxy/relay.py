@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
 import time
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class RecordDraft:
     perf_start: float
     model: str | None = None
     stream: bool = False
+    exempt: bool = False
 
     def record(
         self,
@@ -116,6 +118,7 @@ class RecordDraft:
             via=self.identity.via,
             user_email=self.identity.email,
             client_request_id=self.client_request_id,
+            exempt=self.exempt,
         )
 
     def echo_id(self) -> str:
@@ -202,6 +205,7 @@ class Relay:
         self._tokens = tokenizer
         self._allowed = {e: allowed_params(e, settings.extra_body_params) for e in UPSTREAM_PATHS}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._exempt: dict[str, bool] = {}  # model name -> matches EXEMPT_MODELS
         self.in_flight = 0  # requests holding a slot: checked, reserving, upstream or streaming
 
     async def completion(self, request: Request, principal: Principal, endpoint: str) -> Response:
@@ -234,26 +238,31 @@ class Relay:
             if settings.fail_mode != "open":
                 raise  # open: the request goes through unmetered below, its tenant unchecked
         draft.identity, draft.model, draft.stream = identity, completion.model, completion.stream
+        draft.exempt = exempt = self._is_exempt(completion.model)
         payload["user"] = identity.user
         chat_like = endpoint != "embeddings"
         per_answer = (completion.cap or settings.completion_allowance) if chat_like else 0
-        clamp = chat_like and settings.clamp_max_tokens
+        clamp = chat_like and settings.clamp_max_tokens and not exempt
         if clamp:
             cap_answers(completion, per_answer)
         body = encode(payload)  # refused here, before anything is counted or reserved
         prompt = await self._count_prompt(payload, size)
-        try:
-            reservation = await self._budget.reserve(
-                identity,
-                draft.request_id,
-                prompt,
-                prompt + completion.choices * per_answer,
-                need=prompt + (completion.choices - 1 if chat_like else 0),
-            )
-        except ServiceUnavailable:
-            if settings.fail_mode != "open":
-                raise
-            reservation = self._budget.unmetered(identity, draft.request_id, prompt + completion.choices * per_answer)
+        if exempt:
+            reservation = self._budget.unmetered(identity, draft.request_id, 0, exempt=True)
+        else:
+            try:
+                reservation = await self._budget.reserve(
+                    identity,
+                    draft.request_id,
+                    prompt,
+                    prompt + completion.choices * per_answer,
+                    need=prompt + (completion.choices - 1 if chat_like else 0),
+                )
+            except ServiceUnavailable:
+                if settings.fail_mode != "open":
+                    raise
+                wanted = prompt + completion.choices * per_answer
+                reservation = self._budget.unmetered(identity, draft.request_id, wanted)
         flight.reservation = reservation
         if clamp and reservation.metered:
             granted = (reservation.granted - prompt) // completion.choices
@@ -325,6 +334,17 @@ class Relay:
         await self._sender.written()  # the settle and record reach Redis's socket before the answer goes out
         return Response(body, status_code=upstream.status, headers=headers)
 
+    def _is_exempt(self, model: str) -> bool:
+        patterns = self._settings.exempt_models
+        if not patterns:
+            return False
+        known = self._exempt.get(model)
+        if known is None:
+            if len(self._exempt) >= 10_000:
+                self._exempt.clear()
+            known = self._exempt[model] = any(fnmatch.fnmatchcase(model, p) for p in patterns)
+        return known
+
     def _shows_usage(self, request: Request, principal: Principal) -> bool:
         """Whether a stream's usage chunk, which the caller did not ask for, reaches it all the same.
         `auto`: for LibreChat (its delegate token, or LangChain's and its own OpenAI client's User-Agent),
@@ -342,7 +362,7 @@ class Relay:
         return prompt, completion, prompt + completion
 
     def _notice_hook(self, reservation: Reservation) -> Callable[[dict[str, Any]], str | None] | None:
-        if self._settings.quota_notice != "inline":
+        if self._settings.quota_notice != "inline" or reservation.exempt:
             return None
         quota = reservation.quotas[0]
 
@@ -377,7 +397,7 @@ class Relay:
         straight to PostgreSQL."""
         metrics.observe(record.endpoint, record.status, record.total_tokens, (record.latency_ms or 0) / 1000)
         settled: asyncio.Future[Any] | None = None
-        if reservation is not None:  # unmetered too: a Redis back by now counts what was let through
+        if reservation is not None and reservation.keys:  # unmetered too: a Redis back by now counts it
             try:
                 settled = self._sender.submit(*self._budget.settle_command(reservation, record.total_tokens))
             except Exception as exc:

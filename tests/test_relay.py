@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -273,6 +274,10 @@ class Sender:
         pass
 
 
+# A reservation as account() sees it: the keys its settle goes to.
+RES = SimpleNamespace(keys=("quota:{u:x}:user:x:month:20261101",))
+
+
 class Budget:
     def __init__(self) -> None:
         self.owed: list[tuple[Any, int]] = []
@@ -317,8 +322,8 @@ async def test_account_sends_the_settle_and_the_record(base_settings: Any) -> No
     sender = Sender()
     r, budget, ledger = relay(base_settings, sender)
     record = draft().record("ok", 200, (5, 6, 11))
-    r.account("res", record)  # type: ignore[arg-type]
-    assert sender.sent == [("EVALSHA", "sha", "res", 11), ("XADD", "stream", "r-1")]
+    r.account(RES, record)  # type: ignore[arg-type]
+    assert sender.sent == [("EVALSHA", "sha", RES, 11), ("XADD", "stream", "r-1")]
     for future in sender.futures:
         future.set_result(1)
     await settle_callbacks()
@@ -338,8 +343,8 @@ async def test_without_a_reservation_only_the_record_is_sent(base_settings: Any)
 async def test_a_settle_that_cannot_be_sent_is_owed_and_the_record_still_sent(base_settings: Any) -> None:
     sender = Sender(fail={"EVALSHA": ConnectionError("redis down")})
     r, budget, ledger = relay(base_settings, sender)
-    r.account("res", draft().record("ok", 200, (1, 1, 2)))  # type: ignore[arg-type]
-    assert budget.owed == [("res", 2)]
+    r.account(RES, draft().record("ok", 200, (1, 1, 2)))  # type: ignore[arg-type]
+    assert budget.owed == [(RES, 2)]
     assert sender.sent == [("XADD", "stream", "r-1")]
     sender.futures[0].set_result(1)
     await settle_callbacks()
@@ -349,12 +354,12 @@ async def test_a_settle_that_cannot_be_sent_is_owed_and_the_record_still_sent(ba
 async def test_a_settle_that_fails_once_sent_is_owed(base_settings: Any) -> None:
     sender = Sender()
     r, budget, ledger = relay(base_settings, sender)
-    r.account("res", draft().record("ok", 200, (3, 4, 7)))  # type: ignore[arg-type]
+    r.account(RES, draft().record("ok", 200, (3, 4, 7)))  # type: ignore[arg-type]
     settled, recorded = sender.futures
     settled.set_exception(NoScriptError("NOSCRIPT"))
     recorded.set_result(1)
     await settle_callbacks()
-    assert budget.owed == [("res", 7)]
+    assert budget.owed == [(RES, 7)]
     assert ledger.direct == []
 
 
@@ -362,11 +367,11 @@ async def test_a_record_that_cannot_be_queued_goes_straight_to_postgresql(base_s
     sender = Sender(fail={"XADD": ConnectionError("redis down")})
     r, budget, ledger = relay(base_settings, sender)
     record = draft().record("ok", 200, (3, 4, 7))
-    r.account("res", record)  # type: ignore[arg-type]
+    r.account(RES, record)  # type: ignore[arg-type]
     sender.futures[0].set_exception(ConnectionError("redis down"))
     await r.drain()
     assert ledger.direct == [record]
-    assert budget.owed == [("res", 7)]
+    assert budget.owed == [(RES, 7)]
 
 
 async def test_a_record_lost_on_the_way_goes_straight_to_postgresql(base_settings: Any) -> None:
