@@ -18,9 +18,19 @@ from .helpers import eventually, pg_row, serve, token, uid
 BUDGET = 12  # the fake upstream bills 12 tokens an answer: one answer uses this budget up
 
 
+# Every proxy writes its default budget into the shared `budgets` table at start-up; these proxies do not
+# re-read it, so another proxy of the session cannot change their default under them.
+
+
 @pytest.fixture(scope="module")
 def proxy_url(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
-    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=BUDGET, exempt_models=("fa*",))
+    settings = replace(
+        base_settings,
+        litellm_base_url=fake.url,
+        default_token_budget=BUDGET,
+        budget_refresh_seconds=3600,
+        exempt_models=("fa*",),
+    )
     with serve(create_app(settings)) as url:
         yield url
 

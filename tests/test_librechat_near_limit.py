@@ -53,9 +53,13 @@ def title_body(user: str) -> dict[str, Any]:
     }
 
 
+# Every proxy writes its default budget into the shared `budgets` table at start-up; these proxies do not
+# re-read it, so another proxy of the session cannot change their default under them.
+
+
 @pytest.fixture(scope="module")
 def proxy_url(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
-    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=ROOM)
+    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=ROOM, budget_refresh_seconds=3600)
     with serve(create_app(settings)) as url:
         yield url
 
@@ -96,7 +100,9 @@ def test_a_chat_and_its_title_sent_together_are_both_served(proxy_url: str, chat
 
 @pytest.fixture(scope="module")
 def roomier_url(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
-    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=ROOMIER)
+    settings = replace(
+        base_settings, litellm_base_url=fake.url, default_token_budget=ROOMIER, budget_refresh_seconds=3600
+    )
     with serve(create_app(settings)) as url:
         yield url
 
@@ -128,7 +134,7 @@ def test_the_answer_that_uses_the_budget_up_says_the_next_message_will_be_refuse
     base_settings: Settings, fake: FakeUpstream
 ) -> None:
     # The fake upstream bills every answer 12 tokens: a budget of 12 is used up by one short answer.
-    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=12)
+    settings = replace(base_settings, litellm_base_url=fake.url, default_token_budget=12, budget_refresh_seconds=3600)
     user = uid()
     short = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     with serve(create_app(settings)) as url:
