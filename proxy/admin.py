@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import asyncpg
@@ -10,8 +11,8 @@ from starlette.requests import Request
 from .auth import Principal
 from .body import printable_id, read_json
 from .config import PERIODS, Settings
-from .errors import BadRequest, Forbidden
-from .limits import Limit, set_budget
+from .errors import BadRequest, Forbidden, NotFound
+from .limits import Limit, add_grant, revoke_grant, set_budget
 from .usage_history import usage_history
 
 
@@ -64,3 +65,46 @@ async def put_budget(
         "rpm": rpm,
         "tpm": tpm,
     }
+
+
+async def post_grant(
+    pool: asyncpg.Pool, settings: Settings, principal: Principal, request: Request
+) -> dict[str, object]:
+    """POST /admin/grants with {"subject", "tokens", "reason", "type"?: "user"|"tenant"}: tokens added to the
+    subject's budget for its current period, recorded with the admin who granted them."""
+    require_admin(principal)
+    body, _ = await read_json(request, 64 * 1024, settings.body_read_timeout)
+    kind = body.get("type", "user")
+    if kind not in ("user", "tenant"):
+        raise BadRequest("'type' is 'user' or 'tenant'.", param="type")
+    subject = printable_id(body.get("subject"), "subject")
+    tokens, reason = body.get("tokens"), body.get("reason")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 2**62:
+        raise BadRequest("'tokens' must be a whole number of 1 or more.", param="tokens")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000 or "\x00" in reason:
+        raise BadRequest("'reason' must say why, in at most 1,000 characters.", param="reason")
+    async with pool.acquire() as conn:
+        try:
+            grant_id, start = await add_grant(conn, kind, subject, tokens, reason, principal.identity.user, time.time())
+        except ValueError as exc:
+            raise NotFound(f"{exc}.", param="subject") from None
+    return {
+        "id": grant_id,
+        "type": kind,
+        "subject": subject,
+        "tokens": tokens,
+        "reason": reason,
+        "period_start": start.isoformat(),
+    }
+
+
+async def delete_grant(pool: asyncpg.Pool, principal: Principal, request: Request) -> dict[str, object]:
+    """DELETE /admin/grants/{id}: the grant no longer adds to the budget."""
+    require_admin(principal)
+    raw = request.path_params["grant_id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise BadRequest("The grant id is a whole number.", param="id")
+    async with pool.acquire() as conn:
+        if not await revoke_grant(conn, int(raw), principal.identity.user):
+            raise NotFound(f"No grant {raw} in force.", param="id")
+    return {"id": int(raw), "revoked": True}

@@ -176,6 +176,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         s = services(request)
         return json_response(await admin.put_budget(s.pool, settings, await s.caller(request), request))
 
+    async def admin_grant(request: Request) -> Response:
+        s = services(request)
+        return json_response(await admin.post_grant(s.pool, settings, await s.caller(request), request), 201)
+
+    async def admin_revoke(request: Request) -> Response:
+        s = services(request)
+        return json_response(await admin.delete_grant(s.pool, await s.caller(request), request))
+
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
 
@@ -223,6 +231,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/v1/usage", usage, methods=["GET"]),
         Route("/admin/usage", admin_usage, methods=["GET"]),
         Route("/admin/budgets/{subject}", admin_budget, methods=["PUT"]),
+        Route("/admin/grants", admin_grant, methods=["POST"]),
+        Route("/admin/grants/{grant_id}", admin_revoke, methods=["DELETE"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),

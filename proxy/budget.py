@@ -11,6 +11,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,8 +31,8 @@ from .errors import (
     budget_store_down,
     ledger_down_for_rebuild,
 )
-from .limits import BudgetBook, Limit
-from .quota import Quota, Rates, Reservation, Scope, period_bounds
+from .limits import BudgetBook, Limit, period_bounds
+from .quota import Quota, Rates, Reservation, Scope
 from .redis_batch import BatchingRedis, CommandSender
 
 _HERE = Path(__file__).resolve().parent
@@ -149,10 +150,12 @@ class BudgetEngine:
             scopes.append(self._scope(tag, tenant_limit, identity.tenant, now))
         return tuple(scopes)
 
-    @staticmethod
-    def _scope(tag: str, limit: Limit, subject: str, now: float) -> Scope:
+    def _scope(self, tag: str, limit: Limit, subject: str, now: float) -> Scope:
         start, end = period_bounds(limit.period, now)
         key = f"quota:{{{tag}}}:{limit.subject_type}:{quote(subject, safe='')}:{limit.period}:{start:%Y%m%d}"
+        granted = self._book.granted(limit.subject_type, subject, start)
+        if granted:  # the effective limit: the row's, plus what was granted for this period
+            limit = replace(limit, tokens=limit.tokens + granted)
         return Scope(limit, subject, key, start, end)
 
     async def reserve(

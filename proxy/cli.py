@@ -1,4 +1,4 @@
-"""`python -m proxy serve | migrate | ledger | token issue | budget set | budget show`."""
+"""`python -m proxy serve | migrate | ledger | token issue | budget set | grant | revoke | show`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import orjson
 from .auth import issue_token, parse_ttl
 from .config import PERIODS, Settings
 from .db import migrate
-from .limits import Limit, fetch_limit, set_budget, sync_defaults
-from .quota import period_bounds
+from .limits import Limit, add_grant, fetch_limit, period_bounds, revoke_grant, set_budget, sync_defaults
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     bset.add_argument("--warn", type=float, help="warn ratio (default: WARN_RATIO)")
     bset.add_argument("--rpm", type=int, default=0, help="requests per minute (users only; 0 = no limit)")
     bset.add_argument("--tpm", type=int, default=0, help="tokens per minute (users only; 0 = no limit)")
+    bgrant = budget.add_parser("grant", help="add tokens to a budget for its current period only")
+    bgrant.add_argument("subject", help="user id, or tenant id with --tenant")
+    bgrant.add_argument("tokens", type=int)
+    bgrant.add_argument("--reason", required=True, help="why, for the record (grants_this_period view)")
+    bgrant.add_argument("--tenant", action="store_true", help="the subject is a tenant")
+    bgrant.add_argument("--by", default="cli", help="who grants it (default: cli)")
+    brevoke = budget.add_parser("revoke", help="take a grant back")
+    brevoke.add_argument("grant_id", type=int)
+    brevoke.add_argument("--by", default="cli", help="who revokes it (default: cli)")
     bshow = budget.add_parser("show", help="show a budget and what was used this period")
     bshow.add_argument("subject")
     bshow.add_argument("--tenant", action="store_true")
@@ -58,9 +66,21 @@ async def _migrate(settings: Settings) -> None:
 
 
 async def _budget(settings: Settings, args: argparse.Namespace) -> None:
-    kind = "tenant" if args.tenant else "user"
+    kind = "tenant" if getattr(args, "tenant", False) else "user"
     conn = await asyncpg.connect(settings.database_url)
     try:
+        if args.action == "grant":
+            grant_id, start = await add_grant(conn, kind, args.subject, args.tokens, args.reason, args.by, time.time())
+            print(
+                f"grant {grant_id}: {args.tokens:,} tokens to {kind} {args.subject}"
+                f" for the period from {start:%Y-%m-%d}"
+            )
+            return
+        if args.action == "revoke":
+            if not await revoke_grant(conn, args.grant_id, args.by):
+                raise ValueError(f"no grant {args.grant_id} in force")
+            print(f"grant {args.grant_id} revoked")
+            return
         if args.action == "set":
             limit = Limit(
                 kind,
@@ -90,6 +110,13 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
             args.subject,
             start,
         )
+        granted = await conn.fetchval(
+            "select coalesce(sum(tokens), 0)::bigint from budget_grants where subject_type = $1 and subject = $2"
+            " and period_start = $3 and revoked_at is null",
+            kind,
+            args.subject,
+            start,
+        )
     finally:
         await conn.close()
     print(
@@ -102,8 +129,10 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 "limit": found.tokens,
                 "rpm": found.rpm,
                 "tpm": found.tpm,
+                "granted": granted,
+                "effective_limit": found.tokens + granted,
                 "used": used,
-                "remaining": max(found.tokens - used, 0),
+                "remaining": max(found.tokens + granted - used, 0),
                 "warn_ratio": found.warn_ratio,
                 "period_start": start.isoformat(),
                 "resets_at": end.isoformat() if end else None,

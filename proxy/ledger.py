@@ -11,7 +11,7 @@ import asyncio
 import operator
 import os
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -61,6 +61,7 @@ class UsageRecord:
 
 
 COLUMNS = [f.name for f in fields(UsageRecord)]
+_DEFAULTS = {f.name: f.default for f in fields(UsageRecord) if f.default is not MISSING}
 # A batch arrives by one binary COPY straight into the table. A batch written before (redelivered
 # after a crash between commit and XACK) fails that COPY on the primary key, and is then staged in a
 # session-local table and moved over in one statement that skips the request ids already recorded.
@@ -81,8 +82,8 @@ def as_row(data: bytes) -> tuple[Any, ...]:
     record["created_at"] = datetime.fromtimestamp(record["created_at"], UTC)
     try:
         return _ROW(record)  # type: ignore[no-any-return]
-    except KeyError:  # queued by an older version, without the newer fields
-        return tuple(record.get(c) for c in COLUMNS)
+    except KeyError:  # queued by an older version, without the newer fields: they take their defaults
+        return tuple(record.get(c, _DEFAULTS.get(c)) for c in COLUMNS)
 
 
 async def insert_records(conn: asyncpg.Connection, records: list[bytes], known_months: set[datetime]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import structlog
@@ -14,6 +15,22 @@ from .db import PG_UNAVAILABLE
 log = structlog.get_logger("proxy.limits")
 
 DEFAULT = "*"
+
+
+def period_bounds(period: str, now: float) -> tuple[datetime, datetime | None]:
+    """[start, end) of the UTC period containing `now`; weeks start on Monday; 'total' never ends."""
+    at = datetime.fromtimestamp(now, UTC)
+    if period == "total":
+        return datetime(1970, 1, 1, tzinfo=UTC), None
+    if period == "day":
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    if period == "week":
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=at.weekday())
+        return start, start + timedelta(days=7)
+    start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start, end
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +102,47 @@ def _limit(row: asyncpg.Record) -> Limit:
     )
 
 
+async def add_grant(
+    conn: asyncpg.Connection, subject_type: str, subject: str, tokens: int, reason: str, granted_by: str, now: float
+) -> tuple[int, datetime]:
+    """Add `tokens` to the subject's budget for its current period; returns the grant's id and that period's start."""
+    if tokens <= 0:
+        raise ValueError("a grant adds 1 token or more")
+    if not reason.strip():
+        raise ValueError("a grant needs a reason")
+    limit = await fetch_limit(conn, subject_type, subject)
+    if limit is None:
+        raise ValueError(f"{subject_type} {subject} has no budget to add to")
+    start = period_bounds(limit.period, now)[0]
+    grant_id = await conn.fetchval(
+        "insert into budget_grants (subject_type, subject, tokens, period_start, reason, granted_by)"
+        " values ($1, $2, $3, $4, $5, $6) returning id",
+        subject_type,
+        subject,
+        tokens,
+        start,
+        reason,
+        granted_by,
+    )
+    return int(grant_id), start
+
+
+async def revoke_grant(conn: asyncpg.Connection, grant_id: int, revoked_by: str) -> bool:
+    """Take a grant back; False when there is no such grant in force."""
+    status = await conn.execute(
+        "update budget_grants set revoked_at = now(), revoked_by = $2 where id = $1 and revoked_at is null",
+        grant_id,
+        revoked_by,
+    )
+    return bool(status.endswith(" 1"))
+
+
+_GRANTS = """
+select subject_type, subject, period_start, sum(tokens)::bigint as tokens from budget_grants
+where revoked_at is null and period_start > now() - interval '400 days' group by 1, 2, 3
+"""
+
+
 class BudgetBook:
     """Every budget row in memory: the request path never waits on PostgreSQL for a limit.
 
@@ -95,6 +153,7 @@ class BudgetBook:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._rows: dict[tuple[str, str], Limit] = {(d.subject_type, d.subject): d for d in env_defaults(settings)}
+        self._grants: dict[tuple[str, str, datetime], int] = {}  # (type, subject, period start) -> tokens
         self.version = 0  # changes whenever the rows do, so derived caches know to drop
 
     def user(self, user: str) -> Limit:
@@ -106,13 +165,18 @@ class BudgetBook:
             return None
         return self._rows.get(("tenant", tenant)) or self._rows.get(("tenant", DEFAULT))
 
+    def granted(self, subject_type: str, subject: str, period_start: datetime) -> int:
+        """Tokens granted to this subject for the period starting at `period_start`."""
+        return self._grants.get((subject_type, subject, period_start), 0) if self._grants else 0
+
     async def load(self, pool: asyncpg.Pool) -> None:
         rows = {(d.subject_type, d.subject): d for d in env_defaults(self._settings)}
         for record in await pool.fetch("select * from budgets"):
             limit = _limit(record)
             rows[(limit.subject_type, limit.subject)] = limit
-        if rows != self._rows:
-            self._rows = rows
+        grants = {(r["subject_type"], r["subject"], r["period_start"]): r["tokens"] for r in await pool.fetch(_GRANTS)}
+        if rows != self._rows or grants != self._grants:
+            self._rows, self._grants = rows, grants
             self.version += 1
 
     async def refresh_forever(self, pool: asyncpg.Pool) -> None:

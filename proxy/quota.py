@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from .limits import Limit
 
 _PERIOD_WORD = {"day": "Daily", "week": "Weekly", "month": "Monthly", "total": "Total"}
-
-
-def period_bounds(period: str, now: float) -> tuple[datetime, datetime | None]:
-    """[start, end) of the UTC period containing `now`; weeks start on Monday; 'total' never ends."""
-    at = datetime.fromtimestamp(now, UTC)
-    if period == "total":
-        return datetime(1970, 1, 1, tzinfo=UTC), None
-    if period == "day":
-        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start, start + timedelta(days=1)
-    if period == "week":
-        start = at.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=at.weekday())
-        return start, start + timedelta(days=7)
-    start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    return start, end
 
 
 @functools.lru_cache(maxsize=64)

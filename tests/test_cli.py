@@ -23,7 +23,7 @@ import pytest
 from proxy.cli import main
 from proxy.config import Settings
 from proxy.db import migrate, migration_files
-from proxy.quota import period_bounds
+from proxy.limits import period_bounds
 
 from .devstack import free_port
 from .helpers import JWT_SECRET, uid
@@ -354,6 +354,8 @@ def test_budget_show_reports_the_budget_and_this_periods_use(
         "limit": 1000,
         "rpm": 7,
         "tpm": 0,
+        "granted": 0,
+        "effective_limit": 1000,
         "used": 450,
         "remaining": 550,
         "warn_ratio": 0.9,

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from proxy.limits import Limit
-from proxy.quota import Quota, Rates, Reservation, Scope, period_bounds, rfc3339, unknown_quota_headers
+from proxy.limits import Limit, period_bounds
+from proxy.quota import Quota, Rates, Reservation, Scope, rfc3339, unknown_quota_headers
 
 
 def at(*parts: int) -> float:
