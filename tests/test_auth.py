@@ -79,10 +79,11 @@ def test_issuer_and_audience_are_checked_when_configured() -> None:
 
 
 def test_cached_token_still_expires() -> None:
-    auth = Authenticator(Settings(jwt_secret=JWT_SECRET, jwt_leeway_seconds=0))
     t = token("alice", ttl=1)
+    now = [jwt.decode(t, options={"verify_signature": False})["exp"] - 1.0]
+    auth = Authenticator(Settings(jwt_secret=JWT_SECRET, jwt_leeway_seconds=0), clock=lambda: now[0])
     assert verify(auth, bearer(t)).identity.user == "alice"  # now cached
-    time.sleep(1.2)
+    now[0] += 1.2
     with pytest.raises(Unauthorized) as info:
         verify(auth, bearer(t))
     assert info.value.code == "token_expired"

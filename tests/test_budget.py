@@ -17,9 +17,8 @@ from proxy.budget import BudgetEngine
 from proxy.config import Settings
 from proxy.errors import QuotaExceeded
 from proxy.ledger import insert_records
-from proxy.limits import BudgetBook
+from proxy.limits import BudgetBook, period_bounds
 from proxy.redis_wire import PipedRedis
-from proxy.quota import period_bounds
 
 from .helpers import uid
 
@@ -171,12 +170,14 @@ async def test_tenant_budget_blocks_a_user_who_still_has_room(redis_client, pg_p
 
 
 async def test_reservation_of_a_request_that_never_settles_lapses(redis_client, pg_pool, base_settings) -> None:
-    engine = engine_for(redis_client, pg_pool, replace(base_settings, default_token_budget=100), reservation_ttl=0.2)
+    now = [time.time()]
+    settings = replace(base_settings, default_token_budget=100)
+    engine = engine_for(redis_client, pg_pool, settings, reservation_ttl=0.2, clock=lambda: now[0])
     me = Identity(uid())
     await engine.reserve(me, "crashed", 10, 100)  # takes all the room and is never settled
     with pytest.raises(QuotaExceeded, match="fully taken by requests in progress"):
         await engine.reserve(me, "next", 10, 20)
-    await asyncio.sleep(0.3)
+    now[0] += 0.3
     r = await engine.reserve(me, "later", 10, 20)
     assert r.quotas[0].reserved == 20
 

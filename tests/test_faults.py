@@ -5,9 +5,9 @@ Each test checks what the client saw, what the ledger recorded, and what the bud
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 
 import httpx
@@ -161,21 +161,22 @@ def test_client_hanging_up_cancels_the_upstream_and_charges_what_was_streamed(
 def test_concurrency_cap_answers_503_when_saturated(base_settings: Settings, fake: FakeUpstream) -> None:
     settings = replace(base_settings, litellm_base_url=fake.url, upstream_max_concurrency=2)
     with serve(create_app(settings)) as url:
-        results: list[int] = []
-
-        def slow() -> None:
-            results.append(Call(url, "slow-stream", base_settings.database_url).run().status_code)
-
-        threads = [threading.Thread(target=slow) for _ in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)
-        r = Call(url, "fake", base_settings.database_url).run()
-        assert r.status_code == 503 and "concurrent requests" in r.json()["error"]["message"]
-        for t in threads:
-            t.join()
+        # Endless streams hold both slots: in flight once their headers are back, until the client hangs up
+        # (streams that end on their own could end, under load, before the third request comes).
+        with ExitStack() as streams:
+            results = [
+                streams.enter_context(
+                    httpx.stream("POST", f"{url}/v1/chat/completions", headers=c.headers, json=c.body, timeout=10)
+                ).status_code
+                for c in (Call(url, "endless", base_settings.database_url) for _ in range(2))
+            ]
+            r = Call(url, "fake", base_settings.database_url).run()
+            assert r.status_code == 503 and "concurrent requests" in r.json()["error"]["message"]
         assert results == [200, 200]
-        assert Call(url, "fake", base_settings.database_url).run().status_code == 200  # capacity is given back
+        # Capacity is given back: a hung-up stream's once the proxy notices, an answered one's before its end.
+        eventually(lambda: Call(url, "fake", base_settings.database_url).run().status_code == 200, timeout=5)
+        for _ in range(2):
+            assert Call(url, "fake", base_settings.database_url).run().status_code == 200
 
 
 def test_streamed_answer_past_the_warn_ratio_ends_with_a_notice(base_settings: Settings, fake: FakeUpstream) -> None:

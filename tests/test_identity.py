@@ -37,12 +37,13 @@ def test_jwks_keys_are_cached_and_refetched_only_for_a_new_kid() -> None:
     old, new = KeyPair("RS256", "k1"), KeyPair("RS256", "k2")
     idp = JwksServer(old)
     with serve(idp.app) as url:
-        jwks = JwksKeys(f"{url}/jwks", min_refresh_seconds=0.5)
+        now = [0.0]
+        jwks = JwksKeys(f"{url}/jwks", min_refresh_seconds=0.5, clock=lambda: now[0])
         auth = Authenticator(Settings(jwt_jwks_url=f"{url}/jwks"), jwks=jwks)
         for i in range(20):
             assert verify(auth, old.token(f"user-{i}")).identity.user == f"user-{i}"
         assert idp.hits == 1  # never fetched per request
-        time.sleep(0.6)
+        now[0] += 0.6
         idp.keys = [new]  # the provider rotates its keys
         assert verify(auth, new.token("alice")).identity.user == "alice"
         assert idp.hits == 2
