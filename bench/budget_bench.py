@@ -16,8 +16,8 @@ import redis.asyncio as redis  # noqa: E402
 
 from proxy.auth import Identity  # noqa: E402
 from proxy.budget import BudgetEngine  # noqa: E402
+from proxy.budget.rows import BudgetBook  # noqa: E402
 from proxy.config import Settings  # noqa: E402
-from proxy.limits import BudgetBook  # noqa: E402
 from proxy.redis_wire import PipedRedis  # noqa: E402
 
 N = 5000

@@ -10,9 +10,9 @@ from starlette.requests import Request
 
 from .auth import Principal
 from .body import printable_id, read_json
+from .budget.rows import Limit, add_grant, revoke_grant, set_budget
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden, NotFound
-from .limits import Limit, add_grant, revoke_grant, set_budget
 from .usage_history import usage_history
 
 

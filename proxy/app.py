@@ -23,12 +23,12 @@ from starlette.routing import Route
 from . import admin, metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
 from .budget import BudgetEngine
+from .budget.rows import BudgetBook, sync_defaults
 from .config import Settings
 from .db import PG_UNAVAILABLE, create_pool
 from .errors import ProxyError, error_for_status, error_response
 from .forward import Upstream
 from .ledger import Ledger
-from .limits import BudgetBook, sync_defaults
 from .logs import configure_logging
 from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay

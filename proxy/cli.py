@@ -11,9 +11,9 @@ import asyncpg
 import orjson
 
 from .auth import issue_token, parse_ttl
+from .budget.rows import Limit, add_grant, fetch_limit, period_bounds, revoke_grant, set_budget, sync_defaults
 from .config import PERIODS, Settings
 from .db import migrate
-from .limits import Limit, add_grant, fetch_limit, period_bounds, revoke_grant, set_budget, sync_defaults
 
 
 def _parser() -> argparse.ArgumentParser:

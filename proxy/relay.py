@@ -20,6 +20,7 @@ from . import metrics
 from .auth import Identity, Principal, charged_identity
 from .body import Completion, allowed_params, cap_answers, check, encode, read_json
 from .budget import BudgetEngine
+from .budget.quota import Reservation
 from .config import Settings
 from .errors import (
     BadRequest,
@@ -33,7 +34,6 @@ from .errors import (
 )
 from .forward import StreamThrough, Upstream, Upstreamed
 from .ledger import Ledger, UsageRecord
-from .quota import Reservation
 from .redis_batch import CommandSender
 from .sse import StreamMeter, answer_text, usage_totals
 from .tokens import Tokenizer

@@ -42,7 +42,7 @@ create table if not exists budgets (
     primary key (subject_type, subject)
 );
 
--- Period arithmetic in UTC, the same as proxy/limits.py (period_bounds): weeks start on Monday, 'total' never resets.
+-- Period arithmetic in UTC, the same as proxy/budget/rows.py (period_bounds): weeks start on Monday, 'total' never resets.
 create or replace function quota_period_start(period text, at timestamptz) returns timestamptz
 language sql immutable as $$
     select case period

@@ -20,10 +20,10 @@ import jwt
 import orjson
 import pytest
 
+from proxy.budget.rows import period_bounds
 from proxy.cli import main
 from proxy.config import Settings
 from proxy.db import migrate, migration_files
-from proxy.limits import period_bounds
 
 from .devstack import free_port
 from .helpers import JWT_SECRET, uid

@@ -16,9 +16,9 @@ from redis.asyncio.cluster import RedisCluster
 
 from proxy.auth import Identity
 from proxy.budget import BudgetEngine
+from proxy.budget.rows import BudgetBook
 from proxy.config import Settings
 from proxy.errors import QuotaExceeded
-from proxy.limits import BudgetBook
 
 from .devstack import spawn
 from .helpers import eventually, redis_server_executable, uid

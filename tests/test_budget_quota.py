@@ -1,4 +1,4 @@
-"""proxy/quota.py: budget periods, and what a budget looks like to the caller (state, headers, messages)."""
+"""proxy/budget/quota.py: budget periods, and what a budget looks like to the caller (state, headers, messages)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from proxy.limits import Limit, period_bounds
-from proxy.quota import Quota, Rates, Reservation, Scope, rfc3339, unknown_quota_headers
+from proxy.budget.quota import Quota, Rates, Reservation, Scope, rfc3339, unknown_quota_headers
+from proxy.budget.rows import Limit, period_bounds
 
 
 def at(*parts: int) -> float:

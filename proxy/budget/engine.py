@@ -21,9 +21,9 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
-from .auth import Identity
-from .db import PG_UNAVAILABLE
-from .errors import (
+from ..auth import Identity
+from ..db import PG_UNAVAILABLE
+from ..errors import (
     Forbidden,
     QuotaExceeded,
     RateLimited,
@@ -31,9 +31,9 @@ from .errors import (
     budget_store_down,
     ledger_down_for_rebuild,
 )
-from .limits import BudgetBook, Limit, period_bounds
+from ..redis_batch import BatchingRedis, CommandSender
 from .quota import Quota, Rates, Reservation, Scope
-from .redis_batch import BatchingRedis, CommandSender
+from .rows import BudgetBook, Limit, period_bounds
 
 _HERE = Path(__file__).resolve().parent
 RESERVE_LUA = (_HERE / "reserve.lua").read_text()

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 
-from .config import PERIODS, Settings
-from .db import PG_UNAVAILABLE
+from ..config import PERIODS, Settings
+from ..db import PG_UNAVAILABLE
 
-log = structlog.get_logger("proxy.limits")
+log = structlog.get_logger("proxy.budget")
 
 DEFAULT = "*"
 

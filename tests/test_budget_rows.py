@@ -1,4 +1,4 @@
-"""proxy/limits.py: budgets as data, against the real test PostgreSQL.
+"""proxy/budget/rows.py: budgets as data, against the real test PostgreSQL.
 
 Each test works inside one transaction that is rolled back, so the '*' rows it writes or deletes are never
 seen by tests running at the same time (and their rows, under REPEATABLE READ, never by it).
@@ -12,8 +12,8 @@ from dataclasses import replace
 import asyncpg
 import pytest
 
+from proxy.budget.rows import DEFAULT, BudgetBook, Limit, env_defaults, fetch_limit, set_budget, sync_defaults
 from proxy.config import Settings
-from proxy.limits import DEFAULT, BudgetBook, Limit, env_defaults, fetch_limit, set_budget, sync_defaults
 
 from .helpers import uid
 

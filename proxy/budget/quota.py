@@ -6,7 +6,7 @@ import functools
 from dataclasses import dataclass
 from datetime import datetime
 
-from .limits import Limit
+from .rows import Limit
 
 _PERIOD_WORD = {"day": "Daily", "week": "Weekly", "month": "Monthly", "total": "Total"}
 

@@ -14,10 +14,10 @@ import redis.asyncio as aioredis
 
 from proxy.auth import Identity
 from proxy.budget import BudgetEngine
+from proxy.budget.rows import BudgetBook, period_bounds
 from proxy.config import Settings
 from proxy.errors import QuotaExceeded
 from proxy.ledger import insert_records
-from proxy.limits import BudgetBook, period_bounds
 from proxy.redis_wire import PipedRedis
 
 from .helpers import uid
@@ -190,7 +190,7 @@ async def test_grant_shrinks_to_the_room_left(redis_client, pg_pool, base_settin
 
 
 async def engine_with_limits(redis_client, pg_pool, settings, user: str, clock, **limits: int) -> BudgetEngine:  # type: ignore[no-untyped-def]
-    from proxy.limits import Limit, set_budget
+    from proxy.budget.rows import Limit, set_budget
 
     async with pg_pool.acquire() as conn:
         await set_budget(conn, Limit("user", user, "month", limits.pop("tokens", 100_000), 0.8, **limits))
