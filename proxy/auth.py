@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -208,11 +210,13 @@ class Authenticator:
 def _header_text(value: str | None) -> str | None:
     """A header value as the UTF-8 its sender wrote (ASGI servers hand headers over as latin-1), so
     `X-User-Id: josé` names the same user as a body's `"user": "josé"`."""
-    if value is None or value.isascii():
-        return value
+    if value is None:
+        return None
     try:
-        return value.encode("latin-1").decode("utf-8")
-    except UnicodeError:
+        if value.startswith("b64:"):  # LibreChat v0.8.8 sends non-ASCII names and emails base64-encoded
+            return base64.b64decode(value[4:], validate=True).decode("utf-8")
+        return value if value.isascii() else value.encode("latin-1").decode("utf-8")
+    except (UnicodeError, binascii.Error):
         return None
 
 

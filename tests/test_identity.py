@@ -238,3 +238,15 @@ def test_bad_tokens_and_bodies(
     assert len(fake.requests) == sent  # nothing reached the upstream
     if status == 401:
         assert error["type"] == "authentication_error"
+
+
+def test_a_librechat_b64_email_is_recorded_decoded() -> None:
+    """LibreChat v0.8.8 sends non-ASCII names and emails as b64:<base64>."""
+    service = Principal(Identity("svc", "acme"), delegate=True)
+    email = "josé@acme.example"
+    headers = {
+        "x-user-id": "6650f1c2a1b2c3d4e5f60718",
+        "x-user-email": "b64:" + base64.b64encode(email.encode()).decode(),
+    }
+    assert charged_identity(service, headers).email == email
+    assert charged_identity(service, {**headers, "x-user-email": "b64:not base64!"}).email is None
