@@ -43,8 +43,8 @@ async def put_budget(
     period = body.get("period", settings.budget_period)
     tokens, warn = body.get("tokens"), body.get("warn_ratio", settings.warn_ratio)
     rpm, tpm = body.get("rpm", 0), body.get("tpm", 0)
-    if kind not in ("user", "tenant"):
-        raise BadRequest("'type' is 'user' or 'tenant'.", param="type")
+    if kind not in ("user", "tenant", "group"):
+        raise BadRequest("'type' is 'user', 'tenant' or 'group'.", param="type")
     if period not in PERIODS:
         raise BadRequest(f"'period' is one of {', '.join(PERIODS)}.", param="period")
     # The columns' ranges: bigint for tokens, integer for the per-minute rates.

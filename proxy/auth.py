@@ -28,6 +28,7 @@ class Identity:
     tenant: str | None = None
     via: str | None = None  # the service token that sent it on the user's behalf
     email: str | None = None
+    groups: tuple[str, ...] = ()  # from the identity provider: budget tiers (the most generous group row applies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,35 @@ def _id_claim(claims: dict[str, Any], name: str, *, required: bool) -> str | Non
             f"Invalid token: claim '{name}' must be printable text of 1 to {_ID_MAX} characters.", code="invalid_token"
         )
     return value
+
+
+_GROUPS_MAX = 64
+
+
+def _groups(value: Any) -> tuple[str, ...]:
+    """A groups claim: a list of group names (absent or null: none). Sorted, so one set is one identity."""
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or len(value) > _GROUPS_MAX
+        or not all(isinstance(g, str) and 0 < len(g) <= _ID_MAX and g.isprintable() for g in value)
+    ):
+        raise Unauthorized(
+            f"Invalid token: the groups claim must be a list of at most {_GROUPS_MAX} group names.",
+            code="invalid_token",
+        )
+    return tuple(sorted(set(value)))
+
+
+def header_groups(value: str | None) -> tuple[str, ...]:
+    """`X-User-Groups: eng, support` from a delegating service (LibreChat can fill it from its user's role)."""
+    text = _header_text(value)
+    if not text:
+        return ()
+    names = {g.strip() for g in text.split(",")} - {""}
+    usable = {g for g in names if len(g) <= _ID_MAX and g.isprintable() and "{{" not in g}
+    return tuple(sorted(usable))[:_GROUPS_MAX]
 
 
 def _check_times(claims: dict[str, Any]) -> None:
@@ -200,7 +230,11 @@ class Authenticator:
         user = _id_claim(claims, s.jwt_user_claim, required=True)
         assert user is not None
         principal = Principal(
-            Identity(user=user, tenant=_id_claim(claims, s.jwt_tenant_claim, required=False)),
+            Identity(
+                user=user,
+                tenant=_id_claim(claims, s.jwt_tenant_claim, required=False),
+                groups=_groups(claims.get(s.jwt_groups_claim)),
+            ),
             admin=_flag(claims, s.jwt_admin_claim),
             delegate=_flag(claims, s.jwt_delegate_claim),
         )
@@ -248,7 +282,11 @@ def charged_identity(
         )
     service = principal.identity
     return Identity(
-        user=user, tenant=service.tenant, via=service.user, email=_named_user(_header_text(headers.get("x-user-email")))
+        user=user,
+        tenant=service.tenant,
+        via=service.user,
+        email=_named_user(_header_text(headers.get("x-user-email"))),
+        groups=header_groups(headers.get("x-user-groups")),
     )
 
 

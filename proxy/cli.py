@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     bset.add_argument("subject", help="user id, tenant id with --tenant, or '*' for the default")
     bset.add_argument("tokens", type=int)
     bset.add_argument("--tenant", action="store_true", help="the subject is a tenant")
+    bset.add_argument("--group", action="store_true", help="the subject is a group: a tier for its members")
     bset.add_argument("--period", choices=PERIODS, help="default: BUDGET_PERIOD")
     bset.add_argument("--warn", type=float, help="warn ratio (default: WARN_RATIO)")
     bset.add_argument("--rpm", type=int, default=0, help="requests per minute (users only; 0 = no limit)")
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     bshow = budget.add_parser("show", help="show a budget and what was used this period")
     bshow.add_argument("subject")
     bshow.add_argument("--tenant", action="store_true")
+    bshow.add_argument("--group", action="store_true", help="the subject is a group")
+    bshow.add_argument("--groups", default="", help="the user's groups, comma-separated: which tier applies")
     return p
 
 
@@ -66,7 +69,7 @@ async def _migrate(settings: Settings) -> None:
 
 
 async def _budget(settings: Settings, args: argparse.Namespace) -> None:
-    kind = "tenant" if getattr(args, "tenant", False) else "user"
+    kind = "tenant" if getattr(args, "tenant", False) else "group" if getattr(args, "group", False) else "user"
     conn = await asyncpg.connect(settings.database_url)
     try:
         if args.action == "grant":
@@ -98,11 +101,15 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 f" (warn at {limit.warn_ratio:.0%}){rates}"
             )
             return
-        found = await fetch_limit(conn, kind, args.subject)
+        groups = tuple(sorted({g.strip() for g in args.groups.split(",")} - {""}))
+        found = await fetch_limit(conn, kind, args.subject, groups)
         if found is None:
             print(f"{kind} {args.subject}: no budget")
             return
         start, end = period_bounds(found.period, time.time())
+        if kind == "group":  # a tier: each member has their own counter against it, so nothing is used here
+            print(f"group {args.subject}: {found.tokens:,} tokens per {found.period} for each member")
+            return
         column = "user_id" if kind == "user" else "tenant_id"
         used = await conn.fetchval(
             f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and not exempt"
@@ -124,7 +131,7 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
             {
                 "subject_type": kind,
                 "subject": args.subject,
-                "budget_row": found.subject,
+                "budget_row": found.subject,  # the subject's own row, a group's ('--groups'), or '*'
                 "period": found.period,
                 "limit": found.tokens,
                 "rpm": found.rpm,

@@ -47,6 +47,7 @@ class Settings:
     jwt_tenant_claim: str = "tenant"
     jwt_admin_claim: str = "quota_admin"
     jwt_delegate_claim: str = "quota_delegate"
+    jwt_groups_claim: str = "groups"  # a list of group names: budget tiers (`budget set GROUP N --group`)
     jwt_leeway_seconds: int = 30
     default_token_budget: int = 100_000
     default_tenant_budget: int = 0  # 0: tenants have no budget unless one is set

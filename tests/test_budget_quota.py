@@ -140,8 +140,10 @@ def test_a_total_budget_has_no_reset_header() -> None:
 
 
 def test_as_json() -> None:
-    assert quota(12_345, reserved=600).as_json() == {
+    shown = quota(12_345, reserved=600).as_json()
+    assert shown == {
         "subject_type": "user",
+        "budget_row": "alice",  # the row that set the budget: here the user's own
         "period": "month",
         "limit": 100_000,
         "used": 12_345,

@@ -144,7 +144,7 @@ class BudgetEngine:
 
     def _make_scopes(self, identity: Identity, now: float) -> tuple[Scope, ...]:
         tag = self._tag(identity)
-        scopes = [self._scope(tag, self._book.user(identity.user), identity.user, now)]
+        scopes = [self._scope(tag, self._book.user(identity.user, identity.groups), identity.user, now)]
         tenant_limit = self._book.tenant(identity.tenant)
         if tenant_limit is not None and identity.tenant is not None:
             scopes.append(self._scope(tag, tenant_limit, identity.tenant, now))

@@ -55,6 +55,7 @@ class Quota:
         tokens = self.limit.tokens
         return {
             "subject_type": self.limit.subject_type,
+            "budget_row": self.limit.subject,  # which row set it: the subject's own, a group's, or the default
             "period": self.limit.period,
             "limit": tokens,
             "used": self.used,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -35,8 +35,8 @@ def period_bounds(period: str, now: float) -> tuple[datetime, datetime | None]:
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    subject_type: str  # 'user' | 'tenant'
-    subject: str
+    subject_type: str  # 'user' | 'tenant' | 'group' (a tier that users get through their groups)
+    subject: str  # the row's subject: a user or tenant id, a group name, or the default '*'
     period: str
     tokens: int
     warn_ratio: float
@@ -80,14 +80,24 @@ async def sync_defaults(conn: asyncpg.Connection, settings: Settings) -> None:
         await conn.execute("delete from budgets where subject_type = 'tenant' and subject = $1", DEFAULT)
 
 
-async def fetch_limit(conn: asyncpg.Connection, subject_type: str, subject: str) -> Limit | None:
+async def fetch_limit(
+    conn: asyncpg.Connection, subject_type: str, subject: str, groups: tuple[str, ...] = ()
+) -> Limit | None:
+    """The row that applies, with the same precedence as BudgetBook.user: the subject's own, else (for a
+    user) the most generous of its groups', else the default '*'."""
     row = await conn.fetchrow(
-        "select * from budgets where subject_type = $1 and subject in ($2, $3) order by subject = $3 limit 1",
+        "select * from budgets where (subject_type = $1 and subject in ($2, $3))"
+        " or (subject_type = 'group' and $1 = 'user' and subject = any($4::text[]))"
+        " order by subject_type = $1 and subject = $2 desc, subject_type = 'group' desc, token_limit desc limit 1",
         subject_type,
         subject,
         DEFAULT,
+        list(groups),
     )
-    return None if row is None else _limit(row)
+    if row is None:
+        return None
+    limit = _limit(row)
+    return replace(limit, subject_type="user") if limit.subject_type == "group" and subject_type == "user" else limit
 
 
 def _limit(row: asyncpg.Record) -> Limit:
@@ -156,9 +166,18 @@ class BudgetBook:
         self._grants: dict[tuple[str, str, datetime], int] = {}  # (type, subject, period start) -> tokens
         self.version = 0  # changes whenever the rows do, so derived caches know to drop
 
-    def user(self, user: str) -> Limit:
+    def user(self, user: str, groups: tuple[str, ...] = ()) -> Limit:
+        """The user's own row; else the most generous of their groups' rows; else the default."""
         rows = self._rows
-        return rows.get(("user", user)) or rows[("user", DEFAULT)]
+        own = rows.get(("user", user))
+        if own is not None:
+            return own
+        tiers = [limit for g in groups if (limit := rows.get(("group", g))) is not None]
+        if tiers:
+            # A user's budget all the same (its counter, rebuild and messages are the user's); `subject`
+            # keeps the name of the group row that set it.
+            return replace(max(tiers, key=lambda limit: limit.tokens), subject_type="user")
+        return rows[("user", DEFAULT)]
 
     def tenant(self, tenant: str | None) -> Limit | None:
         if tenant is None:

@@ -1,0 +1,124 @@
+"""Budget tiers from groups: the user's own row, else the most generous of their groups' rows, else '*'."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from proxy.app import create_app
+from proxy.budget.rows import DEFAULT, BudgetBook, Limit
+from proxy.cli import main
+from proxy.config import Settings
+
+from .fake_upstream import FakeUpstream
+from .helpers import eventually, serve, token, uid
+
+
+def book(rows: list[Limit]) -> BudgetBook:
+    b = BudgetBook(Settings(default_token_budget=100))
+    b._rows.update({(r.subject_type, r.subject): r for r in rows})
+    return b
+
+
+PRECEDENCE = [
+    # (the user's own row?, their groups, the row that applies, its tokens)
+    (True, ("big", "small"), "me", 50),
+    (False, ("big", "small"), "big", 5000),
+    (False, ("small", "big"), "big", 5000),
+    (False, ("small",), "small", 300),
+    (False, ("unknown",), DEFAULT, 100),
+    (False, (), DEFAULT, 100),
+]
+
+
+@pytest.mark.parametrize("own, groups, row, tokens", PRECEDENCE)
+def test_precedence(own: bool, groups: tuple[str, ...], row: str, tokens: int) -> None:
+    rows = [Limit("group", "big", "month", 5000, 0.8), Limit("group", "small", "day", 300, 0.5)]
+    if own:
+        rows.append(Limit("user", "me", "week", 50, 0.8))
+    limit = book(rows).user("me", groups)
+    assert (limit.subject, limit.tokens, limit.subject_type) == (row, tokens, "user")  # always a user's budget
+
+
+@pytest.fixture(scope="module")
+def proxy(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
+    settings = replace(base_settings, litellm_base_url=fake.url, budget_refresh_seconds=0.2)
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+ADMIN = {"Authorization": f"Bearer {token(uid('admin'), quota_admin=True)}"}
+
+
+def set_row(url: str, subject: str, tokens: int, kind: str = "group") -> None:
+    r = httpx.put(f"{url}/admin/budgets/{subject}", json={"tokens": tokens, "type": kind}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+
+
+def quota(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    r = httpx.get(f"{url}/v1/quota", headers=headers)
+    assert r.status_code == 200, r.text
+    budget: dict[str, Any] = r.json()["budgets"][0]
+    return budget
+
+
+def test_a_token_s_groups_choose_the_most_generous_tier(proxy: str) -> None:
+    eng, support = uid("eng"), uid("support")
+    set_row(proxy, eng, 50_000)
+    set_row(proxy, support, 20_000)
+    me = {"Authorization": f"Bearer {token(uid(), groups=[support, eng])}"}
+    eventually(lambda: quota(proxy, me)["limit"] == 50_000)
+    assert quota(proxy, me)["budget_row"] == eng
+    r = httpx.post(
+        f"{proxy}/v1/chat/completions",
+        json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+        headers=me,
+    )
+    assert r.status_code == 200 and r.headers["x-quota-limit"] == "50000"
+    set_row(proxy, eng, 70_000)  # a change to a group row reaches its members within BUDGET_REFRESH_SECONDS
+    eventually(lambda: quota(proxy, me)["limit"] == 70_000)
+
+
+def test_a_user_s_own_row_wins_over_their_groups(proxy: str) -> None:
+    eng, me = uid("eng"), uid()
+    set_row(proxy, eng, 50_000)
+    set_row(proxy, me, 999, kind="user")
+    headers = {"Authorization": f"Bearer {token(me, groups=[eng])}"}
+    eventually(lambda: quota(proxy, headers)["limit"] == 999)
+
+
+def test_a_delegate_names_the_user_s_groups_in_a_header(proxy: str) -> None:
+    eng = uid("eng")
+    set_row(proxy, eng, 40_000)
+    headers = {
+        "Authorization": f"Bearer {token(uid('svc'), quota_delegate=True)}",
+        "X-User-Id": uid(),
+        "X-User-Groups": f"{eng} , ,{{{{LIBRECHAT_USER_ROLE}}}}",
+    }
+    eventually(lambda: quota(proxy, headers)["limit"] == 40_000)
+
+
+@pytest.mark.parametrize("groups", ["eng", [1, 2], ["ok", ""], [f"g{i}" for i in range(65)], ["a\x00b"]])
+def test_a_groups_claim_that_is_not_a_list_of_names_is_refused(proxy: str, groups: object) -> None:
+    r = httpx.get(f"{proxy}/v1/quota", headers={"Authorization": f"Bearer {token(uid(), groups=groups)}"})
+    assert r.status_code == 401 and "groups" in r.json()["error"]["message"]
+
+
+def test_the_cli_sets_a_tier_and_shows_which_row_applies(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", base_settings.database_url)
+    eng, small, me = uid("eng"), uid("small"), uid()
+    assert main(["budget", "set", eng, "8000", "--group"]) == 0
+    assert main(["budget", "set", small, "100", "--group"]) == 0
+    capsys.readouterr()
+    assert main(["budget", "show", me, "--groups", f"{small},{eng}"]) == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert (shown["subject_type"], shown["budget_row"], shown["limit"]) == ("user", eng, 8000)
+    assert main(["budget", "show", eng, "--group"]) == 0
+    assert capsys.readouterr().out.startswith(f"group {eng}: 8,000 tokens per month for each member")
