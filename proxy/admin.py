@@ -53,7 +53,11 @@ async def put_budget(
             raise BadRequest(f"'{name}' must be a whole number from 0 to {most:,}.", param=name)
     if isinstance(warn, bool) or not isinstance(warn, (int, float)) or not 0 < warn <= 1:
         raise BadRequest("'warn_ratio' must be above 0 and at most 1.", param="warn_ratio")
-    limit = Limit(kind, subject, period, tokens, float(warn), rpm, tpm)  # type: ignore[arg-type]
+    rollover, cap = body.get("rollover", 0.0), body.get("rollover_cap", 0.5)
+    for name, value in (("rollover", rollover), ("rollover_cap", cap)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise BadRequest(f"'{name}' must be a fraction from 0 to 1.", param=name)
+    limit = Limit(kind, subject, period, tokens, float(warn), rpm, tpm, float(rollover), float(cap))  # type: ignore[arg-type]
     async with pool.acquire() as conn:
         await set_budget(conn, limit)
     return {
@@ -64,6 +68,8 @@ async def put_budget(
         "warn_ratio": float(warn),
         "rpm": rpm,
         "tpm": tpm,
+        "rollover": float(rollover),
+        "rollover_cap": float(cap),
     }
 
 

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     bset.add_argument("--warn", type=float, help="warn ratio (default: WARN_RATIO)")
     bset.add_argument("--rpm", type=int, default=0, help="requests per minute (users only; 0 = no limit)")
     bset.add_argument("--tpm", type=int, default=0, help="tokens per minute (users only; 0 = no limit)")
+    bset.add_argument(
+        "--rollover", type=float, default=0.0, help="fraction of last period's unused budget carried over"
+    )
+    bset.add_argument("--rollover-cap", type=float, default=0.5, help="carried at most this fraction of the limit")
     bgrant = budget.add_parser("grant", help="add tokens to a budget for its current period only")
     bgrant.add_argument("subject", help="user id, or tenant id with --tenant")
     bgrant.add_argument("tokens", type=int)
@@ -93,6 +97,8 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 args.warn if args.warn is not None else settings.warn_ratio,
                 args.rpm,
                 args.tpm,
+                args.rollover,
+                args.rollover_cap,
             )
             await set_budget(conn, limit)
             rates = "".join(f", {v:,} {k} per minute" for k, v in (("requests", limit.rpm), ("tokens", limit.tpm)) if v)

@@ -153,9 +153,9 @@ class BudgetEngine:
     def _scope(self, tag: str, limit: Limit, subject: str, now: float) -> Scope:
         start, end = period_bounds(limit.period, now)
         key = f"quota:{{{tag}}}:{limit.subject_type}:{quote(subject, safe='')}:{limit.period}:{start:%Y%m%d}"
-        granted = self._book.granted(limit.subject_type, subject, start)
-        if granted:  # the effective limit: the row's, plus what was granted for this period
-            limit = replace(limit, tokens=limit.tokens + granted)
+        added = self._book.added(limit.subject_type, subject, start)
+        if added:  # the effective limit: the row's, plus what was granted for and carried into this period
+            limit = replace(limit, tokens=limit.tokens + added)
         return Scope(limit, subject, key, start, end)
 
     async def reserve(

@@ -42,6 +42,8 @@ class Limit:
     warn_ratio: float
     rpm: int = 0  # requests per minute, 0 = no limit
     tpm: int = 0  # tokens per minute, 0 = no limit
+    rollover: float = 0.0  # the fraction of last period's unused budget carried into this one
+    rollover_cap: float = 0.5  # ... at most this fraction of the limit
 
 
 def env_defaults(settings: Settings) -> list[Limit]:
@@ -54,11 +56,13 @@ def env_defaults(settings: Settings) -> list[Limit]:
 
 
 _UPSERT = """
-insert into budgets (subject_type, subject, period, token_limit, warn_ratio, rpm_limit, tpm_limit, updated_at)
-values ($1, $2, $3, $4, $5, nullif($6, 0), nullif($7, 0), now())
+insert into budgets (subject_type, subject, period, token_limit, warn_ratio, rpm_limit, tpm_limit,
+                     rollover_ratio, rollover_cap_ratio, updated_at)
+values ($1, $2, $3, $4, $5, nullif($6, 0), nullif($7, 0), $8, $9, now())
 on conflict (subject_type, subject) do update
 set period = excluded.period, token_limit = excluded.token_limit, warn_ratio = excluded.warn_ratio,
-    rpm_limit = excluded.rpm_limit, tpm_limit = excluded.tpm_limit, updated_at = now()
+    rpm_limit = excluded.rpm_limit, tpm_limit = excluded.tpm_limit, rollover_ratio = excluded.rollover_ratio,
+    rollover_cap_ratio = excluded.rollover_cap_ratio, updated_at = now()
 """
 
 
@@ -67,8 +71,19 @@ async def set_budget(conn: asyncpg.Connection, limit: Limit) -> None:
         raise ValueError(f"period must be one of {', '.join(PERIODS)}")
     if min(limit.tokens, limit.rpm, limit.tpm) < 0:
         raise ValueError("tokens, rpm and tpm must be 0 or more")
+    if not (0 <= limit.rollover <= 1 and 0 <= limit.rollover_cap <= 1):
+        raise ValueError("rollover and its cap are fractions from 0 to 1")
     await conn.execute(
-        _UPSERT, limit.subject_type, limit.subject, limit.period, limit.tokens, limit.warn_ratio, limit.rpm, limit.tpm
+        _UPSERT,
+        limit.subject_type,
+        limit.subject,
+        limit.period,
+        limit.tokens,
+        limit.warn_ratio,
+        limit.rpm,
+        limit.tpm,
+        limit.rollover,
+        limit.rollover_cap,
     )
 
 
@@ -109,6 +124,8 @@ def _limit(row: asyncpg.Record) -> Limit:
         row["warn_ratio"],
         row["rpm_limit"] or 0,
         row["tpm_limit"] or 0,
+        row["rollover_ratio"],
+        row["rollover_cap_ratio"],
     )
 
 
@@ -164,6 +181,7 @@ class BudgetBook:
         self._settings = settings
         self._rows: dict[tuple[str, str], Limit] = {(d.subject_type, d.subject): d for d in env_defaults(settings)}
         self._grants: dict[tuple[str, str, datetime], int] = {}  # (type, subject, period start) -> tokens
+        self._carried: dict[tuple[str, str, datetime], int] = {}  # the same, carried over from last period
         self.version = 0  # changes whenever the rows do, so derived caches know to drop
 
     def user(self, user: str, groups: tuple[str, ...] = ()) -> Limit:
@@ -184,9 +202,10 @@ class BudgetBook:
             return None
         return self._rows.get(("tenant", tenant)) or self._rows.get(("tenant", DEFAULT))
 
-    def granted(self, subject_type: str, subject: str, period_start: datetime) -> int:
-        """Tokens granted to this subject for the period starting at `period_start`."""
-        return self._grants.get((subject_type, subject, period_start), 0) if self._grants else 0
+    def added(self, subject_type: str, subject: str, period_start: datetime) -> int:
+        """Tokens granted to this subject for the period starting at `period_start`, and carried into it."""
+        key = (subject_type, subject, period_start)
+        return (self._grants.get(key, 0) if self._grants else 0) + (self._carried.get(key, 0) if self._carried else 0)
 
     async def load(self, pool: asyncpg.Pool) -> None:
         rows = {(d.subject_type, d.subject): d for d in env_defaults(self._settings)}
@@ -194,8 +213,12 @@ class BudgetBook:
             limit = _limit(record)
             rows[(limit.subject_type, limit.subject)] = limit
         grants = {(r["subject_type"], r["subject"], r["period_start"]): r["tokens"] for r in await pool.fetch(_GRANTS)}
-        if rows != self._rows or grants != self._grants:
-            self._rows, self._grants = rows, grants
+        carried = {
+            (r["subject_type"], r["subject"], r["period_start"]): r["carried"]
+            for r in await pool.fetch("select subject_type, subject, period_start, carried from budget_rollover")
+        }
+        if rows != self._rows or grants != self._grants or carried != self._carried:
+            self._rows, self._grants, self._carried = rows, grants, carried
             self.version += 1
 
     async def refresh_forever(self, pool: asyncpg.Pool) -> None:
