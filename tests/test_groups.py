@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -122,3 +123,24 @@ def test_the_cli_sets_a_tier_and_shows_which_row_applies(
     assert (shown["subject_type"], shown["budget_row"], shown["limit"]) == ("user", eng, 8000)
     assert main(["budget", "show", eng, "--group"]) == 0
     assert capsys.readouterr().out.startswith(f"group {eng}: 8,000 tokens per month for each member")
+
+
+def test_fifty_at_once_against_a_tier_with_a_grant_stay_within_it(proxy: str, base_settings: Settings) -> None:
+    """Concurrency with the richer budgets: a group tier plus this period's grant bound 50 requests at once."""
+
+    tier, me = uid("tier"), uid()
+    set_row(proxy, tier, 1000)
+    grant = httpx.post(f"{proxy}/admin/grants", json={"subject": me, "tokens": 500, "reason": "test"}, headers=ADMIN)
+    assert grant.status_code == 201, grant.text
+    headers = {"Authorization": f"Bearer {token(me, groups=[tier])}"}
+    eventually(lambda: quota(proxy, headers)["limit"] == 1500)
+    body = {"model": "honest-slow", "messages": [{"role": "user", "content": "tell me everything"}]}
+
+    def one(_: int) -> int:
+        return httpx.post(f"{proxy}/v1/chat/completions", json=body, headers=headers, timeout=30).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(one, range(50)))
+    assert set(codes) <= {200, 429} and codes.count(200) >= 2
+    after = quota(proxy, headers)
+    assert after["reserved"] == 0 and after["used"] <= 1500
