@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from .auth import Principal
 from .body import printable_id, read_json
-from .budget.rows import Limit, add_grant, revoke_grant, set_budget
+from .budget.rows import MAX_GRANT, Limit, add_grant, revoke_grant, set_budget
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden, NotFound
 from .usage_history import usage_history
@@ -85,8 +85,8 @@ async def post_grant(
         raise BadRequest("'type' is 'user' or 'tenant'.", param="type")
     subject = printable_id(body.get("subject"), "subject")
     tokens, reason = body.get("tokens"), body.get("reason")
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 2**62:
-        raise BadRequest("'tokens' must be a whole number of 1 or more.", param="tokens")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= MAX_GRANT:
+        raise BadRequest(f"'tokens' must be a whole number from 1 to {MAX_GRANT:,}.", param="tokens")
     if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000 or "\x00" in reason:
         raise BadRequest("'reason' must say why, in at most 1,000 characters.", param="reason")
     async with pool.acquire() as conn:

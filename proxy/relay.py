@@ -300,6 +300,7 @@ class Relay:
             estimated = usage is None
             if usage is None:
                 usage = self._estimate(payload, meter.text)
+            self._check_exempt(flight, meter.model)
             flight.finish(
                 draft.record(
                     outcome, 200, usage, estimated=estimated, served_model=meter.model, cost=cost, ttft_ms=ttft_ms
@@ -318,6 +319,7 @@ class Relay:
         estimated = ok and usage is None
         if estimated:
             usage = self._estimate(completion.payload, answer_text(obj) if obj else "")
+        self._check_exempt(flight, served)
         flight.finish(
             draft.record(
                 "ok" if ok else "upstream_error",
@@ -333,6 +335,15 @@ class Relay:
         headers.update(reservation.headers(used=reservation.quotas[0].used + usage[2] if usage else None))
         await self._sender.written()  # the settle and record reach Redis's socket before the answer goes out
         return Response(body, status_code=upstream.status, headers=headers)
+
+    def _check_exempt(self, flight: Flight, served: str | None) -> None:
+        """An exempt request answered by a model that is not exempt (a LiteLLM alias or fallback to a paid
+        model) is charged after all: its usage goes into the counters, and its record is not marked exempt."""
+        draft = flight.draft
+        if draft.exempt and served is not None and not self._is_exempt(served):
+            draft.exempt = False
+            flight.reservation = self._budget.unmetered(draft.identity, draft.request_id, 0)
+            log.warning("exempt_model_served_by_another", model=draft.model, served_model=served)
 
     def _is_exempt(self, model: str) -> bool:
         patterns = self._settings.exempt_models

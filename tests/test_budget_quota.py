@@ -302,3 +302,10 @@ def test_the_notice_of_a_total_budget_used_up_says_it_does_not_reset() -> None:
         "\n\n> You have used all of your total token budget (1,000 of 1,000): your next message will be refused"
         " until your administrator adds more."
     )
+
+
+def test_refusal_of_a_request_larger_than_the_whole_budget() -> None:
+    assert quota(0, tokens=1_000, resets_at=utc(2026, 12, 1)).refusal("bob") == (
+        "This request is larger than your whole monthly token budget of 1,000 tokens: shorten the conversation or"
+        " the input. It resets on 2026-12-01 00:00 UTC."
+    )

@@ -92,3 +92,30 @@ def test_a_model_that_is_not_exempt_is_budgeted(proxy_url: str) -> None:
     user = uid()
     assert ask(proxy_url, user, "no-usage").status_code == 200
     assert used(proxy_url, user) > 0
+
+
+def test_an_exempt_request_answered_by_a_model_that_is_not_exempt_is_charged(
+    base_settings: Settings, fake: FakeUpstream
+) -> None:
+    """A LiteLLM alias or fallback can answer an exempt name with a paid model: then the request counts."""
+    settings = replace(
+        base_settings,
+        litellm_base_url=fake.url,
+        exempt_models=("fake",),
+        default_token_budget=1000,
+        budget_refresh_seconds=3600,
+    )
+    user = uid()
+    with serve(create_app(settings)) as url:
+        assert ask(url, user, "fake").status_code == 200  # answered as "fake": exempt
+        assert used(url, user) == 0
+        assert ask(url, user, "fake", stream=True).status_code == 200  # its stream says "fake-served"
+        eventually(lambda: used(url, user) == 12)
+    row = eventually(
+        lambda: pg_row(
+            base_settings.database_url,
+            "select exempt, served_model from usage_records where user_id = $1 and stream",
+            user,
+        )
+    )
+    assert (row["exempt"], row["served_model"]) == (False, "fake-served")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 
+import asyncpg
 import httpx
 import pytest
 
 from proxy.app import create_app
+from proxy.budget.rows import BudgetBook
 from proxy.cli import main
 from proxy.config import Settings
 
@@ -122,3 +125,38 @@ def test_a_grant_adds_to_the_period_it_was_made_in_only(proxy_url: str, base_set
     )
     time.sleep(0.5)  # two of this proxy's budget refreshes (0.2 s): it has read the grant, and ignores it
     assert limit(proxy_url, user) == BUDGET
+
+
+def test_a_grant_to_a_total_budget_takes_effect(proxy_url: str) -> None:
+    user = uid()
+    headers = {"Authorization": f"Bearer {token(uid('admin'), quota_admin=True)}"}
+    r = httpx.put(f"{proxy_url}/admin/budgets/{user}", json={"tokens": 100, "period": "total"}, headers=headers)
+    assert r.status_code == 200
+    r = httpx.post(f"{proxy_url}/admin/grants", json={"subject": user, "tokens": 5000, "reason": "x"}, headers=headers)
+    assert r.status_code == 201
+    eventually(lambda: limit(proxy_url, user) == 5100)
+
+
+def test_no_number_of_huge_grants_breaks_loading_the_budgets(base_settings: Settings) -> None:
+    """Written straight into the table (the API caps one grant), their sum is clamped, not an overflow."""
+    user = uid()
+    for _ in range(2):
+        pg_row(
+            base_settings.database_url,
+            "insert into budget_grants (subject_type, subject, tokens, period_start, reason, granted_by)"
+            " values ('user', $1, 4611686018427387904, date_trunc('month', now()), 'huge', 'sql') returning id",
+            user,
+        )
+
+    async def load() -> int:
+        pool = await asyncpg.create_pool(base_settings.database_url, min_size=1, max_size=1)
+        try:
+            book = BudgetBook(base_settings)
+            await book.load(pool)
+            start = await pool.fetchval("select date_trunc('month', now())")
+            return book.added("user", user, start)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(load()) == 2**50
+    pg_row(base_settings.database_url, "delete from budget_grants where subject = $1 returning 1", user)

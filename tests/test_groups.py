@@ -144,3 +144,17 @@ def test_fifty_at_once_against_a_tier_with_a_grant_stay_within_it(proxy: str, ba
     assert set(codes) <= {200, 429} and codes.count(200) >= 2
     after = quota(proxy, headers)
     assert after["reserved"] == 0 and after["used"] <= 1500
+
+
+def test_a_tier_keeps_the_default_period_so_groups_never_choose_a_second_counter(proxy: str) -> None:
+    daily = uid("daily")
+    set_row(proxy, daily, 200)  # asked for with the default period; a tier's own period would not matter
+    httpx.put(f"{proxy}/admin/budgets/{daily}", json={"tokens": 200, "type": "group", "period": "day"}, headers=ADMIN)
+    me = uid()
+    with_tier = {"Authorization": f"Bearer {token(me, groups=[daily])}"}
+    without = {"Authorization": f"Bearer {token(me)}"}
+    eventually(lambda: quota(proxy, with_tier)["limit"] == 200)
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{proxy}/v1/chat/completions", json=body, headers=with_tier).status_code == 200
+    assert quota(proxy, with_tier)["period"] == quota(proxy, without)["period"] == "month"
+    assert quota(proxy, with_tier)["used"] == quota(proxy, without)["used"] == 12  # one counter

@@ -103,6 +103,12 @@ class Quota:
                 f"{what} is fully taken by requests in progress: {self.used:,} of {self.limit.tokens:,} tokens "
                 f"used, {self.reserved:,} reserved. Try again when they finish. {resets}"
             )
+        if not self.used:
+            whose = "your" if not owner else f"your team's ({subject})"
+            return (
+                f"This request is larger than {whose} whole {word.lower()} token budget of"
+                f" {self.limit.tokens:,} tokens: shorten the conversation or the input. {resets}"
+            )
         # Nothing in flight, yet too little left for this request's prompt (a long conversation, say).
         left = self.limit.tokens - self.used
         return (

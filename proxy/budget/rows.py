@@ -112,7 +112,12 @@ async def fetch_limit(
     if row is None:
         return None
     limit = _limit(row)
-    return replace(limit, subject_type="user") if limit.subject_type == "group" and subject_type == "user" else limit
+    if limit.subject_type == "group" and subject_type == "user":  # a tier: the default's period (BudgetBook.user)
+        default = await conn.fetchval(
+            "select period from budgets where subject_type = 'user' and subject = $1", DEFAULT
+        )
+        return replace(limit, subject_type="user", period=default or limit.period)
+    return limit
 
 
 def _limit(row: asyncpg.Record) -> Limit:
@@ -133,8 +138,8 @@ async def add_grant(
     conn: asyncpg.Connection, subject_type: str, subject: str, tokens: int, reason: str, granted_by: str, now: float
 ) -> tuple[int, datetime]:
     """Add `tokens` to the subject's budget for its current period; returns the grant's id and that period's start."""
-    if tokens <= 0:
-        raise ValueError("a grant adds 1 token or more")
+    if not 1 <= tokens <= MAX_GRANT:
+        raise ValueError(f"a grant adds from 1 to {MAX_GRANT:,} tokens")
     if not reason.strip():
         raise ValueError("a grant needs a reason")
     limit = await fetch_limit(conn, subject_type, subject)
@@ -164,10 +169,14 @@ async def revoke_grant(conn: asyncpg.Connection, grant_id: int, revoked_by: str)
     return bool(status.endswith(" 1"))
 
 
+# All grants in force, `total` budgets' too (their period starts in 1970); the sum is clamped so that no
+# number of grants can overflow bigint, or Lua's exact integers once the row's limit is added.
 _GRANTS = """
-select subject_type, subject, period_start, sum(tokens)::bigint as tokens from budget_grants
-where revoked_at is null and period_start > now() - interval '400 days' group by 1, 2, 3
+select subject_type, subject, period_start, least(sum(tokens), $1)::bigint as tokens from budget_grants
+where revoked_at is null group by 1, 2, 3
 """
+MAX_GRANT = 10**12  # tokens one grant may add
+_MAX_GRANTED = 2**50
 
 
 class BudgetBook:
@@ -194,7 +203,10 @@ class BudgetBook:
         if tiers:
             # A user's budget all the same (its counter, rebuild and messages are the user's); `subject`
             # keeps the name of the group row that set it.
-            return replace(max(tiers, key=lambda limit: limit.tokens), subject_type="user")
+            # and the default's period: the counter's key holds the period, and a person's groups (which
+            # their token or a delegate names) must not choose between two counters.
+            default = rows[("user", DEFAULT)]
+            return replace(max(tiers, key=lambda limit: limit.tokens), subject_type="user", period=default.period)
         return rows[("user", DEFAULT)]
 
     def tenant(self, tenant: str | None) -> Limit | None:
@@ -212,7 +224,10 @@ class BudgetBook:
         for record in await pool.fetch("select * from budgets"):
             limit = _limit(record)
             rows[(limit.subject_type, limit.subject)] = limit
-        grants = {(r["subject_type"], r["subject"], r["period_start"]): r["tokens"] for r in await pool.fetch(_GRANTS)}
+        grants = {
+            (r["subject_type"], r["subject"], r["period_start"]): r["tokens"]
+            for r in await pool.fetch(_GRANTS, _MAX_GRANTED)
+        }
         carried = {
             (r["subject_type"], r["subject"], r["period_start"]): r["carried"]
             for r in await pool.fetch("select subject_type, subject, period_start, carried from budget_rollover")
