@@ -14,6 +14,7 @@ cut off, a provider that omits it); the ledger record is then marked `estimated`
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib.util
 from collections.abc import Callable
@@ -208,28 +209,31 @@ class Tokenizer:
             log.info("tokenizer", using="one token per byte", reason="no cl100k_base file; set TOKENIZER_FILE")
             return cls()
         try:
-            import tiktoken
-
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != CL100K_SHA256:
-                raise ValueError("not the cl100k_base file (sha256 differs)")
-            ranks = {
-                base64.b64decode(token): int(rank)
-                for token, rank in (line.split() for line in data.splitlines() if line)
-            }
-            encoding = tiktoken.Encoding(
-                name="cl100k_base",
-                pat_str=CL100K_PATTERN,
-                mergeable_ranks=ranks,
-                special_tokens={
-                    "<|endoftext|>": 100257,
-                    "<|fim_prefix|>": 100258,
-                    "<|fim_middle|>": 100259,
-                    "<|fim_suffix|>": 100260,
-                    "<|endofprompt|>": 100276,
-                },
-            )
+            return cls(_encoding(path, path.stat().st_mtime_ns))
         except (OSError, ValueError, ImportError) as exc:
             log.warning("tokenizer", using="one token per byte", file=str(path), error=str(exc))
             return cls()
-        return cls(encoding)
+
+
+# Building the encoding takes about half a second; every app a process starts (tests start dozens)
+# shares one per file and version of it.
+@functools.lru_cache(maxsize=4)
+def _encoding(path: Path, mtime_ns: int) -> Any:
+    import tiktoken
+
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != CL100K_SHA256:
+        raise ValueError("not the cl100k_base file (sha256 differs)")
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding(
+        name="cl100k_base",
+        pat_str=CL100K_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={
+            "<|endoftext|>": 100257,
+            "<|fim_prefix|>": 100258,
+            "<|fim_middle|>": 100259,
+            "<|fim_suffix|>": 100260,
+            "<|endofprompt|>": 100276,
+        },
+    )
