@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -10,7 +11,7 @@ from starlette.requests import Request
 
 from .auth import Principal
 from .body import printable_id, read_json
-from .budget.rows import MAX_GRANT, Limit, add_grant, revoke_grant, set_budget
+from .budget.rows import MAX_GRANT, Limit, add_grant, revoke_grant, set_budget, set_model_cap
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden, NotFound
 from .usage_history import usage_history
@@ -58,6 +59,15 @@ async def put_budget(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise BadRequest(f"'{name}' must be a fraction from 0 to 1.", param=name)
     limit = Limit(kind, subject, period, tokens, float(warn), rpm, tpm, float(rollover), float(cap))  # type: ignore[arg-type]
+    model = body.get("model")
+    if model is not None:  # a cap on some models inside the budget, not the budget itself
+        if kind == "group" or not isinstance(model, str) or not 0 < len(model) <= 256 or not model.isprintable():
+            raise BadRequest("'model' is a glob on model names, for a user's or tenant's cap.", param="model")
+        if "[" in model or "]" in model:
+            raise BadRequest("'model' may use * and ?, not [...].", param="model")
+        async with pool.acquire() as conn:
+            await set_model_cap(conn, replace(limit, model=model))
+        return {"type": kind, "subject": subject, "model": model, "period": period, "tokens": tokens}
     async with pool.acquire() as conn:
         await set_budget(conn, limit)
     return {

@@ -6,12 +6,22 @@ import argparse
 import asyncio
 import sys
 import time
+from dataclasses import replace
 
 import asyncpg
 import orjson
 
 from .auth import issue_token, parse_ttl
-from .budget.rows import Limit, add_grant, fetch_limit, period_bounds, revoke_grant, set_budget, sync_defaults
+from .budget.rows import (
+    Limit,
+    add_grant,
+    fetch_limit,
+    period_bounds,
+    revoke_grant,
+    set_budget,
+    set_model_cap,
+    sync_defaults,
+)
 from .config import PERIODS, Settings
 from .db import migrate
 
@@ -37,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     bset.add_argument("tokens", type=int)
     bset.add_argument("--tenant", action="store_true", help="the subject is a tenant")
     bset.add_argument("--group", action="store_true", help="the subject is a group: a tier for its members")
+    bset.add_argument("--model", help="a cap on the models matching this glob (gpt-4o*), inside the budget")
     bset.add_argument("--period", choices=PERIODS, help="default: BUDGET_PERIOD")
     bset.add_argument("--warn", type=float, help="warn ratio (default: WARN_RATIO)")
     bset.add_argument("--rpm", type=int, default=0, help="requests per minute (users only; 0 = no limit)")
@@ -100,6 +111,10 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 args.rollover,
                 args.rollover_cap,
             )
+            if args.model:
+                await set_model_cap(conn, replace(limit, model=args.model))
+                print(f"{kind} {args.subject}: at most {args.tokens:,} tokens per {limit.period} on {args.model}")
+                return
             await set_budget(conn, limit)
             rates = "".join(f", {v:,} {k} per minute" for k, v in (("requests", limit.rpm), ("tokens", limit.tpm)) if v)
             print(

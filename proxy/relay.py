@@ -257,6 +257,7 @@ class Relay:
                     prompt,
                     prompt + completion.choices * per_answer,
                     need=prompt + (completion.choices - 1 if chat_like else 0),
+                    model=completion.model,
                 )
             except ServiceUnavailable:
                 if settings.fail_mode != "open":

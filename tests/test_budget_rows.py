@@ -191,7 +191,7 @@ async def test_rows_in_the_database_override_the_environment_defaults(conn: asyn
 async def test_load_bumps_the_version_only_when_the_rows_change(conn: asyncpg.Connection) -> None:
     me = uid()
     settings = Settings(default_token_budget=1000)
-    await conn.execute("delete from budgets; delete from budget_grants")
+    await conn.execute("delete from budgets; delete from budget_grants; delete from budget_model_caps")
     book = BudgetBook(settings)
     await book.load(conn)  # type: ignore[arg-type]
     assert book.version == 0  # an empty table: the environment defaults, as before

@@ -42,7 +42,7 @@ def test_a_writer_process_records_requests_and_reports_to_metrics(base_settings:
     )
     app = create_app(settings)
     with serve(app) as url:
-        pid = writer_of(app).pid
+        pid = eventually(lambda: writer_of(app).pid)  # spawned by a task that start-up does not wait for
         assert pid is not None and pid != os.getpid() and alive(pid)
         ids = send(url, [uid()], 12)
         eventually(lambda: recorded(settings, ids) == 12, timeout=20)
@@ -57,7 +57,7 @@ def test_a_writer_process_that_dies_is_restarted_and_loses_nothing(base_settings
     )
     app = create_app(settings)
     with serve(app) as url:
-        first = writer_of(app).pid
+        first = eventually(lambda: writer_of(app).pid)
         os.kill(first, signal.SIGKILL)
         ids = send(url, [uid()], 10)  # answered while no writer runs: the records wait in the stream
         eventually(lambda: writer_of(app).pid not in (None, first), timeout=15)

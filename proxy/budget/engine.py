@@ -8,6 +8,7 @@ fresh budget by accident.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import math
 import time
 from collections.abc import Callable
@@ -40,6 +41,21 @@ RESERVE_LUA = (_HERE / "reserve.lua").read_text()
 SETTLE_LUA = (_HERE / "settle.lua").read_text()
 
 
+def like_pattern(glob: str) -> str:
+    """A model glob (`gpt-4o*`, `claude-?`) as SQL LIKE, everything else taken literally."""
+    out = []
+    for ch in glob:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_\\":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 class BudgetEngine:
     def __init__(
         self,
@@ -62,7 +78,7 @@ class BudgetEngine:
         self._reserve = client.register_script(RESERVE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
         # Scopes per identity until the earliest of their periods ends or the budgets change.
-        self._scopes: dict[Identity, tuple[tuple[Scope, ...], float, int]] = {}
+        self._scopes: dict[tuple[Identity, str | None], tuple[tuple[Scope, ...], float, int]] = {}
         # Settles that could not reach Redis, applied once it answers again.
         self._owed: list[tuple[Reservation, int]] = []
         # Each user's tenant ("" for none), as bound in Redis; a binding never changes once made.
@@ -131,41 +147,58 @@ class BudgetEngine:
         # on Redis Cluster too: the tenant's when there is one, else the user's.
         return f"t:{quote(identity.tenant, safe='')}" if identity.tenant else f"u:{quote(identity.user, safe='')}"
 
-    def scopes(self, identity: Identity, now: float) -> tuple[Scope, ...]:
-        cached = self._scopes.get(identity)
+    def scopes(self, identity: Identity, now: float, model: str | None = None) -> tuple[Scope, ...]:
+        """The budgets a request of `identity` to `model` is checked against: the user's, the tenant's,
+        and the model caps of each that match `model` (None: the budgets alone)."""
+        cached = self._scopes.get((identity, model))
         if cached is not None and now < cached[1] and cached[2] == self._book.version:
             return cached[0]
-        scopes = self._make_scopes(identity, now)
+        scopes = self._make_scopes(identity, now, model)
         ends = [s.end.timestamp() for s in scopes if s.end is not None]
         if len(self._scopes) >= 100_000:
             self._scopes.clear()
-        self._scopes[identity] = (scopes, min(ends, default=float("inf")), self._book.version)
+        self._scopes[(identity, model)] = (scopes, min(ends, default=float("inf")), self._book.version)
         return scopes
 
-    def _make_scopes(self, identity: Identity, now: float) -> tuple[Scope, ...]:
+    def _make_scopes(self, identity: Identity, now: float, model: str | None) -> tuple[Scope, ...]:
         tag = self._tag(identity)
-        scopes = [self._scope(tag, self._book.user(identity.user, identity.groups), identity.user, now)]
-        tenant_limit = self._book.tenant(identity.tenant)
+        book = self._book
+        scopes = [self._scope(tag, book.user(identity.user, identity.groups), identity.user, now)]
+        tenant_limit = book.tenant(identity.tenant)
         if tenant_limit is not None and identity.tenant is not None:
             scopes.append(self._scope(tag, tenant_limit, identity.tenant, now))
+        if model is not None:
+            subjects = [("user", identity.user)] + ([("tenant", identity.tenant)] if identity.tenant else [])
+            for kind, subject in subjects:
+                for cap in book.caps(kind, subject):
+                    if fnmatch.fnmatchcase(model, cap.model):
+                        scopes.append(self._scope(tag, replace(cap, subject_type=kind), subject, now))
         return tuple(scopes)
 
     def _scope(self, tag: str, limit: Limit, subject: str, now: float) -> Scope:
         start, end = period_bounds(limit.period, now)
-        key = f"quota:{{{tag}}}:{limit.subject_type}:{quote(subject, safe='')}:{limit.period}:{start:%Y%m%d}"
-        added = self._book.added(limit.subject_type, subject, start)
+        kind = limit.subject_type if not limit.model else f"{limit.subject_type}:model:{quote(limit.model, safe='')}"
+        key = f"quota:{{{tag}}}:{kind}:{quote(subject, safe='')}:{limit.period}:{start:%Y%m%d}"
+        added = 0 if limit.model else self._book.added(limit.subject_type, subject, start)
         if added:  # the effective limit: the row's, plus what was granted for and carried into this period
             limit = replace(limit, tokens=limit.tokens + added)
         return Scope(limit, subject, key, start, end)
 
     async def reserve(
-        self, identity: Identity, request_id: str, prompt: int, wanted: int, *, need: int | None = None
+        self,
+        identity: Identity,
+        request_id: str,
+        prompt: int,
+        wanted: int,
+        *,
+        need: int | None = None,
+        model: str | None = None,
     ) -> Reservation:
         """Reserve up to `wanted` tokens; refuse unless every budget has room for more than `need`
         (the prompt, by default; a request of n answers needs one token more for each further answer)."""
         now = self._clock()
         now_ms = int(now * 1000)
-        scopes = self.scopes(identity, now)
+        scopes = self.scopes(identity, now, model)
         user = scopes[0].limit
         keys = [s.key for s in scopes]
         if user.rpm or user.tpm:
@@ -283,14 +316,17 @@ class BudgetEngine:
         if self._pool is None:
             raise ServiceUnavailable("Budget counters are missing and PostgreSQL is not configured.")
         column = "user_id" if scope.limit.subject_type == "user" else "tenant_id"
+        query = f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and not exempt"
+        args: list[Any] = [scope.subject, scope.start]
+        query += " and created_at >= $2"
+        if scope.end:
+            args.append(scope.end)
+            query += f" and created_at < ${len(args)}"
+        if scope.limit.model:  # a model cap counts the requests to the models it names
+            args.append(like_pattern(scope.limit.model))
+            query += f" and model like ${len(args)} escape '\\'"
         try:
-            used = await self._pool.fetchval(
-                f"select coalesce(sum(total_tokens), 0) from usage_records where {column} = $1 and not exempt"
-                " and created_at >= $2" + (" and created_at < $3" if scope.end else ""),
-                scope.subject,
-                scope.start,
-                *([scope.end] if scope.end else []),
-            )
+            used = await self._pool.fetchval(query, *args)
         except PG_UNAVAILABLE as exc:
             raise ledger_down_for_rebuild() from exc
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -91,6 +91,8 @@ class Quota:
         word = _PERIOD_WORD[self.limit.period]
         owner = "" if self.limit.subject_type == "user" else f"Your team's ({subject}) "
         what = f"{owner}{word if not owner else word.lower()} token budget"
+        if self.limit.model:
+            what += f" for {self.limit.model} models"
         resets = (
             f"It resets on {self.resets_at:%Y-%m-%d %H:%M} UTC."
             if self.resets_at

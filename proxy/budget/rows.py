@@ -44,6 +44,7 @@ class Limit:
     tpm: int = 0  # tokens per minute, 0 = no limit
     rollover: float = 0.0  # the fraction of last period's unused budget carried into this one
     rollover_cap: float = 0.5  # ... at most this fraction of the limit
+    model: str = ""  # a cap on the models matching this glob, inside the overall budget ('' = the budget)
 
 
 def env_defaults(settings: Settings) -> list[Limit]:
@@ -84,6 +85,24 @@ async def set_budget(conn: asyncpg.Connection, limit: Limit) -> None:
         limit.tpm,
         limit.rollover,
         limit.rollover_cap,
+    )
+
+
+async def set_model_cap(conn: asyncpg.Connection, limit: Limit) -> None:
+    """A cap on the models matching `limit.model`, inside the subject's budget (`budget_model_caps`)."""
+    if not limit.model or limit.period not in PERIODS or limit.tokens < 0:
+        raise ValueError("a model cap needs a model glob, a period and 0 or more tokens")
+    if "[" in limit.model or "]" in limit.model:  # '*' and '?' only: the rebuild from PostgreSQL reads them too
+        raise ValueError("a model glob may use * and ?, not [...]")
+    await conn.execute(
+        "insert into budget_model_caps (subject_type, subject, model, period, token_limit) values ($1, $2, $3, $4, $5)"
+        " on conflict (subject_type, subject, model) do update"
+        " set period = excluded.period, token_limit = excluded.token_limit, updated_at = now()",
+        limit.subject_type,
+        limit.subject,
+        limit.model,
+        limit.period,
+        limit.tokens,
     )
 
 
@@ -191,6 +210,7 @@ class BudgetBook:
         self._rows: dict[tuple[str, str], Limit] = {(d.subject_type, d.subject): d for d in env_defaults(settings)}
         self._grants: dict[tuple[str, str, datetime], int] = {}  # (type, subject, period start) -> tokens
         self._carried: dict[tuple[str, str, datetime], int] = {}  # the same, carried over from last period
+        self._caps: dict[tuple[str, str], tuple[Limit, ...]] = {}  # (type, subject) -> its model caps
         self.version = 0  # changes whenever the rows do, so derived caches know to drop
 
     def user(self, user: str, groups: tuple[str, ...] = ()) -> Limit:
@@ -214,6 +234,13 @@ class BudgetBook:
             return None
         return self._rows.get(("tenant", tenant)) or self._rows.get(("tenant", DEFAULT))
 
+    def caps(self, subject_type: str, subject: str) -> tuple[Limit, ...]:
+        """The subject's model caps: its own, else those of the '*' default."""
+        caps = self._caps
+        if not caps:
+            return ()
+        return caps.get((subject_type, subject)) or caps.get((subject_type, DEFAULT), ())
+
     def added(self, subject_type: str, subject: str, period_start: datetime) -> int:
         """Tokens granted to this subject for the period starting at `period_start`, and carried into it."""
         key = (subject_type, subject, period_start)
@@ -232,8 +259,19 @@ class BudgetBook:
             (r["subject_type"], r["subject"], r["period_start"]): r["carried"]
             for r in await pool.fetch("select subject_type, subject, period_start, carried from budget_rollover")
         }
-        if rows != self._rows or grants != self._grants or carried != self._carried:
-            self._rows, self._grants, self._carried = rows, grants, carried
+        caps: dict[tuple[str, str], tuple[Limit, ...]] = {}
+        for r in await pool.fetch("select * from budget_model_caps order by model"):
+            cap = Limit(
+                r["subject_type"],
+                r["subject"],
+                r["period"],
+                r["token_limit"],
+                self._settings.warn_ratio,
+                model=r["model"],
+            )
+            caps[(cap.subject_type, cap.subject)] = (*caps.get((cap.subject_type, cap.subject), ()), cap)
+        if rows != self._rows or grants != self._grants or carried != self._carried or caps != self._caps:
+            self._rows, self._grants, self._carried, self._caps = rows, grants, carried, caps
             self.version += 1
 
     async def refresh_forever(self, pool: asyncpg.Pool) -> None:
