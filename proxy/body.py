@@ -21,70 +21,19 @@ from starlette.requests import ClientDisconnect, Request
 from .errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout
 from .tokens import IMAGE_PARTS
 
-_CHAT = {
-    "model",
-    "messages",
-    "stream",
-    "stream_options",
-    "n",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "stop",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "functions",
-    "function_call",
-    "response_format",
-    "user",
-    "modalities",
-    "audio",
-    "prediction",
-    "reasoning_effort",
-    "verbosity",
-    "service_tier",
-    "store",
-    "prompt_cache_key",
-    "safety_identifier",
-    # Provider extras LibreChat sends through LiteLLM (Anthropic, OpenRouter, open models).
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "thinking",
-    "reasoning",
-    "include_reasoning",
-}
-_COMPLETIONS = {
-    "model",
-    "prompt",
-    "stream",
-    "stream_options",
-    "n",
-    "best_of",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "stop",
-    "logit_bias",
-    "logprobs",
-    "echo",
-    "suffix",
-    "user",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-}
+# Parameters chat and completions share; then each endpoint's own (OpenAI's API reference).
+_GENERATION = frozenset(
+    "model stream stream_options n max_tokens temperature top_p frequency_penalty presence_penalty seed stop"
+    " logit_bias logprobs user top_k min_p repetition_penalty".split()
+)
+_CHAT = _GENERATION | set(
+    "messages max_completion_tokens top_logprobs tools tool_choice parallel_tool_calls functions function_call"
+    " response_format modalities audio prediction reasoning_effort verbosity service_tier store prompt_cache_key"
+    " safety_identifier"
+    # Provider extras LibreChat sends through LiteLLM (Anthropic, OpenRouter).
+    " thinking reasoning include_reasoning".split()
+)
+_COMPLETIONS = _GENERATION | {"prompt", "best_of", "echo", "suffix"}
 _EMBEDDINGS = {"model", "input", "dimensions", "encoding_format", "user"}
 OPENAI_PARAMS: dict[str, frozenset[str]] = {
     "chat": frozenset(_CHAT),
