@@ -154,7 +154,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def quota(request: Request) -> Response:
         s = services(request)
         identity = await s.identify(request)
-        quotas = await s.budget.snapshot(identity)
+        quotas = await s.budget.snapshot(identity, caps=True)
         body = {"user": identity.user, "tenant": identity.tenant, "budgets": [q.as_json() for q in quotas]}
         return json_response(body, headers=quotas[0].headers())
 
@@ -163,7 +163,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         identity = await s.identify(request)
         body = await usage_history(s.pool, identity.user, request.query_params, datetime.now(UTC))
         try:
-            body["budgets"] = [q.as_json() for q in await s.budget.snapshot(identity)]
+            body["budgets"] = [q.as_json() for q in await s.budget.snapshot(identity, caps=True)]
         except ProxyError:
             body["budgets"] = None  # Redis is down: the history still answers
         return json_response(body)

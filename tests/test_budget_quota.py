@@ -144,6 +144,7 @@ def test_as_json() -> None:
     assert shown == {
         "subject_type": "user",
         "budget_row": "alice",  # the row that set the budget: here the user's own
+        "model": None,  # not a model cap
         "period": "month",
         "limit": 100_000,
         "used": 12_345,

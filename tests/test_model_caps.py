@@ -112,3 +112,11 @@ def test_globs_become_like_patterns_with_the_rest_literal() -> None:
     assert like_pattern("gpt-4o*") == "gpt-4o%"
     assert like_pattern("claude-?") == "claude-_"
     assert like_pattern("a_b%c\\d") == "a\\_b\\%c\\\\d"
+
+
+def test_the_caller_sees_its_caps_in_v1_quota(proxy: str) -> None:
+    user = uid()
+    cap(proxy, user, "gpt-4o*", 20_000)
+    time.sleep(REFRESHED)
+    budgets = httpx.get(f"{proxy}/v1/quota", headers={"Authorization": f"Bearer {token(user)}"}).json()["budgets"]
+    assert [(b["model"], b["limit"]) for b in budgets] == [(None, 100_000), ("gpt-4o*", 20_000)]

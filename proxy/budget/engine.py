@@ -160,18 +160,20 @@ class BudgetEngine:
         self._scopes[(identity, model)] = (scopes, min(ends, default=float("inf")), self._book.version)
         return scopes
 
-    def _make_scopes(self, identity: Identity, now: float, model: str | None) -> tuple[Scope, ...]:
+    def _make_scopes(
+        self, identity: Identity, now: float, model: str | None, *, every_cap: bool = False
+    ) -> tuple[Scope, ...]:
         tag = self._tag(identity)
         book = self._book
         scopes = [self._scope(tag, book.user(identity.user, identity.groups), identity.user, now)]
         tenant_limit = book.tenant(identity.tenant)
         if tenant_limit is not None and identity.tenant is not None:
             scopes.append(self._scope(tag, tenant_limit, identity.tenant, now))
-        if model is not None:
+        if model is not None or every_cap:
             subjects = [("user", identity.user)] + ([("tenant", identity.tenant)] if identity.tenant else [])
             for kind, subject in subjects:
                 for cap in book.caps(kind, subject):
-                    if fnmatch.fnmatchcase(model, cap.model):
+                    if every_cap or (model is not None and fnmatch.fnmatchcase(model, cap.model)):
                         scopes.append(self._scope(tag, replace(cap, subject_type=kind), subject, now))
         return tuple(scopes)
 
@@ -297,9 +299,12 @@ class BudgetEngine:
         keys = reservation.keys
         return ("EVALSHA", self._settle.sha, len(keys), *keys, *self._settle_args(reservation, tokens))
 
-    async def snapshot(self, identity: Identity) -> list[Quota]:
-        """Current state of every budget that applies, without reserving anything."""
-        return [await self._quota(s) for s in self.scopes(identity, self._clock())]
+    async def snapshot(self, identity: Identity, *, caps: bool = False) -> list[Quota]:
+        """Current state of every budget that applies, without reserving anything; with `caps`, the model
+        caps inside them too (for the caller's own view, /v1/quota and /v1/usage)."""
+        now = self._clock()
+        scopes = self._make_scopes(identity, now, None, every_cap=True) if caps else self.scopes(identity, now)
+        return [await self._quota(s) for s in scopes]
 
     async def _quota(self, scope: Scope) -> Quota:
         try:

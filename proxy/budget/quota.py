@@ -56,6 +56,7 @@ class Quota:
         return {
             "subject_type": self.limit.subject_type,
             "budget_row": self.limit.subject,  # which row set it: the subject's own, a group's, or the default
+            "model": self.limit.model or None,  # a cap on the models matching this glob, inside the budget
             "period": self.limit.period,
             "limit": tokens,
             "used": self.used,
