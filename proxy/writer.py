@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import signal
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -38,6 +39,8 @@ def run(settings: Settings, pipe: Connection | None = None) -> None:
     if pipe is not None:
         # Ctrl-C reaches the whole process group; the proxy stops its writer itself.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Batch work beside the proxy on the same cores: it yields to the requests (#19's tail).
+        os.nice(10)
     uvloop.run(_drain(settings, pipe))
 
 
