@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -23,15 +21,10 @@ from .budget import BudgetEngine
 from .budget.quota import Reservation
 from .config import Settings
 from .errors import (
-    BadRequest,
-    ClientClosed,
     ProxyError,
-    QuotaExceeded,
-    RateLimited,
     ServiceUnavailable,
-    UpstreamError,
-    UpstreamTimeout,
 )
+from .flight import Flight, RecordDraft, client_request_id, new_request_id
 from .forward import StreamThrough, Upstream, Upstreamed
 from .ledger import Ledger, UsageRecord
 from .redis_batch import CommandSender
@@ -47,133 +40,9 @@ UPSTREAM_PATHS = {
 }
 # Bodies larger than this are counted in a worker thread, so one long prompt does not stall everyone's.
 _COUNT_IN_THREAD = 64 * 1024
-_CLIENT_ID_MAX = 128
 # User-Agents of the OpenAI clients inside LibreChat: LangChain's (agents 3.6 and later), and LibreChat's
 # own subclass of the openai SDK (earlier agents). Both take usage from any stream chunk that has it.
 _USAGE_READERS = ("langchainjs-openai/", "CustomOpenAIClient/")
-
-
-def new_request_id() -> str:
-    """The key of a request's reservation and ledger record: 128 random bits, never the client's."""
-    return os.urandom(16).hex()
-
-
-def client_request_id(request: Request) -> str | None:
-    """The caller's own X-Request-Id, kept as a label and echoed; printable ASCII, at most 128 characters."""
-    headers = request.headers
-    if "x-request-id" not in headers:  # asked first: Headers.get raises and catches a KeyError when absent
-        return None
-    given = headers["x-request-id"]
-    if not given or len(given) > _CLIENT_ID_MAX or not given.isascii() or not given.isprintable():
-        raise BadRequest(
-            f"'X-Request-Id' must be printable ASCII of 1 to {_CLIENT_ID_MAX} characters.", param="X-Request-Id"
-        )
-    return given
-
-
-@dataclass(slots=True)
-class RecordDraft:
-    """What one request's ledger record needs, gathered as the request goes."""
-
-    request_id: str
-    client_request_id: str | None
-    identity: Identity
-    endpoint: str
-    wall_start: float
-    perf_start: float
-    model: str | None = None
-    stream: bool = False
-    exempt: bool = False
-
-    def record(
-        self,
-        status: str,
-        http_status: int | None,
-        usage: tuple[int, int, int] | None = None,
-        *,
-        estimated: bool = False,
-        served_model: str | None = None,
-        cost: float | None = None,
-        ttft_ms: float | None = None,
-    ) -> UsageRecord:
-        prompt, completion, total = usage or (0, 0, 0)
-        return UsageRecord(
-            request_id=self.request_id,
-            created_at=self.wall_start,
-            user_id=self.identity.user,
-            tenant_id=self.identity.tenant,
-            model=self.model,
-            served_model=served_model,
-            endpoint=self.endpoint,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=total,
-            cost_usd=cost,
-            status=status,
-            http_status=http_status,
-            stream=self.stream,
-            estimated=estimated,
-            latency_ms=round((time.perf_counter() - self.perf_start) * 1000, 3),
-            ttft_ms=ttft_ms,
-            via=self.identity.via,
-            user_email=self.identity.email,
-            client_request_id=self.client_request_id,
-            exempt=self.exempt,
-        )
-
-    def echo_id(self) -> str:
-        return self.client_request_id or self.request_id
-
-
-def outcome_of(exc: BaseException) -> tuple[str, int]:
-    """The ledger status and HTTP status of a request that ended with `exc`."""
-    if isinstance(exc, QuotaExceeded):
-        return "blocked", exc.status
-    if isinstance(exc, RateLimited):
-        return "rate_limited", exc.status
-    if isinstance(exc, (UpstreamError, UpstreamTimeout)):
-        return "upstream_error", exc.status
-    if isinstance(exc, ProxyError) and not isinstance(exc, ClientClosed):
-        return ("invalid" if exc.status < 500 else "unavailable"), exc.status
-    if isinstance(exc, (asyncio.CancelledError, ClientClosed)):
-        return "cancelled", 499
-    return "error", 500
-
-
-class Flight:
-    """One request's life: its in-flight slot, its reservation and its accounting, each released once.
-
-    Whatever raises wherever, the request ends in exactly one `finish`: the slot is given back, the
-    reservation settled with what was used, and one ledger record written.
-    """
-
-    __slots__ = ("_relay", "draft", "reservation", "_slot", "_done")
-
-    def __init__(self, relay: Relay, draft: RecordDraft) -> None:
-        self._relay = relay
-        self.draft = draft
-        self.reservation: Reservation | None = None
-        self._slot = False
-        self._done = False
-
-    def take_slot(self, limit: int) -> None:
-        if self._relay.in_flight >= limit:
-            raise ServiceUnavailable(f"The proxy is at its limit of {limit:,} concurrent requests; try again shortly.")
-        self._relay.in_flight += 1
-        self._slot = True
-
-    def finish(self, record: UsageRecord) -> None:
-        if self._done:
-            return
-        self._done = True
-        if self._slot:
-            self._slot = False
-            self._relay.in_flight -= 1
-        self._relay.account(self.reservation, record)
-
-    def fail(self, exc: BaseException) -> None:
-        status, http = outcome_of(exc)
-        self.finish(self.draft.record(status, http))
 
 
 def _served_model(body: bytes) -> tuple[dict[str, Any] | None, str | None]:

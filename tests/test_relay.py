@@ -1,4 +1,4 @@
-"""proxy/relay.py: request ids, the ledger status of an ending, the record draft, and accounting done once."""
+"""proxy/relay.py and proxy/flight.py: request ids, how a request ended, its record, accounting done once."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.flight import Flight, RecordDraft, client_request_id, new_request_id, outcome_of
 from proxy.ledger import UsageRecord
-from proxy.relay import Flight, RecordDraft, Relay, _served_model, client_request_id, new_request_id, outcome_of
+from proxy.relay import Relay, _served_model
 
 pytestmark = pytest.mark.anyio
 
