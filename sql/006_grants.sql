@@ -25,46 +25,4 @@ where g.revoked_at is null and g.period_start >= now() - interval '366 days'
                  'month'),
         now());
 
--- budget_status with the period's grants: token_limit is the effective limit, granted what grants add.
-create or replace view budget_status as
-with subjects as (
-    select distinct 'user'::text as subject_type, user_id as subject from usage_records
-    union
-    select distinct 'tenant', tenant_id from usage_records where tenant_id is not null
-    union
-    select subject_type, subject from budgets where subject <> '*'
-),
-limits as (
-    select s.subject_type, s.subject,
-           coalesce(b.period, d.period) as period,
-           coalesce(b.token_limit, d.token_limit) as base_limit,
-           coalesce(b.warn_ratio, d.warn_ratio) as warn_ratio,
-           b.subject is null as is_default
-    from subjects s
-    left join budgets b on b.subject_type = s.subject_type and b.subject = s.subject
-    left join budgets d on d.subject_type = s.subject_type and d.subject = '*'
-),
-spent as (
-    select l.*, quota_period_start(l.period, now()) as period_start, quota_period_end(l.period, now()) as resets_at,
-           coalesce((select sum(g.tokens) from budget_grants g
-                     where g.subject_type = l.subject_type and g.subject = l.subject and g.revoked_at is null
-                       and g.period_start = quota_period_start(l.period, now())), 0)::bigint as granted,
-           coalesce(case l.subject_type
-               when 'user' then (select sum(r.total_tokens) from usage_records r
-                                 where r.user_id = l.subject and r.created_at >= quota_period_start(l.period, now())
-                                   and not r.exempt)
-               else (select sum(r.total_tokens) from usage_records r
-                     where r.tenant_id = l.subject and r.created_at >= quota_period_start(l.period, now())
-                       and not r.exempt)
-           end, 0)::bigint as used
-    from limits l
-    where l.base_limit is not null
-)
-select subject_type, subject, period, base_limit + granted as token_limit, used,
-       greatest(base_limit + granted - used, 0) as remaining,
-       round(100.0 * used / nullif(base_limit + granted, 0), 1) as percent,
-       case when used >= base_limit + granted then 'blocked'
-            when used >= warn_ratio * (base_limit + granted) then 'warn'
-            else 'ok' end as state,
-       is_default, period_start, resets_at, granted
-from spent;
+-- budget_status counts the period's grants: it is redefined, with rollover, in 008_rollover.sql.

@@ -23,7 +23,8 @@ cross join lateral (
 ) u
 where b.rollover_ratio > 0 and b.period <> 'total' and b.subject <> '*' and b.subject_type in ('user', 'tenant');
 
--- budget_status with rollover: token_limit is the row's limit plus this period's grants and carry.
+-- budget_status as it stands: token_limit is the row's limit plus this period's grants (006) and carry;
+-- exempt requests (005) are left out; only user and tenant rows are subjects.
 create or replace view budget_status as
 with subjects as (
     select distinct 'user'::text as subject_type, user_id as subject from usage_records
