@@ -15,7 +15,7 @@ import httpx
 import jwt
 import uvicorn
 
-from .devstack import free_port
+from .devstack import free_port, start_proxy, stop
 
 JWT_SECRET = "test-secret-not-for-production-0123456789abcdef"
 
@@ -49,6 +49,17 @@ def serve(app: Any, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+@contextmanager
+def proxy_process(env: dict[str, str], log_dir: Path) -> Iterator[str]:
+    """`python -m proxy serve` with these environment variables on a free port; yields its base URL."""
+    port = free_port()
+    proc = start_proxy(env, port, log_dir / "proxy.log")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
 
 
 def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -19,7 +19,7 @@ import pytest
 from proxy.config import Settings
 
 from .devstack import ROOT, free_port, start_proxy, stop
-from .helpers import eventually, pg_row, serve, settings_env, token, uid
+from .helpers import eventually, pg_row, proxy_process, serve, settings_env, token, uid
 from .keys import JwksServer, KeyPair
 
 MOCK_TEXT = "Hello from the mock model. This answer is fixed so tests can rely on it."
@@ -32,12 +32,8 @@ def env(e2e_settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def proxy_url(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = start_proxy(env, port, tmp_path_factory.mktemp("proxy") / "proxy.log")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with proxy_process(env, tmp_path_factory.mktemp("proxy")) as url:
+        yield url
 
 
 def client_for(proxy_url: str, user: str, **kw: object) -> openai.OpenAI:

@@ -34,8 +34,7 @@ import pytest
 
 from proxy.config import Settings
 
-from .devstack import free_port, start_proxy, stop
-from .helpers import eventually, settings_env, token, uid
+from .helpers import eventually, proxy_process, settings_env, token, uid
 
 MOCK_TEXT = "Hello from the mock model. This answer is fixed so tests can rely on it."
 SLOW_TEXT = "This answer took its time."
@@ -65,12 +64,8 @@ def env(e2e_settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def proxy_url(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = start_proxy(env, port, tmp_path_factory.mktemp("lcreplay") / "proxy.log")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with proxy_process(env, tmp_path_factory.mktemp("lcreplay")) as url:
+        yield url
 
 
 class LibreChat:
