@@ -95,7 +95,6 @@ class Relay:
     async def _complete(self, request: Request, endpoint: str, principal: Principal, flight: Flight) -> Response:
         settings, draft = self._settings, flight.draft
         draft.client_request_id = client_request_id(request)
-        flight.take_slot(settings.upstream_max_concurrency)
         payload, size = await read_json(request, settings.max_body_bytes, settings.body_read_timeout)
         completion = check(payload, endpoint, self._allowed[endpoint])
         if completion.hide_usage and self._shows_usage(request, principal):
@@ -115,6 +114,8 @@ class Relay:
         if clamp:
             cap_answers(completion, per_answer)
         body = encode(payload)  # refused here, before anything is counted or reserved
+        # The slot is taken once the body is in: clients slow to send one cannot hold the proxy's capacity.
+        flight.take_slot(settings.upstream_max_concurrency)
         prompt = await self._count_prompt(payload, size)
         if exempt:
             reservation = self._budget.unmetered(identity, draft.request_id, 0, exempt=True)
