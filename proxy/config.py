@@ -79,6 +79,7 @@ class Settings:
     ledger_writer: str = (
         "process"  # process: a child of the proxy; inline: in its event loop; off: run `ledger` elsewhere
     )
+    pages_secret: str = ""  # signs statement links and admin sessions; default: derived from JWT_SECRET
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
