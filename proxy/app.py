@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -29,7 +30,8 @@ from .config import Settings
 from .db import PG_UNAVAILABLE, create_pool
 from .errors import ProxyError, error_for_status, error_response
 from .forward import Upstream
-from .ledger import Ledger
+from .ledger import FLUSH_SECONDS, Ledger
+from .lifecycle import Gate, Lifecycle
 from .logs import configure_logging
 from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay
@@ -105,10 +107,12 @@ class Services:
         return cls(s, client, pool, sender, book, auth, budget, ledger, upstream, relay, writer, tasks)
 
     async def stop(self) -> None:
-        await self.relay.drain()
+        await self.relay.drain()  # every settle and record is in Redis before the writer is told to stop
         for task in self.tasks:
-            task.cancel()
+            task.cancel()  # a writer process drains the stream into PostgreSQL before it exits
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.settings.ledger_writer == "inline":
+            await self.ledger.flush(FLUSH_SECONDS)
         await self.upstream.close()
         await self.pool.close()
         await self.sender.close()
@@ -129,6 +133,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     auth = Authenticator(settings)  # a key misconfigured fails here, before the server starts
+    lifecycle = Lifecycle(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -193,6 +198,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return json_response({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        if lifecycle.draining:  # stopping (SIGTERM): balancers take this instance out at once
+            return json_response({"status": "draining"}, 503)
         s = services(request)
         checks: dict[str, object] = {}
         try:
@@ -256,8 +263,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         log.exception("unhandled_error", path=request.url.path)
         return error_response(ProxyError("Internal error in the quota proxy; it has been logged."))
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(Gate, lifecycle=lifecycle)],
         exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: crash},
     )
+    app.state.lifecycle = lifecycle  # `serve` hands it to the server, which drives it on SIGTERM
+    return app

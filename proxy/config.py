@@ -83,6 +83,10 @@ class Settings:
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
+    # Stopping and scaling (docs/operations.md#stopping-cleanly and #more-than-one-core).
+    shutdown_grace_seconds: float = 30.0  # from SIGTERM: how long requests and streams in flight may take
+    shutdown_delay_seconds: float = 5.0  # from SIGTERM: new requests still served while balancers notice
+    proxy_workers: int = 1  # server processes on PROXY_PORT (`serve --workers N`)
 
     @classmethod
     def from_env(
@@ -126,3 +130,7 @@ class Settings:
             raise ValueError("HOLDBACK_TOKENS must be 0 or more and COMPLETION_ALLOWANCE at least 1")
         if self.ledger_writer not in ("process", "inline", "off"):
             raise ValueError("LEDGER_WRITER must be 'process', 'inline' or 'off'")
+        if not 0 <= self.shutdown_delay_seconds <= self.shutdown_grace_seconds:
+            raise ValueError("SHUTDOWN_DELAY_SECONDS must be between 0 and SHUTDOWN_GRACE_SECONDS")
+        if self.proxy_workers < 1:
+            raise ValueError("PROXY_WORKERS must be at least 1")
