@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        if args.command == "serve" and args.workers is not None:
+            settings = replace(settings, proxy_workers=args.workers)
+            settings.validate()
     except ValueError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -189,9 +192,6 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .workers import serve
 
-        if args.workers is not None:
-            settings = replace(settings, proxy_workers=args.workers)
-            settings.validate()
         return serve(settings, settings.proxy_workers)
     elif args.command == "ledger":
         from . import writer

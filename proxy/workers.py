@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -60,6 +61,10 @@ def serve(settings: Settings, workers: int) -> int:
     if workers <= 1:
         return _serve(settings, None)
     configure_logging(settings.log_level)
+    if not settings.pages_secret and not settings.jwt_secret:
+        # Else each worker would sign pages with a random secret of its own, and a link signed by one
+        # would not open on the next (signing.py); this one lasts as long as the supervisor.
+        settings = replace(settings, pages_secret=secrets.token_hex(32))
     return uvloop.run(_supervise(settings, workers))
 
 
