@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import os
 import secrets
@@ -52,7 +53,7 @@ def server_config(app: object, settings: Settings) -> uvicorn.Config:
         # keep-alive connection is closed after 5 s (bodies have BODY_READ_TIMEOUT in the relay).
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=5,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
     )
 
 
