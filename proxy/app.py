@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from . import admin, metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
@@ -31,6 +31,7 @@ from .errors import ProxyError, error_for_status, error_response
 from .forward import Upstream
 from .ledger import Ledger
 from .logs import configure_logging
+from .pages import Pages
 from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay
 from .tokens import Tokenizer
@@ -81,6 +82,7 @@ class Services:
             reservation_ttl=s.reservation_ttl_seconds,
             sender=sender,
             holdback=s.holdback_tokens,
+            locale=s.locale,
         )
         ledger = Ledger.for_settings(client, pool, s)
         upstream = Upstream(
@@ -129,6 +131,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     auth = Authenticator(settings)  # a key misconfigured fails here, before the server starts
+    pages = Pages(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -218,7 +221,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    routes = []
+    routes: list[BaseRoute] = []
     for endpoint, path in (
         ("chat", "/chat/completions"),
         ("completions", "/completions"),
@@ -242,6 +245,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
+    routes += pages.routes()
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)
