@@ -34,6 +34,7 @@ from .logs import configure_logging
 from .pages import Pages
 from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay
+from .statement import StatementLinks, StatementPages
 from .tokens import Tokenizer
 from .usage_history import usage_history
 from .writer import WriterProcess
@@ -63,7 +64,7 @@ class Services:
     tasks: list[asyncio.Task[None]]
 
     @classmethod
-    async def start(cls, s: Settings, auth: Authenticator) -> Services:
+    async def start(cls, s: Settings, auth: Authenticator, links: StatementLinks | None = None) -> Services:
         client = connect(s.redis_url, s.redis_timeout)
         # min_size=0: the proxy starts and serves while PostgreSQL is down; the pool connects on first use.
         pool = await create_pool(s.database_url, min_size=0, max_size=10)
@@ -94,7 +95,7 @@ class Services:
         )
         await upstream.start()
         tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # reading the file takes a while
-        relay = Relay(s, budget, ledger, upstream, sender, tokenizer)
+        relay = Relay(s, budget, ledger, upstream, sender, tokenizer, links)
         tasks = [
             asyncio.create_task(book.refresh_forever(pool), name="budget-refresh"),
             asyncio.create_task(budget.reconcile_forever(), name="budget-reconcile"),
@@ -132,10 +133,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     configure_logging(settings.log_level)
     auth = Authenticator(settings)  # a key misconfigured fails here, before the server starts
     pages = Pages(settings)
+    links = StatementLinks(settings)  # one signer per process: a random PAGES_SECRET lives as long as it
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.services = await Services.start(settings, auth)
+        app.state.services = await Services.start(settings, auth, links)
         # What start-up built (modules, the tokenizer's tables, settings) lives as long as the process:
         # frozen, every full collection stops rescanning it, which was the proxy's longest pause.
         gc.collect()
@@ -246,6 +248,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/metrics", prometheus, methods=["GET"]),
     ]
     routes += pages.routes()
+    routes += StatementPages(pages, links, services).routes()
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)

@@ -278,6 +278,12 @@ def date(at: datetime, locale: str) -> str:
     return f"{at.day} {month} {at.year}"
 
 
+def month(at: datetime, locale: str) -> str:
+    """December 2026; dezembro de 2026."""
+    name = _MONTHS.get(locale, _MONTHS[DEFAULT])[at.month - 1]
+    return f"{name} de {at.year}" if locale == "pt-BR" else f"{name.capitalize()} {at.year}"
+
+
 def short_date(at: datetime, locale: str) -> str:
     """12-14 (a chart axis, a table of days); 14/12 in Portuguese."""
     return f"{at.day:02d}/{at.month:02d}" if locale == "pt-BR" else f"{at.month:02d}-{at.day:02d}"

@@ -34,7 +34,9 @@ SECURITY_HEADERS = {
     " frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",  # a statement link must not leak to another site through Referer
+    # Nothing to another site through Referer; same-origin, so a form posted here carries its real Origin
+    # (under no-referrer Chrome sends `Origin: null`, and the forms' same-origin check could not pass).
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "Vary": "Accept-Language, Cookie, Authorization",
 }
@@ -98,12 +100,6 @@ class Pages:
     def message(self, request: Request, title: str, text: str, *, status: int, **context: Any) -> Response:
         """A friendly page saying what happened and what to do (never an error body a person cannot read)."""
         return self.render(request, "message.html", {"title": title, "text": text, **context}, status=status)
-
-    def public_base(self, request: Request) -> str:
-        """Where people reach the proxy: PUBLIC_URL, else the address this request came to."""
-        if self.settings.public_url:
-            return self.settings.public_url.rstrip("/")
-        return str(request.base_url).rstrip("/")
 
     @staticmethod
     def routes() -> list[BaseRoute]:

@@ -3,6 +3,10 @@
 `make test` installs chromium when it is missing (as root) or says what to install; here a missing browser
 fails the test with the same words: browser tests never skip. Each test gets a fresh context (no cookies,
 no storage); `shoot` screenshots a page at desktop and phone width into tests/screenshots/ (git ignores it).
+
+The browser lives as long as its test module: Playwright's sync API holds an asyncio event loop in the main
+thread while it is open, so while it is, `asyncio.run` (tests/helpers.py `pg_row`) cannot run there. Browser
+test modules read what they need over HTTP instead, and the modules after them are not affected.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ MISSING = (
 )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(MISSING, pytrace=False)

@@ -3,11 +3,12 @@ itself, the security headers; and the browser harness driving Debian's chromium.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from playwright.sync_api import Page
+from playwright.sync_api import Browser, Page
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,7 +17,7 @@ from starlette.routing import Route
 from proxy.config import Settings
 from proxy.pages import Pages
 
-from .browser import no_horizontal_scroll
+from .browser import CHROMIUM, no_horizontal_scroll
 from .helpers import serve
 
 HOSTILE = "<script>alert(1)</script>"
@@ -44,7 +45,7 @@ def test_a_page_escapes_what_it_is_given_and_carries_the_headers(url: str) -> No
     assert '<html lang="pt-BR">' in r.text and "Pular para o conteúdo" in r.text
     assert r.headers["content-language"] == "pt-BR"
     assert "script-src" not in r.headers["content-security-policy"]  # default-src 'none': no script at all
-    assert r.headers["referrer-policy"] == "no-referrer" and r.headers["cache-control"] == "no-store"
+    assert r.headers["referrer-policy"] == "same-origin" and r.headers["cache-control"] == "no-store"
     # PUBLIC_URL's path is the base of the pages' own links (behind a reverse proxy under /quota).
     assert 'href="/quota/static/style.css"' in r.text
 
@@ -53,6 +54,11 @@ def test_the_stylesheet_is_served_by_the_proxy(url: str) -> None:
     r = httpx.get(f"{url}/static/style.css")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/css") and ".gauge-box" in r.text
     assert httpx.get(f"{url}/static/../pages.py").status_code == 404
+
+
+def test_the_browser_is_debians_chromium(browser: Browser) -> None:
+    version = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True, timeout=60).stdout
+    assert browser.version.split(".")[0] in version, (browser.version, version)
 
 
 def test_the_browser_renders_a_page_with_its_stylesheet_and_nothing_from_outside(page: Page) -> None:
