@@ -70,11 +70,11 @@ def gauge(used: int, limit: int, state: str, *, title: str, caption: str, ident:
 
 
 def nice_ceiling(value: float) -> float:
-    """The smallest 1, 2, 2.5 or 5 times a power of ten at or above `value` (an axis' top)."""
-    if value <= 0:
+    """The smallest 1, 2 or 5 times a power of ten at or above `value` (an axis' step): whole numbers from 1."""
+    if value <= 1:
         return 1.0
     power = 10.0 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
+    for step in (1, 2, 5, 10):
         if value <= step * power:
             return step * power
     return 10 * power  # not reached: the loop ends at 10
@@ -103,11 +103,11 @@ def daily_bars(
 ) -> str:
     """One bar per day, stacked by series (a model), with a y axis in tokens and a <title> on every segment."""
     ident = _ident(ident)
-    width, height = 480.0, 240.0
+    width, height = 440.0, 230.0
     left, right, top, bottom = 52.0, 8.0, 10.0, 28.0
     plot_w, plot_h = width - left - right, height - top - bottom
     totals = [sum(values[i] for _, values in series if i < len(values)) for i in range(len(days))]
-    y_max = nice_ceiling(max(totals, default=0))
+    y_max = 4 * nice_ceiling(max(totals, default=0) / 4)  # four steps of a round number of tokens
     parts = [
         f'<svg class="chart" viewBox="0 0 {_num(width)} {_num(height)}" role="img"'
         f' aria-labelledby="{ident}-title {ident}-desc" xmlns="http://www.w3.org/2000/svg">',

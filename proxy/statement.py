@@ -204,6 +204,7 @@ async def statement(sources: Sources, identity: Identity, locale: str, now: date
         "period": limit.period,
         "start": start,
         "end": end,
+        "last_day": end - timedelta(days=1) if end else None,  # the period's last day, as people count
         "limit": limit.tokens,
         "live_down": live_down,
         "now": now,
