@@ -1,48 +1,159 @@
-"""Prometheus metrics, served at /metrics."""
+"""Prometheus metrics, served at /metrics.
+
+Named by Prometheus's conventions: the `quota_` prefix, base units (`_seconds`), `_total` on counters. Every
+label's values are bounded: never a user id, and a model name only among the first MODEL_LABELS models served
+(`other` after), since the name comes from clients. A request costs one `observe` call, at its end.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+if TYPE_CHECKING:
+    from .ledger import UsageRecord
+
+# The `_created` series would double the series Prometheus stores, for a start time nobody queries.
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+ENDPOINTS = ("chat", "completions", "embeddings")
+# Milliseconds matter for the proxy's own time; an upstream's first byte can take a minute.
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_SLOW = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
+
 REQUESTS = Counter(
-    "quota_requests", "Proxied requests by endpoint and outcome", ["endpoint", "status"], registry=REGISTRY
-)
-TOKENS = Counter("quota_tokens", "Tokens charged to budgets", ["endpoint"], registry=REGISTRY)
-LATENCY = Histogram(
-    "quota_request_seconds",
-    "Time from request received to last byte sent",
-    ["endpoint"],
-    buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    "quota_requests",
+    "Requests to the completion endpoints by how they ended (state: the ledger record's status) and HTTP status",
+    ["endpoint", "state", "code"],
     registry=REGISTRY,
 )
-LEDGER_BACKLOG = Gauge("quota_ledger_backlog", "Usage records waiting in the stream for PostgreSQL", registry=REGISTRY)
+TOKENS = Counter(
+    "quota_tokens",
+    "Tokens of answered requests by requested model and kind (prompt, completion)",
+    ["model", "kind"],
+    registry=REGISTRY,
+)
+ADDED_LATENCY = Histogram(
+    "quota_added_latency_seconds",
+    "Time a request spent in the proxy itself: from its body being in to its answer, less the upstream's part "
+    "(from sending to the upstream to the upstream's last byte)",
+    ["endpoint"],
+    buckets=_FAST,
+    registry=REGISTRY,
+)
+UPSTREAM_TTFB = Histogram(
+    "quota_upstream_ttfb_seconds",
+    "From sending a request upstream to its first byte: a stream's first event, a JSON answer's headers",
+    ["endpoint", "stream"],
+    buckets=_SLOW,
+    registry=REGISTRY,
+)
+RESERVE_LATENCY = Histogram(
+    "quota_reserve_seconds",
+    "The budget reservation before forwarding (Redis round trip, a lost counter's rebuild included)",
+    buckets=_FAST,
+    registry=REGISTRY,
+)
+SETTLE_LATENCY = Histogram(
+    "quota_settle_seconds",
+    "From submitting a request's settle and ledger record to Redis's reply",
+    buckets=_FAST,
+    registry=REGISTRY,
+)
+RESERVATIONS_IN_FLIGHT = Gauge(
+    "quota_reservations_in_flight",
+    "Requests holding a concurrency slot: each takes its reservation just after the slot and settles it at its end",
+    registry=REGISTRY,
+)
+FAIL_OPEN_ACTIVE = Gauge(
+    "quota_fail_open_active",
+    "1 from a request let through unmetered (FAIL_MODE=open, budgets unreachable) until a reservation succeeds again",
+    registry=REGISTRY,
+)
+FAIL_OPEN_REQUESTS = Counter(
+    "quota_fail_open_requests", "Requests let through unmetered (FAIL_MODE=open)", ["endpoint"], registry=REGISTRY
+)
+DEPENDENCY_UP = Gauge(
+    "quota_dependency_up",
+    "1 when the last probe (each scrape, each /readyz) reached the dependency",
+    ["dependency"],
+    registry=REGISTRY,
+)
+LEDGER_BACKLOG = Gauge(
+    "quota_ledger_backlog", "Usage records waiting in the stream for PostgreSQL (at the last probe)", registry=REGISTRY
+)
+LEDGER_LAG = Gauge(
+    "quota_ledger_lag_seconds",
+    "Age of the oldest usage record waiting for PostgreSQL, by Redis's clock (0 when none waits)",
+    registry=REGISTRY,
+)
 LEDGER_WRITTEN = Counter("quota_ledger_written", "Usage records committed to PostgreSQL", registry=REGISTRY)
 LEDGER_ERRORS = Counter("quota_ledger_errors", "Failed ledger writes (retried)", ["stage"], registry=REGISTRY)
-BACKGROUND_ERRORS = Counter(
-    "quota_settle_errors", "Settles or enqueues that failed after the response", registry=REGISTRY
+ACCOUNTING_ERRORS = Counter(
+    "quota_accounting_errors",
+    "Settles (settle) or ledger records (record) that could not be sent to Redis after the response",
+    ["step"],
+    registry=REGISTRY,
 )
 
+# Known label values start at 0, so `increase()` sees the first one (a series born at 1 shows no increase).
+for _endpoint in ENDPOINTS:
+    FAIL_OPEN_REQUESTS.labels(_endpoint)
+for _stage in ("redis", "postgres", "rejected"):
+    LEDGER_ERRORS.labels(_stage)
+for _step in ("settle", "record"):
+    ACCOUNTING_ERRORS.labels(_step)
+for _dependency in ("redis", "postgres", "litellm"):
+    DEPENDENCY_UP.labels(_dependency)
 
-@functools.lru_cache(maxsize=256)
-def _children(endpoint: str, status: str) -> tuple[Any, Any, Any]:
-    return REQUESTS.labels(endpoint, status), TOKENS.labels(endpoint), LATENCY.labels(endpoint)
+MODEL_LABELS = 100
+_models: dict[str, tuple[Any, Any]] = {}  # model name -> its (prompt, completion) counters
+_OTHER = (TOKENS.labels("other", "prompt"), TOKENS.labels("other", "completion"))
 
 
-def observe(endpoint: str, status: str, tokens: int, seconds: float) -> None:
+def _token_counters(model: str | None) -> tuple[Any, Any]:
+    """A model's counters: its own among the first MODEL_LABELS models, else `other`'s. Only answered
+    requests get here, so a client inventing model names cannot take the places of the real ones."""
+    if not model:
+        return _OTHER
+    counters = _models.get(model)
+    if counters is None:
+        if len(_models) >= MODEL_LABELS or len(model) > 200:
+            return _OTHER
+        counters = _models[model] = (TOKENS.labels(model, "prompt"), TOKENS.labels(model, "completion"))
+    return counters
+
+
+@functools.lru_cache(maxsize=512)
+def _request_counter(endpoint: str, state: str, code: int | None) -> Any:
+    return REQUESTS.labels(endpoint, state, str(code or 0))
+
+
+@functools.lru_cache(maxsize=16)
+def _latencies(endpoint: str, stream: bool) -> tuple[Any, Any]:
+    return ADDED_LATENCY.labels(endpoint), UPSTREAM_TTFB.labels(endpoint, "true" if stream else "false")
+
+
+def observe(record: UsageRecord, added: float | None, ttfb: float | None, reserve: float | None) -> None:
     """Count one finished request (label lookups cached: they cost more than the increments)."""
-    requests, token_counter, latency = _children(endpoint, status)
-    requests.inc()
-    if tokens:
-        token_counter.inc(tokens)
-    latency.observe(seconds)
+    _request_counter(record.endpoint, record.status, record.http_status).inc()
+    if record.total_tokens:
+        prompt, completion = _token_counters(record.model)
+        prompt.inc(record.prompt_tokens)
+        completion.inc(record.completion_tokens)
+    added_histogram, ttfb_histogram = _latencies(record.endpoint, record.stream)
+    if added is not None:
+        added_histogram.observe(added)
+    if ttfb is not None:
+        ttfb_histogram.observe(ttfb)
+    if reserve is not None:
+        RESERVE_LATENCY.observe(reserve)
 
 
-_LEDGER = (LEDGER_WRITTEN, LEDGER_ERRORS, LEDGER_BACKLOG)
+_LEDGER = (LEDGER_WRITTEN, LEDGER_ERRORS)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -58,12 +169,9 @@ def ledger_samples() -> Samples:
 
 
 def merge_ledger_samples(samples: Samples, seen: Samples) -> None:
-    """Apply a writer process's series here: counters by how far they moved since `seen`, the gauge as is."""
+    """Apply a writer process's counters here, by how far they moved since `seen`."""
     for key, value in samples.items():
         name, labels = key
-        if name == "quota_ledger_backlog":
-            LEDGER_BACKLOG.set(value)
-            continue
         delta, seen[key] = value - seen.get(key, 0.0), value
         if delta > 0:
             (LEDGER_ERRORS.labels(**dict(labels)) if labels else LEDGER_WRITTEN).inc(delta)
