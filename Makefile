@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install clean
+.PHONY: run test bench install clean monitoring-tools
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is needed ($(PYTHON) not found); set PYTHON=..."; exit 1; }
@@ -17,8 +17,24 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m tests.devstack
 
+# tests/test_monitoring.py runs promtool and prometheus (Debian's `prometheus` package) and docker-compose:
+# installed when missing and run as root, else `make test` stops saying what to install. Never skipped.
+monitoring-tools:
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing="prometheus"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing$${missing:+ }$$missing (Debian) for the monitoring tests"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
+			|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; }; \
+		else \
+			echo "The monitoring tests need Debian's packages: $$missing (sudo apt-get install $$missing)"; exit 1; \
+		fi; \
+	fi
+
 # The gates first (seconds), then the suite: any of them failing fails `make test`.
-test: $(STAMP)
+test: $(STAMP) monitoring-tools
 	$(VENV)/bin/ruff check proxy tests bench
 	$(VENV)/bin/ruff format --check proxy tests bench
 	$(VENV)/bin/mypy proxy
