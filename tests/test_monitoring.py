@@ -275,6 +275,24 @@ def test_a_slow_upstream_shows_in_time_to_first_byte_not_in_the_proxys_added_lat
     assert after[added] - before[added] < 0.5  # the proxy's own part: milliseconds, the wait is the upstream's
 
 
+def test_loop_histograms_expose_prometheus_buckets(live_proxy: str) -> None:
+    # Prometheus's `le` is inclusive: an amount equal to a bound counts in that bound's bucket.
+    histogram = metrics.LoopHistogram("quota_test_histogram_seconds", "test", ["endpoint"], [0.01, 0.1])
+    try:
+        child = histogram.labels("chat")
+        for amount in (0.01, 0.05, 0.1, 3.0):
+            child.observe(amount)
+        samples = scrape(httpx.get(f"{live_proxy}/metrics").text)
+    finally:
+        metrics.REGISTRY.unregister(histogram)
+    bucket = "quota_test_histogram_seconds_bucket"
+    assert samples[bucket, ("endpoint", "chat"), ("le", "0.01")] == 1
+    assert samples[bucket, ("endpoint", "chat"), ("le", "0.1")] == 3
+    assert samples[bucket, ("endpoint", "chat"), ("le", "+Inf")] == 4
+    assert samples["quota_test_histogram_seconds_count", ("endpoint", "chat")] == 4
+    assert samples["quota_test_histogram_seconds_sum", ("endpoint", "chat")] == pytest.approx(3.16)
+
+
 def record(model: str | None, tokens: int) -> UsageRecord:
     return UsageRecord(
         request_id=uid(),
