@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install clean chromium
+.PHONY: run test bench install clean chromium monitoring-tools
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is needed ($(PYTHON) not found); set PYTHON=..."; exit 1; }
@@ -24,8 +24,24 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
 	  else echo "The browser tests need Debian's chromium at /usr/bin/chromium: run 'sudo apt-get install -y chromium'"; exit 1; fi; }
 
+# tests/test_monitoring.py runs promtool and prometheus (Debian's `prometheus` package) and docker-compose:
+# installed when missing and run as root, else `make test` stops saying what to install. Never skipped.
+monitoring-tools:
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing="prometheus"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing$${missing:+ }$$missing (Debian) for the monitoring tests"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
+			|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; }; \
+		else \
+			echo "The monitoring tests need Debian's packages: $$missing (sudo apt-get install $$missing)"; exit 1; \
+		fi; \
+	fi
+
 # The gates first (seconds), then the suite: any of them failing fails `make test`.
-test: $(STAMP) chromium
+test: $(STAMP) chromium monitoring-tools
 	$(VENV)/bin/ruff check proxy tests bench
 	$(VENV)/bin/ruff format --check proxy tests bench
 	$(VENV)/bin/mypy proxy

@@ -14,7 +14,6 @@ import orjson
 import redis.asyncio as redis
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -22,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from . import admin, metrics
+from . import admin, metrics, probes
 from .auth import Authenticator, Identity, Principal, charged_identity
 from .budget import BudgetEngine
 from .budget.rows import BudgetBook, sync_defaults
@@ -206,28 +205,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if lifecycle.draining:  # stopping (SIGTERM): balancers take this instance out at once
             return json_response({"status": "draining"}, 503)
         s = services(request)
-        checks: dict[str, object] = {}
-        try:
-            await asyncio.wait_for(s.redis.ping(), 2)
-            checks["redis"] = "ok"
-            checks["ledger_backlog"] = await s.ledger.backlog()
-        except (TimeoutError, RedisError, OSError) as exc:
-            checks["redis"] = f"error: {exc.__class__.__name__}"
-        try:
-            await asyncio.wait_for(s.pool.fetchval("select 1"), 2)
-            checks["postgres"] = "ok"
-        except PG_UNAVAILABLE as exc:
-            checks["postgres"] = f"error: {exc.__class__.__name__}"
-        try:
-            up = await asyncio.wait_for(s.upstream.send("GET", "/health/liveliness"), 2)
-            up.response.release()
-            checks["litellm"] = "ok" if up.status == 200 else f"error: HTTP {up.status}"
-        except (TimeoutError, ProxyError) as exc:
-            checks["litellm"] = f"error: {exc}"
+        checks = await probes.check_all(s.ledger, s.pool, s.upstream)
         ready = all(v == "ok" for k, v in checks.items() if k != "ledger_backlog")
         return json_response({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)
 
     async def prometheus(request: Request) -> Response:
+        s = services(request)
+        await probes.check_all(s.ledger, s.pool, s.upstream)  # the dependency and ledger gauges, fresh
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     routes: list[BaseRoute] = []

@@ -196,6 +196,20 @@ class Ledger:
     async def backlog(self) -> int:
         return int(await self._redis.xlen(self.stream))
 
+    async def backlog_and_lag(self) -> tuple[int, float]:
+        """Records waiting for PostgreSQL, and the age in seconds of the oldest of them by Redis's clock
+        (its entry id is the time Redis added it; acknowledged entries are deleted), in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.stream)
+            pipe.xrange(self.stream, count=1)
+            pipe.time()
+            length, oldest, (seconds, micros) = await pipe.execute()
+        if not oldest:
+            return int(length), 0.0
+        entry_id = oldest[0][0]
+        added_ms = int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+        return int(length), max(seconds + micros / 1e6 - added_ms / 1000, 0.0)
+
     async def ensure_group(self) -> None:
         try:
             await self._redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
@@ -307,7 +321,7 @@ class Ledger:
         return moved
 
     async def _report_backlog(self) -> None:
+        # The gauges quota_ledger_backlog and quota_ledger_lag_seconds are the proxy's probes (proxy/probes.py).
         backlog = await self.backlog()
-        metrics.LEDGER_BACKLOG.set(backlog)
         if backlog > self._backlog_warn:
             log.error("ledger_backlog_high", backlog=backlog, bound=self._backlog_warn)

@@ -80,6 +80,8 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._exempt: dict[str, bool] = {}  # model name -> matches EXEMPT_MODELS
         self.in_flight = 0  # requests holding a slot: checked, reserving, upstream or streaming
+        self._failing_open = False  # the last reservation failed and its request went through unmetered
+        metrics.RESERVATIONS_IN_FLIGHT.set_function(lambda: self.in_flight)
 
     async def completion(self, request: Request, principal: Principal, endpoint: str) -> Response:
         """POST /v1/chat/completions, /v1/completions and /v1/embeddings, for an authenticated caller
@@ -100,6 +102,7 @@ class Relay:
         settings, draft = self._settings, flight.draft
         draft.client_request_id = client_request_id(request)
         payload, size = await read_json(request, settings.max_body_bytes, settings.body_read_timeout)
+        draft.body_in = time.perf_counter()
         completion = check(payload, endpoint, self._allowed[endpoint])
         if completion.hide_usage and self._shows_usage(request, principal):
             completion.hide_usage = False
@@ -124,6 +127,7 @@ class Relay:
         if exempt:
             reservation = self._budget.unmetered(identity, draft.request_id, 0, exempt=True)
         else:
+            reserving = time.perf_counter()
             try:
                 reservation = await self._budget.reserve(
                     identity,
@@ -143,13 +147,23 @@ class Relay:
                     raise
                 wanted = prompt + completion.choices * per_answer
                 reservation = self._budget.unmetered(identity, draft.request_id, wanted)
+                self._failing_open = True
+                metrics.FAIL_OPEN_ACTIVE.set(1)
+                metrics.FAIL_OPEN_REQUESTS.labels(endpoint).inc()
+            finally:
+                draft.reserve_seconds = time.perf_counter() - reserving
+            if self._failing_open and reservation.metered:
+                self._failing_open = False
+                metrics.FAIL_OPEN_ACTIVE.set(0)
         flight.reservation = reservation
         if clamp and reservation.metered:
             granted = (reservation.granted - prompt) // completion.choices
             if granted < per_answer:  # the room left is smaller than asked: cap each answer to its share
                 cap_answers(completion, granted)
                 body = encode(payload)
+        draft.upstream_sent = time.perf_counter()
         upstream = await self._upstream.send("POST", UPSTREAM_PATHS[endpoint], body=body, request_id=draft.request_id)
+        draft.upstream_first = time.perf_counter()  # a JSON answer's headers; a stream's first event replaces it
         try:
             if completion.stream and upstream.ok_stream:
                 link = lambda: self._statement_url(request, identity)  # noqa: E731 - signed only if a notice is due
@@ -181,6 +195,7 @@ class Relay:
         payload, perf_start = completion.payload, draft.perf_start
 
         def on_end(outcome: str, first_byte: float | None) -> None:
+            draft.upstream_first = first_byte
             ttft_ms = round((first_byte - perf_start) * 1000, 3) if first_byte is not None else None
             usage = usage_totals(meter.usage)
             estimated = usage is None
@@ -199,6 +214,7 @@ class Relay:
         draft, reservation = flight.draft, flight.reservation
         assert reservation is not None
         body = await upstream.read_for_client()
+        draft.upstream_end = time.perf_counter()
         ok = 200 <= upstream.status < 300
         obj, served = _served_model(body) if ok else (None, None)
         usage = usage_totals(obj.get("usage")) if obj else None
@@ -298,7 +314,6 @@ class Relay:
         """Settle the reservation and hand the record to the ledger, without the request waiting.
         Each step stands alone: a settle that cannot be sent is owed, a record that cannot be queued goes
         straight to PostgreSQL."""
-        metrics.observe(record.endpoint, record.status, record.total_tokens, (record.latency_ms or 0) / 1000)
         settled: asyncio.Future[Any] | None = None
         if reservation is not None and reservation.keys:  # unmetered too: a Redis back by now counts it
             try:
@@ -312,18 +327,19 @@ class Relay:
             if settled is not None:
                 settled.add_done_callback(lambda done: self._settled(reservation, record, done))
             return
-        recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done))
+        submitted = time.perf_counter()
+        recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done, submitted))
 
     def _settle_failed(self, reservation: Reservation, record: UsageRecord, exc: BaseException) -> None:
         # Redis unreachable, or restarted without the script: the reconcile task settles it later.
         self._budget.owe(reservation, record.total_tokens)
         if not isinstance(exc, NoScriptError):
-            metrics.BACKGROUND_ERRORS.inc()
+            metrics.ACCOUNTING_ERRORS.labels("settle").inc()
             log.warning("settle_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
 
     def _record_failed(self, record: UsageRecord, exc: BaseException) -> None:
         self._spawn(self._ledger.write_direct(record))  # the stream is unreachable: straight to PostgreSQL
-        metrics.BACKGROUND_ERRORS.inc()
+        metrics.ACCOUNTING_ERRORS.labels("record").inc()
         log.warning("record_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
 
     def _settled(self, reservation: Reservation | None, record: UsageRecord, settled: asyncio.Future[Any]) -> None:
@@ -337,9 +353,12 @@ class Relay:
         record: UsageRecord,
         settled: asyncio.Future[Any] | None,
         recorded: asyncio.Future[Any],
+        submitted: float,
     ) -> None:
         if settled is not None:
             self._settled(reservation, record, settled)
+            if not settled.cancelled() and settled.exception() is None:
+                metrics.SETTLE_LATENCY.observe(time.perf_counter() - submitted)
         error = None if recorded.cancelled() else recorded.exception()
         if error is not None:
             self._record_failed(record, error)

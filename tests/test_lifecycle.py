@@ -157,7 +157,9 @@ def test_a_stream_past_the_grace_is_cut_and_settled_as_estimated(
 def chat_requests_counted(url: str) -> int:
     """quota_requests_total of chat, all outcomes, from /metrics on a new connection: one worker's count."""
     text = httpx.get(f"{url}/metrics", headers={"Connection": "close"}).text
-    return sum(int(float(v)) for v in re.findall(r'^quota_requests_total\{endpoint="chat",[^}]*\} (\S+)$', text, re.M))
+    return sum(
+        int(float(v)) for v in re.findall(r'^quota_requests_total\{[^}]*endpoint="chat"[^}]*\} (\S+)$', text, re.M)
+    )
 
 
 def test_two_workers_share_one_budget_and_one_writer(
