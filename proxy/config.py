@@ -80,6 +80,16 @@ class Settings:
         "process"  # process: a child of the proxy; inline: in its event loop; off: run `ledger` elsewhere
     )
     pages_secret: str = ""  # signs statement links and admin sessions; default: derived from JWT_SECRET
+    # Budget alerts (proxy/alerts.py finds crossings, proxy/notifier.py sends them; docs/alerts.md).
+    alert_thresholds: tuple[str, ...] = ("0.8", "1.0")  # fractions of a budget; a budget row may set its own
+    alert_webhook_urls: tuple[str, ...] = ()
+    alert_webhook_secret: str = ""  # signs the webhooks' bodies (X-Quota-Signature)
+    alert_slack_webhook_url: str = ""
+    alert_timeout_seconds: float = 10.0
+    alert_retry_seconds: float = 10.0  # the first retry's delay, doubling on each failure ...
+    alert_retry_max_seconds: float = 600.0  # ... up to this
+    alert_give_up_seconds: float = 86400.0  # a delivery still failing this long after its crossing is given up
+    alert_poll_seconds: float = 2.0
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
@@ -126,3 +136,16 @@ class Settings:
             raise ValueError("HOLDBACK_TOKENS must be 0 or more and COMPLETION_ALLOWANCE at least 1")
         if self.ledger_writer not in ("process", "inline", "off"):
             raise ValueError("LEDGER_WRITER must be 'process', 'inline' or 'off'")
+        self._validate_alerts()
+
+    def _validate_alerts(self) -> None:
+        from .alerts import parse_thresholds  # the one parser, shared with the CLI and the admin API
+
+        parse_thresholds(",".join(self.alert_thresholds), "ALERT_THRESHOLDS")
+        for url in (*self.alert_webhook_urls, self.alert_slack_webhook_url):
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"alert webhook URLs start with http:// or https://, not {url[:40]!r}")
+        if self.alert_webhook_urls and not self.alert_webhook_secret:
+            raise ValueError("ALERT_WEBHOOK_SECRET must be set when ALERT_WEBHOOK_URLS is: receivers verify with it")
+        if min(self.alert_timeout_seconds, self.alert_retry_seconds, self.alert_poll_seconds) <= 0:
+            raise ValueError("ALERT_TIMEOUT_SECONDS, ALERT_RETRY_SECONDS and ALERT_POLL_SECONDS must be above 0")

@@ -17,14 +17,17 @@ import signal
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+import asyncpg
 import structlog
 import uvloop
 
 from . import metrics
+from .alerts import channels
 from .config import Settings
 from .db import create_pool
 from .ledger import Ledger
 from .logs import configure_logging
+from .notifier import Notifier
 from .redis_batch import connect
 
 log = structlog.get_logger("proxy.writer")
@@ -47,14 +50,16 @@ def run(settings: Settings, pipe: Connection | None = None) -> None:
 async def _drain(settings: Settings, pipe: Connection | None) -> None:
     client = connect(settings.redis_url, settings.redis_timeout)
     pool = await create_pool(settings.database_url, min_size=0, max_size=2)
-    writer = asyncio.create_task(Ledger.for_settings(client, pool, settings).run(), name="ledger-writer")
+    ledger = Ledger.for_settings(client, pool, settings)
+    writer = asyncio.create_task(ledger.run(), name="ledger-writer")
+    notifier = start_notifier(ledger, pool, settings)
     try:
         while pipe is not None:
             done, _ = await asyncio.wait({writer}, timeout=REPORT_SECONDS)
             if done:
                 break
             try:
-                pipe.send(metrics.ledger_samples())
+                pipe.send(metrics.writer_samples())
             except OSError:
                 log.warning("ledger_writer_orphaned")  # the proxy died without stopping us
                 return
@@ -62,10 +67,22 @@ async def _drain(settings: Settings, pipe: Connection | None) -> None:
     finally:
         # Stopped mid-batch, the batch's entries stay pending in the stream and are written again
         # by the next writer under the same consumer name; request_id keeps that from counting twice.
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        for task in (writer, notifier):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (writer, notifier) if t is not None), return_exceptions=True)
         await pool.close()
         await client.aclose()
+
+
+def start_notifier(ledger: Ledger, pool: asyncpg.Pool, settings: Settings) -> asyncio.Task[None] | None:
+    """The alert notifier beside the writer, when a channel is configured; the writer wakes it on new alerts."""
+    if not channels(settings):
+        return None
+    notifier = Notifier(pool, settings)
+    if ledger.alerts is not None:
+        ledger.alerts.on_new = notifier.wake
+    return asyncio.create_task(notifier.run(), name="alert-notifier")
 
 
 class WriterProcess:
@@ -93,7 +110,7 @@ class WriterProcess:
                 while process.is_alive():
                     await asyncio.sleep(REPORT_SECONDS / 2)
                     while receiver.poll():
-                        metrics.merge_ledger_samples(receiver.recv(), seen)
+                        metrics.merge_writer_samples(receiver.recv(), seen)
             except (EOFError, OSError):
                 pass  # it died: its end of the pipe closed
             except asyncio.CancelledError:
