@@ -500,3 +500,71 @@ def test_thresholds_by_admin_api_and_command_line(
     assert main(["budget", "set", user, "100"]) == 0  # no flag: back to ALERT_THRESHOLDS
     row = pg_row(base_settings.database_url, "select alert_thresholds from budgets where subject = $1", user)
     assert row["alert_thresholds"] is None
+
+
+def test_the_writer_process_sends_alerts_and_a_kill_mid_retry_sends_once(base_settings: Settings, fake: Any) -> None:
+    """The whole way: requests, the ledger writer's own process finding the crossing, its notifier retrying
+    while the receiver is down, the process killed and restarted, the receiver up: one delivery each."""
+    import os
+    import signal
+
+    from proxy.app import create_app
+
+    from .devstack import alive
+    from .helpers import eventually, pg_row, send
+
+    rec, port = Receiver(), free_port()
+    settings = alert_settings(
+        replace(base_settings, litellm_base_url=fake.url, ledger_writer="process", ledger_stream=f"test:al:{uid()}"),
+        f"http://127.0.0.1:{port}",
+        alert_thresholds=("0.5",),
+        alert_retry_seconds=0.2,
+        alert_retry_max_seconds=1.0,
+        alert_poll_seconds=0.2,
+    )
+    user = uid()
+
+    async def set_row() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await set_budget(conn, Limit("user", user, "month", 60, 0.8))
+        finally:
+            await conn.close()
+
+    asyncio.run(set_row())
+    pg_row(settings.database_url, "truncate alert_outbox, alert_deliveries")
+
+    def attempts() -> int:
+        row = pg_row(settings.database_url, "select min(attempts) from alert_notifications where subject = $1", user)
+        return int(row[0] or 0)
+
+    app = create_app(settings)
+    failed, sent = (
+        counter(f"quota_notifications_{k}_total", channel=c) for k, c in (("failed", "webhook"), ("sent", "slack"))
+    )
+    with serve(app) as url:
+        send(url, [user], 3)  # 36 of 60 tokens: past 50 %
+        eventually(lambda: attempts() >= 2, timeout=30)  # both channels tried, and retried, while down
+        # The writer's series reach the proxy's /metrics over its pipe (the counters add to this process's own).
+        eventually(lambda: metric(url, "quota_notifications_pending") == 2)
+        eventually(lambda: metric(url, 'quota_notifications_failed_total{channel="webhook"}') >= failed + 2)
+        first = app.state.services.writer.pid
+        os.kill(first, signal.SIGKILL)
+        eventually(lambda: not alive(first))
+        with serve(rec.app, port=port):
+            eventually(lambda: len(rec.received) == 2, timeout=30)
+            eventually(lambda: app.state.services.writer.pid not in (None, first))
+            time.sleep(1.0)  # five more polls: nothing more comes
+            eventually(lambda: metric(url, 'quota_notifications_sent_total{channel="slack"}') == sent + 1)
+    assert sorted(name for name, _, _ in rec.received) == ["slack", "webhook"]
+    state = pg_row(
+        settings.database_url, "select array_agg(distinct state) from alert_notifications where subject = $1", user
+    )
+    assert state[0] == ["sent"]
+
+
+def metric(url: str, series: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
