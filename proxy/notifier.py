@@ -96,7 +96,7 @@ def message(data: dict[str, Any]) -> str:
     resets = f" It resets on {data['resets_at'][:16].replace('T', ' ')} UTC." if data["resets_at"] else ""
     return (
         f"{data['subject_type'].capitalize()} {data['subject']} has used {data['percent']:g} % of their {period}"
-        f" token budget ({data['used']:,} of {data['token_limit']:,} tokens), past the {data['threshold']:.0%}"
+        f" token budget ({data['used']:,} of {data['token_limit']:,} tokens), past its {100 * data['threshold']:g} %"
         f" alert threshold.{resets}"
     )
 
