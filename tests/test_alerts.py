@@ -23,7 +23,7 @@ from proxy import metrics
 from proxy.alerts import AlertDetector, channels, parse_thresholds
 from proxy.budget.rows import Limit, set_budget
 from proxy.config import Settings
-from proxy.ledger import Ledger, UsageRecord
+from proxy.ledger import Ledger, UsageRecord, insert_records
 from proxy.notifier import SIGNATURE_HEADER, Notifier, sign, verify
 
 from .devstack import free_port
@@ -322,15 +322,18 @@ async def test_a_crossing_seen_again_makes_no_second_row(
     clock = Clock(time.time())
     user = uid()
     await budget(pg_pool, user, 100)
-    records = [usage(user, 90, clock.now).encode()]
+    record = usage(user, 90, clock.now)
+    await Writer(redis_client, pg_pool, settings, clock).write(record)
+    # The batch replayed (a writer died before its XACK), checked by two writers at once.
     detector = AlertDetector((0.8, 1.0), channels(settings), clock=clock)
-    await Writer(redis_client, pg_pool, settings, clock).write(usage(user, 90, clock.now))
-    # The batch replayed (a writer died before its XACK), and two writers checking it at once.
     async with pg_pool.acquire() as a, pg_pool.acquire() as b:
-        found = await asyncio.gather(detector.check(a, records), detector.check(b, records))
+        assert await insert_records(a, [record.encode()], set()) == 0  # already recorded
+        found = await asyncio.gather(detector.check(a, [record.encode()]), detector.check(b, [record.encode()]))
     assert found == [0, 0]
     history = await rows(pg_pool, user)
-    assert [(r["threshold"], r["channel"]) for r in history] == [(0.8, "slack"), (0.8, "webhook")]
+    assert [(r["threshold"], r["channel"], r["used"]) for r in history] == [(0.8, "slack", 90), (0.8, "webhook", 90)]
+    # The per-day sums the check reads counted the record once, however often it was inserted.
+    assert await pg_pool.fetchval("select sum(tokens) from alert_usage where subject = $1", user) == 90
 
 
 async def test_two_writers_finding_the_same_crossing_at_once_write_one_row(
