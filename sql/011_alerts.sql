@@ -123,7 +123,7 @@ unsent as (  -- the thresholds not yet notified this period: a subject past all 
     from limits r
     where r.base_limit is not null
 ),
-spent as (
+spent as materialized (  -- each subject once, not once per threshold
     select o.*,
            o.base_limit
          + coalesce((select sum(g.tokens) from budget_grants g
