@@ -17,9 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from . import admin, metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
@@ -29,10 +30,13 @@ from .config import Settings
 from .db import PG_UNAVAILABLE, create_pool
 from .errors import ProxyError, error_for_status, error_response
 from .forward import Upstream
-from .ledger import Ledger
+from .ledger import FLUSH_SECONDS, Ledger
+from .lifecycle import Gate, Lifecycle
 from .logs import configure_logging
+from .pages import Pages
 from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay
+from .statement import StatementLinks, StatementPages
 from .tokens import Tokenizer
 from .usage_history import usage_history
 from .writer import WriterProcess, start_notifier
@@ -62,7 +66,7 @@ class Services:
     tasks: list[asyncio.Task[None]]
 
     @classmethod
-    async def start(cls, s: Settings, auth: Authenticator) -> Services:
+    async def start(cls, s: Settings, auth: Authenticator, links: StatementLinks | None = None) -> Services:
         client = connect(s.redis_url, s.redis_timeout)
         # min_size=0: the proxy starts and serves while PostgreSQL is down; the pool connects on first use.
         pool = await create_pool(s.database_url, min_size=0, max_size=10)
@@ -81,6 +85,7 @@ class Services:
             reservation_ttl=s.reservation_ttl_seconds,
             sender=sender,
             holdback=s.holdback_tokens,
+            locale=s.locale,
         )
         ledger = Ledger.for_settings(client, pool, s)
         upstream = Upstream(
@@ -92,7 +97,7 @@ class Services:
         )
         await upstream.start()
         tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # reading the file takes a while
-        relay = Relay(s, budget, ledger, upstream, sender, tokenizer)
+        relay = Relay(s, budget, ledger, upstream, sender, tokenizer, links)
         tasks = [
             asyncio.create_task(book.refresh_forever(pool), name="budget-refresh"),
             asyncio.create_task(budget.reconcile_forever(), name="budget-reconcile"),
@@ -108,10 +113,12 @@ class Services:
         return cls(s, client, pool, sender, book, auth, budget, ledger, upstream, relay, writer, tasks)
 
     async def stop(self) -> None:
-        await self.relay.drain()
+        await self.relay.drain()  # every settle and record is in Redis before the writer is told to stop
         for task in self.tasks:
-            task.cancel()
+            task.cancel()  # a writer process drains the stream into PostgreSQL before it exits
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.settings.ledger_writer == "inline":
+            await self.ledger.flush(FLUSH_SECONDS)
         await self.upstream.close()
         await self.pool.close()
         await self.sender.close()
@@ -132,10 +139,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     auth = Authenticator(settings)  # a key misconfigured fails here, before the server starts
+    lifecycle = Lifecycle(settings)
+    pages = Pages(settings)
+    links = StatementLinks(settings)  # one signer per process: a random PAGES_SECRET lives as long as it
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.services = await Services.start(settings, auth)
+        app.state.services = await Services.start(settings, auth, links)
         # What start-up built (modules, the tokenizer's tables, settings) lives as long as the process:
         # frozen, every full collection stops rescanning it, which was the proxy's longest pause.
         gc.collect()
@@ -196,6 +206,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return json_response({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        if lifecycle.draining:  # stopping (SIGTERM): balancers take this instance out at once
+            return json_response({"status": "draining"}, 503)
         s = services(request)
         checks: dict[str, object] = {}
         try:
@@ -221,7 +233,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    routes = []
+    routes: list[BaseRoute] = []
     for endpoint, path in (
         ("chat", "/chat/completions"),
         ("completions", "/completions"),
@@ -245,6 +257,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
+    routes += pages.routes()
+    routes += StatementPages(pages, links, services).routes()
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)
@@ -259,8 +273,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         log.exception("unhandled_error", path=request.url.path)
         return error_response(ProxyError("Internal error in the quota proxy; it has been logged."))
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(Gate, lifecycle=lifecycle)],
         exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: crash},
     )
+    app.state.lifecycle = lifecycle  # `serve` hands it to the server, which drives it on SIGTERM
+    return app

@@ -30,7 +30,8 @@ from .db import migrate
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m proxy", description="Token-budget sidecar proxy for LLM traffic.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the proxy on PROXY_HOST:PROXY_PORT")
+    serve = sub.add_parser("serve", help="run the proxy on PROXY_HOST:PROXY_PORT")
+    serve.add_argument("--workers", type=int, help="server processes on the one port (default: PROXY_WORKERS)")
     sub.add_parser("migrate", help="apply sql/ to DATABASE_URL (idempotent)")
     sub.add_parser("ledger", help="move usage records from the Redis stream to PostgreSQL (for LEDGER_WRITER=off)")
 
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        if args.command == "serve" and args.workers is not None:
+            settings = replace(settings, proxy_workers=args.workers)
+            settings.validate()
     except ValueError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -200,27 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "serve":
-        import uvicorn
+        from .workers import serve
 
-        from .app import create_app
-
-        uvicorn.run(
-            create_app(settings),
-            host=settings.proxy_host,
-            port=settings.proxy_port,
-            loop="uvloop",
-            http="httptools",
-            access_log=False,
-            log_level=settings.log_level,
-            # Nothing here reads the client's address, so X-Forwarded-* is not parsed on every request;
-            # and responses do not advertise the server's software.
-            proxy_headers=False,
-            server_header=False,
-            # Slow or idle clients cannot pile up: past MAX_CONNECTIONS new requests get 503, and an idle
-            # keep-alive connection is closed after 5 s (bodies have BODY_READ_TIMEOUT in the relay).
-            limit_concurrency=settings.max_connections,
-            timeout_keep_alive=5,
-        )
+        return serve(settings, settings.proxy_workers)
     elif args.command == "ledger":
         from . import writer
 

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from . import i18n
+
 PERIODS = ("day", "week", "month", "total")
 
 
@@ -90,9 +92,17 @@ class Settings:
     alert_retry_max_seconds: float = 600.0  # ... up to this
     alert_give_up_seconds: float = 86400.0  # a delivery still failing this long after its crossing is given up
     alert_poll_seconds: float = 2.0
+    # The pages (issue 15): where people reach the proxy, how long a statement link lasts, the messages' language.
+    public_url: str = ""  # the base of the links the proxy hands out; default: the address a request came to
+    statement_link_ttl_days: float = 7.0  # 0: the inline notice and the 429 message carry no link
+    locale: str = "en"  # the inline notice and the 429 message: en or pt-BR (pages follow Accept-Language)
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
+    # Stopping and scaling (docs/operations.md#stopping-cleanly and #more-than-one-core).
+    shutdown_grace_seconds: float = 30.0  # from SIGTERM: how long requests and streams in flight may take
+    shutdown_delay_seconds: float = 5.0  # from SIGTERM: new requests still served while balancers notice
+    proxy_workers: int = 1  # server processes on PROXY_PORT (`serve --workers N`)
 
     @classmethod
     def from_env(
@@ -136,6 +146,15 @@ class Settings:
             raise ValueError("HOLDBACK_TOKENS must be 0 or more and COMPLETION_ALLOWANCE at least 1")
         if self.ledger_writer not in ("process", "inline", "off"):
             raise ValueError("LEDGER_WRITER must be 'process', 'inline' or 'off'")
+        if not 0 <= self.shutdown_delay_seconds <= self.shutdown_grace_seconds:
+            raise ValueError("SHUTDOWN_DELAY_SECONDS must be between 0 and SHUTDOWN_GRACE_SECONDS")
+        if self.proxy_workers < 1:
+            raise ValueError("PROXY_WORKERS must be at least 1")
+        i18n.check(self.locale)
+        if self.statement_link_ttl_days < 0:
+            raise ValueError("STATEMENT_LINK_TTL_DAYS must be 0 (no links) or more")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("PUBLIC_URL must start with http:// or https://")
         self._validate_alerts()
 
     def _validate_alerts(self) -> None:

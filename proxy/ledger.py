@@ -29,6 +29,9 @@ from .db import PG_UNAVAILABLE
 log = structlog.get_logger("proxy.ledger")
 
 GROUP = "ledger-writers"
+# On the way out, a writer moves what the stream holds for at most this long (PostgreSQL may be down):
+# what is left stays in the stream for the next writer.
+FLUSH_SECONDS = 10.0
 # What PostgreSQL says of a record it will never take, however often it is retried.
 _REJECTED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
@@ -292,6 +295,22 @@ class Ledger:
                     await self._report_backlog()
                 except RedisError:
                     pass
+
+    async def flush(self, timeout: float) -> int:
+        """Move what the stream holds now, without waiting for more (on shutdown, after the proxy's last records
+        went in): first the entries delivered to this consumer and not acknowledged, then the rest.
+        Returns how many were moved; gives up at `timeout`, leaving the others pending."""
+        moved = 0
+        try:
+            async with asyncio.timeout(timeout):
+                await self.ensure_group()
+                for pending in (True, False):
+                    while batch := await self.drain_once(pending=pending, block=False):
+                        moved += batch
+        except (TimeoutError, RedisError, *PG_UNAVAILABLE) as exc:
+            log.warning("ledger_flush_incomplete", moved=moved, error=str(exc) or exc.__class__.__name__)
+        log.info("ledger_flushed", moved=moved)
+        return moved
 
     async def _report_backlog(self) -> None:
         backlog = await self.backlog()

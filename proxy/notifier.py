@@ -22,9 +22,9 @@ import httpx
 import orjson
 import structlog
 
-from . import metrics
+from . import i18n, metrics
 from .alerts import Channel, channels
-from .budget.quota import _PERIOD_WORD, rfc3339
+from .budget.quota import rfc3339
 from .config import Settings
 from .db import PG_UNAVAILABLE
 
@@ -91,8 +91,8 @@ def payload(row: asyncpg.Record) -> dict[str, Any]:
 
 
 def message(data: dict[str, Any]) -> str:
-    """One line for people."""
-    period = _PERIOD_WORD[data["period"]].lower()
+    """One line for people (operators: in English, whatever LOCALE says for the users' messages)."""
+    period = i18n.text("en", f"period.{data['period']}")
     resets = f" It resets on {data['resets_at'][:16].replace('T', ' ')} UTC." if data["resets_at"] else ""
     return (
         f"{data['subject_type'].capitalize()} {data['subject']} has used {data['percent']:g} % of their {period}"
