@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import asyncpg
 from starlette.requests import Request
 
+from .alerts import valid_thresholds
 from .auth import Principal
 from .body import printable_id, read_json
 from .budget.rows import MAX_GRANT, Limit, add_grant, revoke_grant, set_budget, set_model_cap
@@ -36,7 +37,7 @@ async def put_budget(
     pool: asyncpg.Pool, settings: Settings, principal: Principal, request: Request
 ) -> dict[str, object]:
     """PUT /admin/budgets/{subject} with
-    {"tokens": …, "period"?, "warn_ratio"?, "rpm"?, "tpm"?, "type"?: "user"|"tenant"}."""
+    {"tokens": …, "period"?, "warn_ratio"?, "rpm"?, "tpm"?, "type"?: "user"|"tenant", "alert_thresholds"?: [0.5, …]}."""
     require_admin(principal)
     subject = printable_id(request.path_params["subject"], "subject")
     body, _ = await read_json(request, 64 * 1024, settings.body_read_timeout)
@@ -58,6 +59,13 @@ async def put_budget(
     for name, value in (("rollover", rollover), ("rollover_cap", cap)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise BadRequest(f"'{name}' must be a fraction from 0 to 1.", param=name)
+    thresholds = body.get("alert_thresholds")
+    alerts = None if thresholds is None else valid_thresholds(thresholds)
+    if thresholds is not None and alerts is None:
+        raise BadRequest(
+            "'alert_thresholds' is a list of at most 10 fractions above 0 and at most 1, or null.",
+            param="alert_thresholds",
+        )
     limit = Limit(kind, subject, period, tokens, float(warn), rpm, tpm, float(rollover), float(cap))  # type: ignore[arg-type]
     model = body.get("model")
     if model is not None:  # a cap on some models inside the budget, not the budget itself
@@ -69,7 +77,7 @@ async def put_budget(
             await set_model_cap(conn, replace(limit, model=model))
         return {"type": kind, "subject": subject, "model": model, "period": period, "tokens": tokens}
     async with pool.acquire() as conn:
-        await set_budget(conn, limit)
+        await set_budget(conn, replace(limit, alert_thresholds=alerts))
     return {
         "type": kind,
         "subject": subject,
@@ -80,6 +88,7 @@ async def put_budget(
         "tpm": tpm,
         "rollover": float(rollover),
         "rollover_cap": float(cap),
+        "alert_thresholds": None if alerts is None else list(alerts),
     }
 
 

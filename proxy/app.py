@@ -38,7 +38,7 @@ from .relay import Relay
 from .statement import StatementLinks, StatementPages
 from .tokens import Tokenizer
 from .usage_history import usage_history
-from .writer import WriterProcess
+from .writer import WriterProcess, start_notifier
 
 log = structlog.get_logger("proxy.app")
 
@@ -106,6 +106,9 @@ class Services:
             tasks.append(asyncio.create_task(writer.run(), name="ledger-writer-process"))
         elif s.ledger_writer == "inline":
             tasks.append(asyncio.create_task(ledger.run(), name="ledger-writer"))
+            notifier = start_notifier(ledger, pool, s)
+            if notifier is not None:
+                tasks.append(notifier)
         return cls(s, client, pool, sender, book, auth, budget, ledger, upstream, relay, writer, tasks)
 
     async def stop(self) -> None:

@@ -11,6 +11,7 @@ from dataclasses import replace
 import asyncpg
 import orjson
 
+from .alerts import parse_thresholds
 from .auth import issue_token, parse_ttl
 from .budget.rows import (
     Limit,
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
         "--rollover", type=float, default=0.0, help="fraction of last period's unused budget carried over"
     )
     bset.add_argument("--rollover-cap", type=float, default=0.5, help="carried at most this fraction of the limit")
+    bset.add_argument(
+        "--alert-thresholds",
+        help="fractions of the budget that send an alert, comma-separated (0.5,0.9); '' for none;"
+        " default: ALERT_THRESHOLDS",
+    )
     bgrant = budget.add_parser("grant", help="add tokens to a budget for its current period only")
     bgrant.add_argument("subject", help="user id, or tenant id with --tenant")
     bgrant.add_argument("tokens", type=int)
@@ -111,6 +117,7 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 args.tpm,
                 args.rollover,
                 args.rollover_cap,
+                alert_thresholds=None if args.alert_thresholds is None else parse_thresholds(args.alert_thresholds),
             )
             if args.model:
                 await set_model_cap(conn, replace(limit, model=args.model))
@@ -120,7 +127,7 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
             rates = "".join(f", {v:,} {k} per minute" for k, v in (("requests", limit.rpm), ("tokens", limit.tpm)) if v)
             print(
                 f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period}"
-                f" (warn at {limit.warn_ratio:.0%}){rates}"
+                f" (warn at {limit.warn_ratio:.0%}){rates}{_alerts_text(limit.alert_thresholds)}"
             )
             return
         groups = tuple(sorted({g.strip() for g in args.groups.split(",")} - {""}))
@@ -163,12 +170,19 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 "used": used,
                 "remaining": max(found.tokens + granted - used, 0),
                 "warn_ratio": found.warn_ratio,
+                "alert_thresholds": found.alert_thresholds,  # null: ALERT_THRESHOLDS
                 "period_start": start.isoformat(),
                 "resets_at": end.isoformat() if end else None,
             },
             option=orjson.OPT_INDENT_2,
         ).decode()
     )
+
+
+def _alerts_text(thresholds: tuple[float, ...] | None) -> str:
+    if thresholds is None:
+        return ""
+    return f", alerts at {', '.join(f'{t:.0%}' for t in thresholds)}" if thresholds else ", no alerts"
 
 
 def main(argv: list[str] | None = None) -> int:

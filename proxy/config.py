@@ -82,6 +82,16 @@ class Settings:
         "process"  # process: a child of the proxy; inline: in its event loop; off: run `ledger` elsewhere
     )
     pages_secret: str = ""  # signs statement links and admin sessions; default: derived from JWT_SECRET
+    # Budget alerts (proxy/alerts.py finds crossings, proxy/notifier.py sends them; docs/alerts.md).
+    alert_thresholds: tuple[str, ...] = ("0.8", "1.0")  # fractions of a budget; a budget row may set its own
+    alert_webhook_urls: tuple[str, ...] = ()
+    alert_webhook_secret: str = ""  # signs the webhooks' bodies (X-Quota-Signature)
+    alert_slack_webhook_url: str = ""
+    alert_timeout_seconds: float = 10.0
+    alert_retry_seconds: float = 10.0  # the first retry's delay, doubling on each failure ...
+    alert_retry_max_seconds: float = 600.0  # ... up to this
+    alert_give_up_seconds: float = 86400.0  # a delivery still failing this long after its crossing is given up
+    alert_poll_seconds: float = 2.0
     # The pages (issue 15): where people reach the proxy, how long a statement link lasts, the messages' language.
     public_url: str = ""  # the base of the links the proxy hands out; default: the address a request came to
     statement_link_ttl_days: float = 7.0  # 0: the inline notice and the 429 message carry no link
@@ -145,3 +155,16 @@ class Settings:
             raise ValueError("STATEMENT_LINK_TTL_DAYS must be 0 (no links) or more")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ValueError("PUBLIC_URL must start with http:// or https://")
+        self._validate_alerts()
+
+    def _validate_alerts(self) -> None:
+        from .alerts import parse_thresholds  # the one parser, shared with the CLI and the admin API
+
+        parse_thresholds(",".join(self.alert_thresholds), "ALERT_THRESHOLDS")
+        for url in (*self.alert_webhook_urls, self.alert_slack_webhook_url):
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"alert webhook URLs start with http:// or https://, not {url[:40]!r}")
+        if self.alert_webhook_urls and not self.alert_webhook_secret:
+            raise ValueError("ALERT_WEBHOOK_SECRET must be set when ALERT_WEBHOOK_URLS is: receivers verify with it")
+        if min(self.alert_timeout_seconds, self.alert_retry_seconds, self.alert_poll_seconds) <= 0:
+            raise ValueError("ALERT_TIMEOUT_SECONDS, ALERT_RETRY_SECONDS and ALERT_POLL_SECONDS must be above 0")

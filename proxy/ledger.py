@@ -22,6 +22,7 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from . import metrics
+from .alerts import AlertDetector
 from .config import Settings
 from .db import PG_UNAVAILABLE
 
@@ -145,6 +146,7 @@ class Ledger:
         redis_timeout: float = 2.0,
         claim_idle_seconds: float = 60.0,
         backlog_warn: int = 100_000,
+        alerts: AlertDetector | None = None,
     ) -> None:
         self._redis = client
         # The writer takes XREADGROUP replies as hiredis parsed them: redis-py's per-entry tuples
@@ -162,6 +164,7 @@ class Ledger:
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
         self._backlog_warn = backlog_warn
         self._months: set[datetime] = set()
+        self.alerts = alerts  # budget thresholds the batch's subjects crossed, found after each commit
 
     @classmethod
     def for_settings(cls, client: redis.Redis, pool: asyncpg.Pool | None, settings: Settings) -> Ledger:
@@ -174,6 +177,7 @@ class Ledger:
             flush_seconds=settings.ledger_flush_seconds,
             redis_timeout=settings.redis_timeout,
             backlog_warn=settings.ledger_backlog_warn,
+            alerts=AlertDetector.for_settings(settings),
         )
 
     def command(self, record: UsageRecord) -> tuple[Any, ...]:
@@ -232,6 +236,8 @@ class Ledger:
                 await insert_records(conn, [fields[1] for _, fields in entries], self._months)
             except _REJECTED:
                 await self._insert_one_by_one(conn, entries)
+            if self.alerts is not None:  # before the XACK: a check PostgreSQL failed is retried with the batch
+                await self.alerts.check(conn, [fields[1] for _, fields in entries])
         ids = [eid for eid, _ in entries]
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.stream, GROUP, *ids)

@@ -259,3 +259,55 @@ def merge_ledger_samples(samples: Samples, seen: Samples) -> None:
         delta, seen[key] = value - seen.get(key, 0.0), value
         if delta > 0:
             (LEDGER_ERRORS.labels(**dict(labels)) if labels else LEDGER_WRITTEN).inc(delta)
+
+
+# Budget alerts (proxy/alerts.py, proxy/notifier.py). They run beside the ledger writer, in its process when
+# it has one, and reach /metrics over the same pipe as the ledger's series (writer_samples).
+NOTIFICATIONS_PENDING = Gauge(
+    "quota_notifications_pending", "Alert deliveries waiting to be sent or retried", registry=REGISTRY
+)
+NOTIFICATIONS_FAILED = Counter(
+    "quota_notifications_failed", "Alert delivery attempts that failed (retried)", ["channel"], registry=REGISTRY
+)
+NOTIFICATIONS_SENT = Counter("quota_notifications_sent", "Alert deliveries sent", ["channel"], registry=REGISTRY)
+NOTIFICATIONS_RECORDED = Counter(
+    "quota_notifications_recorded", "Budget threshold crossings written to the alert outbox", registry=REGISTRY
+)
+for _channel in ("webhook", "slack"):  # at 0 from the start: increase() then sees the first failure
+    NOTIFICATIONS_FAILED.labels(_channel)
+    NOTIFICATIONS_SENT.labels(_channel)
+_ALERTS = (NOTIFICATIONS_PENDING, NOTIFICATIONS_FAILED, NOTIFICATIONS_SENT, NOTIFICATIONS_RECORDED)
+_ALERT_COUNTERS: dict[str, Counter] = {
+    "quota_notifications_failed_total": NOTIFICATIONS_FAILED,
+    "quota_notifications_sent_total": NOTIFICATIONS_SENT,
+    "quota_notifications_recorded_total": NOTIFICATIONS_RECORDED,
+}
+
+
+def writer_samples() -> Samples:
+    """Everything a writer process reports: the ledger's series and the alerts'."""
+    alerts = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for metric in _ALERTS
+        for family in metric.collect()
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+    return {**ledger_samples(), **alerts}
+
+
+def merge_writer_samples(samples: Samples, seen: Samples) -> None:
+    """`merge_ledger_samples` for everything `writer_samples` sends."""
+    ledger: Samples = {}
+    for key, value in samples.items():
+        name, labels = key
+        counter = _ALERT_COUNTERS.get(name)
+        if name == "quota_notifications_pending":
+            NOTIFICATIONS_PENDING.set(value)
+        elif counter is None:
+            ledger[key] = value
+        else:
+            delta, seen[key] = value - seen.get(key, 0.0), value
+            if delta > 0:
+                (counter.labels(**dict(labels)) if labels else counter).inc(delta)
+    merge_ledger_samples(ledger, seen)

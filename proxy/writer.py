@@ -17,14 +17,17 @@ import signal
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+import asyncpg
 import structlog
 import uvloop
 
 from . import metrics
+from .alerts import channels
 from .config import Settings
 from .db import create_pool
 from .ledger import FLUSH_SECONDS, Ledger
 from .logs import configure_logging
+from .notifier import Notifier
 from .redis_batch import connect
 
 log = structlog.get_logger("proxy.writer")
@@ -62,6 +65,7 @@ async def _drain(settings: Settings, pipe: Connection | None) -> None:
     pool = await create_pool(settings.database_url, min_size=0, max_size=2)
     ledger = Ledger.for_settings(client, pool, settings)
     writer = asyncio.create_task(ledger.run(), name="ledger-writer")
+    notifier = start_notifier(ledger, pool, settings)
     stop = asyncio.create_task(stopping.wait(), name="ledger-writer-stop")
     try:
         while True:
@@ -78,16 +82,27 @@ async def _drain(settings: Settings, pipe: Connection | None) -> None:
                 return
             if pipe is not None:
                 try:
-                    pipe.send(metrics.ledger_samples())
+                    pipe.send(metrics.writer_samples())
                 except OSError:
                     log.warning("ledger_writer_orphaned")  # the proxy died without stopping us
                     return
     finally:
-        for task in (writer, stop):
+        tasks = [t for t in (writer, stop, notifier) if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(writer, stop, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await pool.close()
         await client.aclose()
+
+
+def start_notifier(ledger: Ledger, pool: asyncpg.Pool, settings: Settings) -> asyncio.Task[None] | None:
+    """The alert notifier beside the writer, when a channel is configured; the writer wakes it on new alerts."""
+    if not channels(settings):
+        return None
+    notifier = Notifier(pool, settings)
+    if ledger.alerts is not None:
+        ledger.alerts.on_new = notifier.wake
+    return asyncio.create_task(notifier.run(), name="alert-notifier")
 
 
 class WriterProcess:
@@ -115,7 +130,7 @@ class WriterProcess:
                 while process.is_alive():
                     await asyncio.sleep(REPORT_SECONDS / 2)
                     while receiver.poll():
-                        metrics.merge_ledger_samples(receiver.recv(), seen)
+                        metrics.merge_writer_samples(receiver.recv(), seen)
             except (EOFError, OSError):
                 pass  # it died: its end of the pipe closed
             except asyncio.CancelledError:

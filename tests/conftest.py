@@ -57,7 +57,10 @@ def database(base_settings: Settings) -> None:
         conn = await asyncpg.connect(base_settings.database_url)
         try:
             await migrate(conn)
-            await conn.execute("truncate usage_records, budget_grants, budget_model_caps; delete from budgets")
+            await conn.execute(
+                "truncate usage_records, budget_grants, budget_model_caps, alert_usage, alert_outbox, alert_deliveries;"
+                " delete from budgets"
+            )
         finally:
             await conn.close()
         client = aioredis.Redis.from_url(base_settings.redis_url)

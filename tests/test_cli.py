@@ -367,6 +367,7 @@ def test_budget_show_reports_the_budget_and_this_periods_use(
         "used": 450,
         "remaining": 550,
         "warn_ratio": 0.9,
+        "alert_thresholds": None,  # ALERT_THRESHOLDS
         "period_start": start.isoformat(),
         "resets_at": end.isoformat() if end else None,
     }

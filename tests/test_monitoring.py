@@ -37,9 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "quota-sidecar.json"
-# Defined by the budget-alerts branch (proxy/notifier's metrics): the rules and the dashboard use them already.
-# Once proxy/metrics.py defines one, this test demands it leaves this set and is checked like the rest.
-PENDING_ELSEWHERE = frozenset({"quota_notifications_pending", "quota_notifications_failed_total"})
 # Labels Prometheus adds to every scraped series, and the histogram's bucket label.
 TARGET_LABELS = frozenset({"job", "instance", "le"})
 _METRIC = re.compile(r"\bquota_[a-zA-Z0-9_]+")
@@ -93,16 +90,6 @@ def exported(text: str) -> dict[str, set[str]]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             names.setdefault(sample.name, set()).update(sample.labels)
-    return names
-
-
-def defined_here() -> set[str]:
-    """Every sample name proxy/metrics.py can export (families with no series yet included)."""
-    names = set()
-    for family in metrics.REGISTRY.collect():
-        names.add(family.name)
-        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
-        names.update(family.name + suffix for suffix in suffixes)
     return names
 
 
@@ -167,24 +154,22 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
 
 def test_every_metric_and_label_the_dashboard_and_rules_use_is_exported(live_proxy: str) -> None:
     names = exported(httpx.get(f"{live_proxy}/metrics").text)
-    pending = PENDING_ELSEWHERE & defined_here()
-    assert not pending, f"proxy/metrics.py defines {sorted(pending)} now: take them out of PENDING_ELSEWHERE"
     for where, query in all_queries():
         used = set(_METRIC.findall(query))
         assert used or query.startswith("up{"), f"{where}: {query} uses no quota_ metric (nor Prometheus's up)"
-        for name in used - PENDING_ELSEWHERE:
+        for name in used:
             assert name in names, f"{where}: {name} is not in the proxy's /metrics"
         for name, matchers in _SELECTOR.findall(query):
             for label in set(_MATCHER.findall(matchers)) - TARGET_LABELS:
-                assert name in PENDING_ELSEWHERE or label in names[name], f"{where}: {name} has no label {label!r}"
+                assert label in names[name], f"{where}: {name} has no label {label!r}"
         labels = set().union(*(names.get(name, set()) for name in used)) | TARGET_LABELS
         for group in _BY.findall(query):
             for label in (part.strip() for part in group.split(",")):
-                assert label in labels or used & PENDING_ELSEWHERE, f"{where}: no metric of {query} has {label!r}"
+                assert label in labels, f"{where}: no metric of {query} has {label!r}"
 
 
 def test_no_user_id_or_unbounded_value_is_a_label(live_proxy: str) -> None:
-    allowed = {"endpoint", "state", "code", "model", "kind", "stream", "dependency", "stage", "step", "le"}
+    allowed = {"endpoint", "state", "code", "model", "kind", "stream", "dependency", "stage", "step", "channel", "le"}
     for name, labels in exported(httpx.get(f"{live_proxy}/metrics").text).items():
         if name.startswith("quota_"):
             assert labels <= allowed, f"{name} has labels {labels - allowed}"
@@ -226,7 +211,7 @@ def test_every_dashboard_query_returns_data_from_prometheus_scraping_the_proxy(l
         empty = [
             f"{title}: {query}"
             for title, query in dashboard_queries(rate_interval="1m")
-            if not set(_METRIC.findall(query)) & PENDING_ELSEWHERE and not prometheus_query(base, query)
+            if not prometheus_query(base, query)
         ]
         assert not empty, "queries without data:\n" + "\n".join(empty)
         # Every alert rule evaluates without error against the live series.

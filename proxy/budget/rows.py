@@ -45,6 +45,7 @@ class Limit:
     rollover: float = 0.0  # the fraction of last period's unused budget carried into this one
     rollover_cap: float = 0.5  # ... at most this fraction of the limit
     model: str = ""  # a cap on the models matching this glob, inside the overall budget ('' = the budget)
+    alert_thresholds: tuple[float, ...] | None = None  # the row's own (docs/alerts.md); None: ALERT_THRESHOLDS
 
 
 def env_defaults(settings: Settings) -> list[Limit]:
@@ -58,12 +59,12 @@ def env_defaults(settings: Settings) -> list[Limit]:
 
 _UPSERT = """
 insert into budgets (subject_type, subject, period, token_limit, warn_ratio, rpm_limit, tpm_limit,
-                     rollover_ratio, rollover_cap_ratio, updated_at)
-values ($1, $2, $3, $4, $5, nullif($6, 0), nullif($7, 0), $8, $9, now())
+                     rollover_ratio, rollover_cap_ratio, alert_thresholds, updated_at)
+values ($1, $2, $3, $4, $5, nullif($6, 0), nullif($7, 0), $8, $9, $10, now())
 on conflict (subject_type, subject) do update
 set period = excluded.period, token_limit = excluded.token_limit, warn_ratio = excluded.warn_ratio,
     rpm_limit = excluded.rpm_limit, tpm_limit = excluded.tpm_limit, rollover_ratio = excluded.rollover_ratio,
-    rollover_cap_ratio = excluded.rollover_cap_ratio, updated_at = now()
+    rollover_cap_ratio = excluded.rollover_cap_ratio, alert_thresholds = excluded.alert_thresholds, updated_at = now()
 """
 
 
@@ -85,6 +86,7 @@ async def set_budget(conn: asyncpg.Connection, limit: Limit) -> None:
         limit.tpm,
         limit.rollover,
         limit.rollover_cap,
+        None if limit.alert_thresholds is None else list(limit.alert_thresholds),
     )
 
 
@@ -150,6 +152,7 @@ def _limit(row: asyncpg.Record) -> Limit:
         row["tpm_limit"] or 0,
         row["rollover_ratio"],
         row["rollover_cap_ratio"],
+        alert_thresholds=None if row["alert_thresholds"] is None else tuple(row["alert_thresholds"]),
     )
 
 
