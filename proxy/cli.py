@@ -15,11 +15,10 @@ from .auth import issue_token, parse_ttl
 from .budget.rows import (
     Limit,
     add_grant,
+    change_budget,
     fetch_limit,
     period_bounds,
     revoke_grant,
-    set_budget,
-    set_model_cap,
     sync_defaults,
 )
 from .config import PERIODS, Settings
@@ -56,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         "--rollover", type=float, default=0.0, help="fraction of last period's unused budget carried over"
     )
     bset.add_argument("--rollover-cap", type=float, default=0.5, help="carried at most this fraction of the limit")
+    bset.add_argument("--by", default="cli", help="who changes it, for the history (budget_changes; default: cli)")
+    bset.add_argument("--reason", help="why, for the history")
     bgrant = budget.add_parser("grant", help="add tokens to a budget for its current period only")
     bgrant.add_argument("subject", help="user id, or tenant id with --tenant")
     bgrant.add_argument("tokens", type=int)
@@ -112,10 +113,10 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 args.rollover_cap,
             )
             if args.model:
-                await set_model_cap(conn, replace(limit, model=args.model))
+                await change_budget(conn, replace(limit, model=args.model), args.by, "cli", args.reason)
                 print(f"{kind} {args.subject}: at most {args.tokens:,} tokens per {limit.period} on {args.model}")
                 return
-            await set_budget(conn, limit)
+            await change_budget(conn, limit, args.by, "cli", args.reason)
             rates = "".join(f", {v:,} {k} per minute" for k, v in (("requests", limit.rpm), ("tokens", limit.tpm)) if v)
             print(
                 f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period}"
