@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install clean
+.PHONY: run test bench install clean chromium
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is needed ($(PYTHON) not found); set PYTHON=..."; exit 1; }
@@ -17,8 +17,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m tests.devstack
 
+# The browser tests drive Debian's chromium, never a downloaded build: installed here when missing (as root),
+# else `make test` stops and says what to install.
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
+	  else echo "The browser tests need Debian's chromium at /usr/bin/chromium: run 'sudo apt-get install -y chromium'"; exit 1; fi; }
+
 # The gates first (seconds), then the suite: any of them failing fails `make test`.
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check proxy tests bench
 	$(VENV)/bin/ruff format --check proxy tests bench
 	$(VENV)/bin/mypy proxy

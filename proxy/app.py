@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from . import admin, metrics
 from .auth import Authenticator, Identity, Principal, charged_identity
@@ -31,8 +31,10 @@ from .errors import ProxyError, error_for_status, error_response
 from .forward import Upstream
 from .ledger import Ledger
 from .logs import configure_logging
+from .pages import Pages
 from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay
+from .statement import StatementLinks, StatementPages
 from .tokens import Tokenizer
 from .usage_history import usage_history
 from .writer import WriterProcess
@@ -62,7 +64,7 @@ class Services:
     tasks: list[asyncio.Task[None]]
 
     @classmethod
-    async def start(cls, s: Settings, auth: Authenticator) -> Services:
+    async def start(cls, s: Settings, auth: Authenticator, links: StatementLinks | None = None) -> Services:
         client = connect(s.redis_url, s.redis_timeout)
         # min_size=0: the proxy starts and serves while PostgreSQL is down; the pool connects on first use.
         pool = await create_pool(s.database_url, min_size=0, max_size=10)
@@ -81,6 +83,7 @@ class Services:
             reservation_ttl=s.reservation_ttl_seconds,
             sender=sender,
             holdback=s.holdback_tokens,
+            locale=s.locale,
         )
         ledger = Ledger.for_settings(client, pool, s)
         upstream = Upstream(
@@ -92,7 +95,7 @@ class Services:
         )
         await upstream.start()
         tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # reading the file takes a while
-        relay = Relay(s, budget, ledger, upstream, sender, tokenizer)
+        relay = Relay(s, budget, ledger, upstream, sender, tokenizer, links)
         tasks = [
             asyncio.create_task(book.refresh_forever(pool), name="budget-refresh"),
             asyncio.create_task(budget.reconcile_forever(), name="budget-reconcile"),
@@ -129,10 +132,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     auth = Authenticator(settings)  # a key misconfigured fails here, before the server starts
+    pages = Pages(settings)
+    links = StatementLinks(settings)  # one signer per process: a random PAGES_SECRET lives as long as it
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.services = await Services.start(settings, auth)
+        app.state.services = await Services.start(settings, auth, links)
         # What start-up built (modules, the tokenizer's tables, settings) lives as long as the process:
         # frozen, every full collection stops rescanning it, which was the proxy's longest pause.
         gc.collect()
@@ -218,7 +223,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    routes = []
+    routes: list[BaseRoute] = []
     for endpoint, path in (
         ("chat", "/chat/completions"),
         ("completions", "/completions"),
@@ -242,6 +247,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
+    routes += pages.routes()
+    routes += StatementPages(pages, links, services).routes()
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)

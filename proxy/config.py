@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from . import i18n
+
 PERIODS = ("day", "week", "month", "total")
 
 
@@ -80,6 +82,10 @@ class Settings:
         "process"  # process: a child of the proxy; inline: in its event loop; off: run `ledger` elsewhere
     )
     pages_secret: str = ""  # signs statement links and admin sessions; default: derived from JWT_SECRET
+    # The pages (issue 15): where people reach the proxy, how long a statement link lasts, the messages' language.
+    public_url: str = ""  # the base of the links the proxy hands out; default: the address a request came to
+    statement_link_ttl_days: float = 7.0  # 0: the inline notice and the 429 message carry no link
+    locale: str = "en"  # the inline notice and the 429 message: en or pt-BR (pages follow Accept-Language)
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
@@ -126,3 +132,8 @@ class Settings:
             raise ValueError("HOLDBACK_TOKENS must be 0 or more and COMPLETION_ALLOWANCE at least 1")
         if self.ledger_writer not in ("process", "inline", "off"):
             raise ValueError("LEDGER_WRITER must be 'process', 'inline' or 'off'")
+        i18n.check(self.locale)
+        if self.statement_link_ttl_days < 0:
+            raise ValueError("STATEMENT_LINK_TTL_DAYS must be 0 (no links) or more")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("PUBLIC_URL must start with http:// or https://")

@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import metrics
+from . import i18n, metrics
 from .auth import Identity, Principal, charged_identity
 from .body import Completion, allowed_params, cap_answers, check, encode, read_json
 from .budget import BudgetEngine
@@ -22,6 +22,7 @@ from .budget.quota import Reservation
 from .config import Settings
 from .errors import (
     ProxyError,
+    QuotaExceeded,
     ServiceUnavailable,
 )
 from .flight import Flight, RecordDraft, client_request_id, new_request_id
@@ -29,6 +30,7 @@ from .forward import StreamThrough, Upstream, Upstreamed
 from .ledger import Ledger, UsageRecord
 from .redis_batch import CommandSender
 from .sse import StreamMeter, answer_text, usage_totals
+from .statement import StatementLinks
 from .tokens import Tokenizer
 
 log = structlog.get_logger("proxy.relay")
@@ -65,8 +67,10 @@ class Relay:
         upstream: Upstream,
         sender: CommandSender,
         tokenizer: Tokenizer,
+        links: StatementLinks | None = None,
     ) -> None:
         self._settings = settings
+        self._links = links  # the statement links the notice and the 429 message carry
         self._budget = budget
         self._ledger = ledger
         self._upstream = upstream
@@ -129,6 +133,11 @@ class Relay:
                     need=prompt + (completion.choices - 1 if chat_like else 0),
                     model=completion.model,
                 )
+            except QuotaExceeded as exc:
+                url = self._statement_url(request, identity)
+                if url:  # after the sentence a person reads: LibreChat cuts the message at 512 characters
+                    exc.message += " " + i18n.text(settings.locale, "refusal.link", url=url)
+                raise
             except ServiceUnavailable:
                 if settings.fail_mode != "open":
                     raise
@@ -143,7 +152,8 @@ class Relay:
         upstream = await self._upstream.send("POST", UPSTREAM_PATHS[endpoint], body=body, request_id=draft.request_id)
         try:
             if completion.stream and upstream.ok_stream:
-                return self._stream(upstream, completion, flight)  # the response owns the upstream from here
+                link = lambda: self._statement_url(request, identity)  # noqa: E731 - signed only if a notice is due
+                return self._stream(upstream, completion, flight, link)  # the response owns the upstream from here
             return await self._answer(upstream, completion, flight)
         except BaseException:
             upstream.response.close()
@@ -154,13 +164,18 @@ class Relay:
             return await asyncio.to_thread(self._tokens.prompt, payload)
         return self._tokens.prompt(payload)
 
-    def _stream(self, upstream: Upstreamed, completion: Completion, flight: Flight) -> Response:
+    def _statement_url(self, request: Request, identity: Identity) -> str | None:
+        return self._links.url(identity, self._links.base(request)) if self._links is not None else None
+
+    def _stream(
+        self, upstream: Upstreamed, completion: Completion, flight: Flight, link: Callable[[], str | None]
+    ) -> Response:
         draft, reservation = flight.draft, flight.reservation
         assert reservation is not None
         headers = upstream.headers_for_client()
         headers["X-Request-Id"] = draft.echo_id()
         headers.update(reservation.headers())
-        notice = self._notice_hook(reservation) if completion.endpoint == "chat" else None
+        notice = self._notice_hook(reservation, link) if completion.endpoint == "chat" else None
         meter = StreamMeter(completion.hide_usage, notice)
         cost = upstream.cost
         payload, perf_start = completion.payload, draft.perf_start
@@ -243,14 +258,20 @@ class Relay:
         prompt, completion = self._tokens.prompt(payload), self._tokens.count(answer)
         return prompt, completion, prompt + completion
 
-    def _notice_hook(self, reservation: Reservation) -> Callable[[dict[str, Any]], str | None] | None:
+    def _notice_hook(
+        self, reservation: Reservation, link: Callable[[], str | None]
+    ) -> Callable[[dict[str, Any]], str | None] | None:
         if self._settings.quota_notice != "inline" or reservation.exempt:
             return None
         quota = reservation.quotas[0]
+        locale = self._settings.locale
 
         def notice(usage: dict[str, Any]) -> str | None:
             totals = usage_totals(usage)
-            return quota.with_used(quota.used + totals[2]).notice() if totals else None
+            text = quota.with_used(quota.used + totals[2]).notice(locale) if totals else None
+            url = link() if text else None
+            # Markdown: LibreChat renders the link in the answer, one click away.
+            return f"{text} {i18n.text(locale, 'notice.link', url=url)}" if text and url else text
 
         return notice
 

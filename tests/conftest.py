@@ -20,6 +20,8 @@ from .devstack import free_port, start_litellm, stop
 from .fake_upstream import FakeUpstream
 from .helpers import JWT_SECRET, RedisProcess, serve
 
+pytest_plugins = ["tests.browser"]  # the browser, context and page fixtures
+
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
