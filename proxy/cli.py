@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     brevoke = budget.add_parser("revoke", help="take a grant back")
     brevoke.add_argument("grant_id", type=int)
     brevoke.add_argument("--by", default="cli", help="who revokes it (default: cli)")
+    adm = sub.add_parser("admin", help="the admin dashboard").add_subparsers(dest="action", required=True)
+    alink = adm.add_parser("link", help="print a one-time link that signs an admin in to /admin")
+    alink.add_argument("--name", default="admin", help="who signs in with it, for the history (default: admin)")
+    alink.add_argument("--ttl", default="15m", help="how long it works if unused: 90s, 15m, 12h (default 15m)")
     bshow = budget.add_parser("show", help="show a budget and what was used this period")
     bshow.add_argument("subject")
     bshow.add_argument("--tenant", action="store_true")
@@ -223,4 +227,20 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         )
     elif args.command == "budget":
         asyncio.run(_budget(settings, args))
+    elif args.command == "admin":
+        print(_admin_link(settings, args.name, parse_ttl(args.ttl)))
     return 0
+
+
+def _admin_link(settings: Settings, name: str, ttl: int) -> str:
+    """A one-time sign-in link for the dashboard, signed with the secret the proxy's processes share."""
+    from .auth import Authenticator
+    from .sessions import AdminSessions
+
+    if not settings.pages_secret and not settings.jwt_secret:
+        raise ValueError("set PAGES_SECRET (or JWT_SECRET) so the proxy can check a link made by this command")
+    if not name.strip() or len(name) > 256 or not name.isprintable():
+        raise ValueError("--name is printable text of 1 to 256 characters")
+    token = AdminSessions(settings, Authenticator(settings)).link_token(name, ttl)
+    base = settings.public_url.rstrip("/") or f"http://{settings.proxy_host}:{settings.proxy_port}"
+    return f"{base}/admin/link?t={token}"
