@@ -392,6 +392,10 @@ _MESSAGES["en"].update(
         "admin.zero_no_limit": "0 requests or tokens per minute: no rate limit. The change takes effect at once.",
         "admin.save": "Save",
         "admin.history": "History of changes",
+        "admin.per.day": "a day",
+        "admin.per.week": "a week",
+        "admin.per.month": "a month",
+        "admin.per.total": "in all",
     }
 )
 _MESSAGES["pt-BR"].update(
@@ -489,5 +493,9 @@ _MESSAGES["pt-BR"].update(
         "admin.zero_no_limit": "0 pedidos ou tokens por minuto: sem limite de ritmo. A mudança vale na hora.",
         "admin.save": "Salvar",
         "admin.history": "Histórico de mudanças",
+        "admin.per.day": "por dia",
+        "admin.per.week": "por semana",
+        "admin.per.month": "por mês",
+        "admin.per.total": "no total",
     }
 )
