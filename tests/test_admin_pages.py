@@ -237,9 +237,19 @@ def test_an_admin_changes_a_budget_and_the_users_next_quota_shows_it(url: str, s
     )
     assert len(row) == 1 and (row[0]["changed_by"], row[0]["source"]) == ("ops-bia", "page")
     assert row[0]["before"] is None and '"tokens": 4000' in row[0]["after"] and '"rpm": 7' in row[0]["after"]
+    # A model cap's change (no rates, no warn ratio) shows on the history pages too.
+    cap = httpx.put(
+        f"{url}/admin/budgets/{user}",
+        json={"tokens": 900, "model": "gpt-4o*"},
+        headers={"Authorization": f"Bearer {admin_token()}"},
+    )
+    assert cap.status_code == 200
+    assert "gpt-4o*" in client.get("/admin/changes").text
     changes = httpx.get(
         f"{url}/admin/changes.json", params={"subject": user}, headers={"Authorization": f"Bearer {admin_token()}"}
     ).json()
+    assert changes["data"][0]["model"] == "gpt-4o*"
+    changes["data"] = changes["data"][1:]
     assert changes["data"][0]["after"]["period"] == "week" and changes["data"][0]["before"] is None
 
 
