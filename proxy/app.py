@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from . import admin, metrics, probes
+from .admin_pages import AdminPages
 from .auth import Authenticator, Identity, Principal, charged_identity
 from .budget import BudgetEngine
 from .budget.rows import BudgetBook, sync_defaults
@@ -35,6 +36,7 @@ from .logs import configure_logging
 from .pages import Pages
 from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay
+from .sessions import AdminSessions
 from .statement import StatementLinks, StatementPages
 from .tokens import Tokenizer
 from .usage_history import usage_history
@@ -191,7 +193,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     async def admin_budget(request: Request) -> Response:
         s = services(request)
-        return json_response(await admin.put_budget(s.pool, settings, await s.caller(request), request))
+        body = await admin.put_budget(s.pool, settings, await s.caller(request), request)
+        await s.book.load(s.pool)  # in force at once here; other processes reload within BUDGET_REFRESH_SECONDS
+        return json_response(body)
 
     async def admin_grant(request: Request) -> Response:
         s = services(request)
@@ -243,6 +247,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     routes += pages.routes()
     routes += StatementPages(pages, links, services).routes()
+    routes += AdminPages(pages, AdminSessions(settings, auth), settings, services).routes()
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)

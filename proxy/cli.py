@@ -16,11 +16,10 @@ from .auth import issue_token, parse_ttl
 from .budget.rows import (
     Limit,
     add_grant,
+    change_budget,
     fetch_limit,
     period_bounds,
     revoke_grant,
-    set_budget,
-    set_model_cap,
     sync_defaults,
 )
 from .config import PERIODS, Settings
@@ -63,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         help="fractions of the budget that send an alert, comma-separated (0.5,0.9); '' for none;"
         " default: ALERT_THRESHOLDS",
     )
+    bset.add_argument("--by", default="cli", help="who changes it, for the history (budget_changes; default: cli)")
+    bset.add_argument("--reason", help="why, for the history")
     bgrant = budget.add_parser("grant", help="add tokens to a budget for its current period only")
     bgrant.add_argument("subject", help="user id, or tenant id with --tenant")
     bgrant.add_argument("tokens", type=int)
@@ -72,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     brevoke = budget.add_parser("revoke", help="take a grant back")
     brevoke.add_argument("grant_id", type=int)
     brevoke.add_argument("--by", default="cli", help="who revokes it (default: cli)")
+    adm = sub.add_parser("admin", help="the admin dashboard").add_subparsers(dest="action", required=True)
+    alink = adm.add_parser("link", help="print a one-time link that signs an admin in to /admin")
+    alink.add_argument("--name", default="admin", help="who signs in with it, for the history (default: admin)")
+    alink.add_argument("--ttl", default="15m", help="how long it works if unused: 90s, 15m, 12h (default 15m)")
     bshow = budget.add_parser("show", help="show a budget and what was used this period")
     bshow.add_argument("subject")
     bshow.add_argument("--tenant", action="store_true")
@@ -120,10 +125,10 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 alert_thresholds=None if args.alert_thresholds is None else parse_thresholds(args.alert_thresholds),
             )
             if args.model:
-                await set_model_cap(conn, replace(limit, model=args.model))
+                await change_budget(conn, replace(limit, model=args.model), args.by, "cli", args.reason)
                 print(f"{kind} {args.subject}: at most {args.tokens:,} tokens per {limit.period} on {args.model}")
                 return
-            await set_budget(conn, limit)
+            await change_budget(conn, limit, args.by, "cli", args.reason)
             rates = "".join(f", {v:,} {k} per minute" for k, v in (("requests", limit.rpm), ("tokens", limit.tpm)) if v)
             print(
                 f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period}"
@@ -222,4 +227,20 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         )
     elif args.command == "budget":
         asyncio.run(_budget(settings, args))
+    elif args.command == "admin":
+        print(_admin_link(settings, args.name, parse_ttl(args.ttl)))
     return 0
+
+
+def _admin_link(settings: Settings, name: str, ttl: int) -> str:
+    """A one-time sign-in link for the dashboard, signed with the secret the proxy's processes share."""
+    from .auth import Authenticator
+    from .sessions import AdminSessions
+
+    if not settings.pages_secret and not settings.jwt_secret:
+        raise ValueError("set PAGES_SECRET (or JWT_SECRET) so the proxy can check a link made by this command")
+    if not name.strip() or len(name) > 256 or not name.isprintable():
+        raise ValueError("--name is printable text of 1 to 256 characters")
+    token = AdminSessions(settings, Authenticator(settings)).link_token(name, ttl)
+    base = settings.public_url.rstrip("/") or f"http://{settings.proxy_host}:{settings.proxy_port}"
+    return f"{base}/admin/link?t={token}"

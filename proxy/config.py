@@ -96,6 +96,8 @@ class Settings:
     public_url: str = ""  # the base of the links the proxy hands out; default: the address a request came to
     statement_link_ttl_days: float = 7.0  # 0: the inline notice and the 429 message carry no link
     locale: str = "en"  # the inline notice and the 429 message: en or pt-BR (pages follow Accept-Language)
+    # The admin dashboard (issue 15): how long a session lasts (never longer than the token it was opened with).
+    admin_session_ttl_seconds: int = 8 * 3600
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
@@ -153,6 +155,8 @@ class Settings:
         i18n.check(self.locale)
         if self.statement_link_ttl_days < 0:
             raise ValueError("STATEMENT_LINK_TTL_DAYS must be 0 (no links) or more")
+        if self.admin_session_ttl_seconds < 60:
+            raise ValueError("ADMIN_SESSION_TTL_SECONDS must be at least 60")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ValueError("PUBLIC_URL must start with http:// or https://")
         self._validate_alerts()

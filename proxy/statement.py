@@ -469,28 +469,31 @@ class StatementPages:
             raise
         if identity is None:
             return self._sign_in_form(request, status=401)
-        sources = self.sources(request)
-        now = datetime.now(UTC)
-        limit = sources.book.user(identity.user, identity.groups)
-        start, _ = period_bounds(limit.period, now.timestamp())
-        first = await usage_history(sources.pool, identity.user, history_params(start, now, 1000), now)
+        return await usage_csv(self.sources(request), identity, datetime.now(UTC))
 
-        async def rows() -> AsyncIterator[str]:
-            page: dict[str, Any] = first
-            out = io.StringIO()
-            writer = csv.writer(out)
-            writer.writerow(CSV_FIELDS)
-            while True:
-                for r in page["data"]:
-                    writer.writerow([safe_cell(r[f]) for f in CSV_FIELDS])
-                yield out.getvalue()
-                out.seek(0)
-                out.truncate()
-                if not page["has_more"]:
-                    return
-                params = history_params(start, now, 1000, page["next_cursor"])
-                page = await usage_history(sources.pool, identity.user, params, now)
 
-        name = f"usage-{start:%Y-%m-%d}-to-{now:%Y-%m-%d}.csv"
-        headers = {**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}"'}
-        return StreamingResponse(rows(), media_type="text/csv; charset=utf-8", headers=headers)
+async def usage_csv(sources: Sources, identity: Identity, now: datetime) -> StreamingResponse:
+    """Every record of the user's current period, newest first, as CSV (the statement's and the admin's)."""
+    limit = sources.book.user(identity.user, identity.groups)
+    start, _ = period_bounds(limit.period, now.timestamp())
+    first = await usage_history(sources.pool, identity.user, history_params(start, now, 1000), now)
+
+    async def rows() -> AsyncIterator[str]:
+        page: dict[str, Any] = first
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(CSV_FIELDS)
+        while True:
+            for r in page["data"]:
+                writer.writerow([safe_cell(r[f]) for f in CSV_FIELDS])
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
+            if not page["has_more"]:
+                return
+            params = history_params(start, now, 1000, page["next_cursor"])
+            page = await usage_history(sources.pool, identity.user, params, now)
+
+    name = f"usage-{start:%Y-%m-%d}-to-{now:%Y-%m-%d}.csv"
+    headers = {**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}"'}
+    return StreamingResponse(rows(), media_type="text/csv; charset=utf-8", headers=headers)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import orjson
 import structlog
 
 from ..config import PERIODS, Settings
@@ -106,6 +107,62 @@ async def set_model_cap(conn: asyncpg.Connection, limit: Limit) -> None:
         limit.period,
         limit.tokens,
     )
+
+
+def _as_record(limit: Limit) -> dict[str, object]:
+    """What budget_changes keeps of a row: its settings, not its subject."""
+    if limit.model:
+        return {"period": limit.period, "tokens": limit.tokens}
+    return {
+        "period": limit.period,
+        "tokens": limit.tokens,
+        "warn_ratio": limit.warn_ratio,
+        "rpm": limit.rpm,
+        "tpm": limit.tpm,
+        "rollover": limit.rollover,
+        "rollover_cap": limit.rollover_cap,
+        "alert_thresholds": None if limit.alert_thresholds is None else list(limit.alert_thresholds),
+    }
+
+
+async def change_budget(
+    conn: asyncpg.Connection, limit: Limit, changed_by: str, source: str, reason: str | None = None
+) -> tuple[dict[str, object] | None, dict[str, object]]:
+    """Set a budget row (or, with `limit.model`, a model cap) and record who changed it from what to what
+    in `budget_changes`: the one way the admin API, the dashboard and `budget set` change budgets.
+    Returns (before, after); before is None when there was no row."""
+    async with conn.transaction():
+        # The row locked (or, for a new one, its key) so two changes at once record each other's results.
+        await conn.execute("select pg_advisory_xact_lock(hashtext($1))", f"{limit.subject_type}:{limit.subject}")
+        if limit.model:
+            row = await conn.fetchrow(
+                "select * from budget_model_caps where subject_type = $1 and subject = $2 and model = $3",
+                limit.subject_type,
+                limit.subject,
+                limit.model,
+            )
+            before: dict[str, object] | None = {"period": row["period"], "tokens": row["token_limit"]} if row else None
+            await set_model_cap(conn, limit)
+        else:
+            row = await conn.fetchrow(
+                "select * from budgets where subject_type = $1 and subject = $2", limit.subject_type, limit.subject
+            )
+            before = _as_record(_limit(row)) if row else None
+            await set_budget(conn, limit)
+        after = _as_record(limit)
+        await conn.execute(
+            "insert into budget_changes (subject_type, subject, model, changed_by, source, before, after, reason)"
+            " values ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)",
+            limit.subject_type,
+            limit.subject,
+            limit.model,
+            changed_by,
+            source,
+            orjson.dumps(before).decode() if before is not None else None,
+            orjson.dumps(after).decode(),
+            reason,
+        )
+    return before, after
 
 
 async def sync_defaults(conn: asyncpg.Connection, settings: Settings) -> None:
