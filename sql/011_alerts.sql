@@ -10,54 +10,6 @@ alter table budgets add column if not exists alert_thresholds double precision[]
         and array_position(alert_thresholds, null) is null
         and 0 < all(alert_thresholds) and 1 >= all(alert_thresholds)));
 
--- Tokens used per subject and UTC day, kept by a trigger as usage_records are inserted: a period's use is
--- then the sum of at most 31 rows (every period starts on a UTC day), where summing the records themselves
--- after every ledger batch took hundreds of milliseconds for a tenant of 200,000 records. Inserted rows only
--- (the transition table leaves out those ON CONFLICT DO NOTHING skipped), in the inserting transaction: exact
--- with redelivered batches and several writers. Exempt requests are left out, as budget_status does.
-create table if not exists alert_usage (
-    subject_type text   not null,
-    subject      text   not null,
-    day          date   not null,
-    tokens       bigint not null,
-    primary key (subject_type, subject, day)
-);
-
-create or replace function quota_alert_usage_add() returns trigger
-language plpgsql as $$
-begin
-    insert into alert_usage as a (subject_type, subject, day, tokens)
-    select r.subject_type, r.subject, r.day, sum(r.tokens)
-    from (select 'user' as subject_type, n.user_id as subject, (n.created_at at time zone 'UTC')::date as day,
-                 n.total_tokens as tokens
-          from new_rows n where not n.exempt and n.total_tokens > 0
-          union all
-          select 'tenant', n.tenant_id, (n.created_at at time zone 'UTC')::date, n.total_tokens
-          from new_rows n where n.tenant_id is not null and not n.exempt and n.total_tokens > 0) as r
-    group by 1, 2, 3
-    order by 1, 2, 3  -- one order of row locks for every writer: concurrent batches cannot deadlock
-    on conflict (subject_type, subject, day) do update set tokens = a.tokens + excluded.tokens;
-    return null;
-end
-$$;
-
--- The trigger first: its lock holds inserts back until this migration commits, so the backfill below
--- misses no record and counts none twice.
-drop trigger if exists usage_records_alert_usage on usage_records;
-create trigger usage_records_alert_usage after insert on usage_records
-    referencing new table as new_rows for each statement execute function quota_alert_usage_add();
-
-insert into alert_usage (subject_type, subject, day, tokens)
-select r.subject_type, r.subject, r.day, sum(r.tokens)
-from (select 'user' as subject_type, u.user_id as subject, (u.created_at at time zone 'UTC')::date as day,
-             u.total_tokens as tokens
-      from usage_records u where not u.exempt and u.total_tokens > 0
-      union all
-      select 'tenant', u.tenant_id, (u.created_at at time zone 'UTC')::date, u.total_tokens
-      from usage_records u where u.tenant_id is not null and not u.exempt and u.total_tokens > 0) as r
-group by 1, 2, 3
-on conflict do nothing;
-
 -- One row per crossing. The unique key is what makes it exactly one, whichever writer sees it first.
 create table if not exists alert_outbox (
     id           bigserial   primary key,
@@ -93,7 +45,9 @@ create index if not exists alert_deliveries_due on alert_deliveries (next_attemp
 
 -- The crossings of the subjects (types[i], subjects[i]) at `now_at`, written to the outbox with a delivery for
 -- each configured channel (channels[j], targets[j]). Judged as budget_status judges: the subject's own row
--- else its '*' default, the period's grants and carry in, exempt requests out (alert_usage).
+-- else its '*' default, the period's grants and carry in, exempt requests out. The use is summed from the daily
+-- rollup usage_user_day (010), kept exact by triggers as the ledger is written: at most 31 rows per user, where
+-- summing the records themselves after every batch took hundreds of milliseconds for a tenant of 200,000.
 -- Returns the rows added.
 create or replace function quota_alert_detect(
     types text[], subjects text[], default_thresholds double precision[], now_at timestamptz,
@@ -115,7 +69,8 @@ limits as (
     left join budgets d on d.subject_type = b.subject_type and d.subject = '*'
 ),
 unsent as (  -- the thresholds not yet notified this period: a subject past all of them costs no sum
-    select r.*, array(
+    select r.*, (r.period_start at time zone 'UTC')::date as first_day,
+           coalesce((r.resets_at at time zone 'UTC')::date, 'infinity') as end_day, array(
         select t from unnest(r.thresholds) as t
         where not exists (select 1 from alert_outbox x
                           where x.subject_type = r.subject_type and x.subject = r.subject
@@ -132,10 +87,12 @@ spent as materialized (  -- each subject once, not once per threshold
          + coalesce((select c.carried from budget_rollover c
                      where c.subject_type = o.subject_type and c.subject = o.subject
                        and c.period_start = o.period_start), 0)::bigint as token_limit,
-           coalesce((select sum(a.tokens) from alert_usage a
-                     where a.subject_type = o.subject_type and a.subject = o.subject
-                       and a.day >= (o.period_start at time zone 'UTC')::date
-                       and a.day < coalesce((o.resets_at at time zone 'UTC')::date, 'infinity')), 0)::bigint as used
+           coalesce(case o.subject_type  -- two sums, so each uses its index of usage_user_day
+               when 'user' then (select sum(u.counted) from usage_user_day u
+                                 where u.user_id = o.subject and u.day >= o.first_day and u.day < o.end_day)
+               else (select sum(u.counted) from usage_user_day u
+                     where u.tenant_id = o.subject and u.tenant_id <> '' and u.day >= o.first_day and u.day < o.end_day)
+           end, 0)::bigint as used
     from unsent o
     where cardinality(o.thresholds_open) > 0
 ),

@@ -58,7 +58,7 @@ def database(base_settings: Settings) -> None:
         try:
             await migrate(conn)
             await conn.execute(
-                "truncate usage_records, budget_grants, budget_model_caps, alert_usage, alert_outbox, alert_deliveries;"
+                "truncate usage_records, budget_grants, budget_model_caps, alert_outbox, alert_deliveries;"
                 " delete from budgets"
             )
         finally:

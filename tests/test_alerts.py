@@ -333,7 +333,7 @@ async def test_a_crossing_seen_again_makes_no_second_row(
     history = await rows(pg_pool, user)
     assert [(r["threshold"], r["channel"], r["used"]) for r in history] == [(0.8, "slack", 90), (0.8, "webhook", 90)]
     # The per-day sums the check reads counted the record once, however often it was inserted.
-    assert await pg_pool.fetchval("select sum(tokens) from alert_usage where subject = $1", user) == 90
+    assert await pg_pool.fetchval("select sum(counted) from usage_user_day where user_id = $1", user) == 90
 
 
 async def test_two_writers_finding_the_same_crossing_at_once_write_one_row(
