@@ -257,6 +257,8 @@ async def statement(sources: Sources, identity: Identity, locale: str, now: date
     ]
     st["totals"] = history["totals"]
     st["by_model"] = _by_model(in_period)
+    while earlier and not earlier[-1]["requests"]:  # newest first: periods from before the person's first request
+        earlier.pop()
     st["previous"] = [{**p, "label": period_label(limit.period, p["start"], p["end"], locale)} for p in earlier]
     days = _days(*window)
     models = sorted({r["model"] for r in daily})
