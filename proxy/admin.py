@@ -14,7 +14,7 @@ from starlette.requests import Request
 from .alerts import valid_thresholds
 from .auth import Principal
 from .body import printable_id, read_json
-from .budget.rows import MAX_GRANT, Limit, add_grant, change_budget, revoke_grant
+from .budget.rows import MAX_GRANT, Limit, add_grant, budget_settings, change_budget, revoke_grant
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden, NotFound
 from .usage_history import usage_history
@@ -96,26 +96,8 @@ async def put_budget(
     limit = budget_from(body, settings, subject)
     async with pool.acquire() as conn:
         await change_budget(conn, limit, principal.identity.user, "api", reason_from(body))
-    if limit.model:
-        return {
-            "type": limit.subject_type,
-            "subject": subject,
-            "model": limit.model,
-            "period": limit.period,
-            "tokens": limit.tokens,
-        }
-    return {
-        "type": limit.subject_type,
-        "subject": subject,
-        "period": limit.period,
-        "tokens": limit.tokens,
-        "warn_ratio": limit.warn_ratio,
-        "rpm": limit.rpm,
-        "tpm": limit.tpm,
-        "rollover": limit.rollover,
-        "rollover_cap": limit.rollover_cap,
-        "alert_thresholds": None if limit.alert_thresholds is None else list(limit.alert_thresholds),
-    }
+    model = {"model": limit.model} if limit.model else {}
+    return {"type": limit.subject_type, "subject": subject, **model, **budget_settings(limit)}
 
 
 async def post_grant(

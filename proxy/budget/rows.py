@@ -109,8 +109,8 @@ async def set_model_cap(conn: asyncpg.Connection, limit: Limit) -> None:
     )
 
 
-def _as_record(limit: Limit) -> dict[str, object]:
-    """What budget_changes keeps of a row: its settings, not its subject."""
+def budget_settings(limit: Limit) -> dict[str, object]:
+    """A row's settings, not its subject: what budget_changes keeps, and what the admin API answers."""
     if limit.model:
         return {"period": limit.period, "tokens": limit.tokens}
     return {
@@ -147,9 +147,9 @@ async def change_budget(
             row = await conn.fetchrow(
                 "select * from budgets where subject_type = $1 and subject = $2", limit.subject_type, limit.subject
             )
-            before = _as_record(_limit(row)) if row else None
+            before = budget_settings(_limit(row)) if row else None
             await set_budget(conn, limit)
-        after = _as_record(limit)
+        after = budget_settings(limit)
         await conn.execute(
             "insert into budget_changes (subject_type, subject, model, changed_by, source, before, after, reason)"
             " values ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)",
