@@ -79,3 +79,35 @@ def test_a_signed_value_with_non_ascii_characters_is_refused_not_a_crash(url: st
         assert r.status_code == 403 and "CSRF" in r.text
         assert admin.post("/admin/sign-out", data={"csrf": bad}).status_code == 403
         assert admin.get("/admin").status_code == 200  # still signed in
+
+
+# --- The budget form keeps what it does not show ----------------------------------------------------------------
+
+
+def test_the_budget_form_keeps_the_rollover_and_alert_thresholds_it_does_not_show(url: str) -> None:
+    """The form has no rollover nor alert-threshold fields, and saving it reset them to the defaults:
+    an admin raising a limit silently turned off the user's carry-over and their own alerts."""
+    user = uid()
+    admin = {"Authorization": f"Bearer {admin_token()}"}
+    body = {"tokens": 1000, "period": "month", "rollover": 0.5, "rollover_cap": 0.25, "alert_thresholds": [0.5, 0.9]}
+    assert httpx.put(f"{url}/admin/budgets/{user}", json=body, headers=admin).status_code == 200
+    with signed_in(url) as client:
+        form = {"csrf": csrf_of(client, f"/admin/user?id={user}"), "id": user, "period": "week", "tokens": "2,000"}
+        r = client.post("/admin/user/budget", data={**form, "rpm": "5", "tpm": "0", "warn": "70"})
+        assert r.status_code == 303, r.text
+    changes = httpx.get(f"{url}/admin/changes.json", params={"subject": user}, headers=admin).json()["data"]
+    after = changes[0]["after"]
+    assert (after["tokens"], after["period"], after["rpm"], after["warn_ratio"]) == (2000, "week", 5, 0.7)
+    assert (after["rollover"], after["rollover_cap"], after["alert_thresholds"]) == (0.5, 0.25, [0.5, 0.9])
+
+
+def test_a_new_budget_row_from_the_form_inherits_the_defaults_alert_thresholds(url: str, settings: Settings) -> None:
+    """A user on the default row gets an own row with no thresholds of its own (null: the defaults'),
+    not a copy of the default row's, which would stop following them."""
+    user = uid()
+    with signed_in(url) as client:
+        form = {"csrf": csrf_of(client, f"/admin/user?id={user}"), "id": user, "period": "month", "tokens": "300"}
+        assert client.post("/admin/user/budget", data=form).status_code == 303
+    admin = {"Authorization": f"Bearer {admin_token()}"}
+    after = httpx.get(f"{url}/admin/changes.json", params={"subject": user}, headers=admin).json()["data"][0]["after"]
+    assert (after["tokens"], after["rollover"], after["rollover_cap"], after["alert_thresholds"]) == (300, 0, 0.5, None)
