@@ -17,7 +17,8 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.sessions import NONCE_COOKIE
+from proxy.sessions import COOKIE, NONCE_COOKIE
+from proxy.statement import COOKIE as STATEMENT_COOKIE
 
 from .helpers import serve, token, uid
 
@@ -111,3 +112,23 @@ def test_a_new_budget_row_from_the_form_inherits_the_defaults_alert_thresholds(u
     admin = {"Authorization": f"Bearer {admin_token()}"}
     after = httpx.get(f"{url}/admin/changes.json", params={"subject": user}, headers=admin).json()["data"][0]["after"]
     assert (after["tokens"], after["rollover"], after["rollover_cap"], after["alert_thresholds"]) == (300, 0, 0.5, None)
+
+
+# --- The statement's sign-in cookie lives no longer than the token -----------------------------------------------
+
+
+def test_the_statement_cookie_of_a_sign_in_does_not_outlive_the_token(url: str) -> None:
+    """A token about to expire (or a short-lived one handed out for a look) bought a 12-hour statement."""
+    user = uid()
+    r = httpx.post(f"{url}/me/sign-in", data={"token": token(user, ttl=120)})
+    assert r.status_code == 303
+    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith(f"{STATEMENT_COOKIE}="))
+    max_age = int(re.search(r"max-age=(\d+)", cookie, re.I).group(1))  # type: ignore[union-attr]
+    assert 0 < max_age <= 120
+    value = cookie.split(";")[0].split("=", 1)[1]
+    assert httpx.get(f"{url}/me", cookies={STATEMENT_COOKIE: value}).status_code == 200
+    # A long-lived token still gets the usual 12 hours, not its own months.
+    r = httpx.post(f"{url}/me/sign-in", data={"token": token(user, ttl=90 * 86400)})
+    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith(f"{STATEMENT_COOKIE}="))
+    assert int(re.search(r"max-age=(\d+)", cookie, re.I).group(1)) == 12 * 3600  # type: ignore[union-attr]
+    assert COOKIE not in cookie
