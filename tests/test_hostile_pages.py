@@ -17,6 +17,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.notifier import slack_body
 from proxy.sessions import COOKIE, NONCE_COOKIE
 from proxy.statement import COOKIE as STATEMENT_COOKIE
 
@@ -132,3 +133,28 @@ def test_the_statement_cookie_of_a_sign_in_does_not_outlive_the_token(url: str) 
     cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith(f"{STATEMENT_COOKIE}="))
     assert int(re.search(r"max-age=(\d+)", cookie, re.I).group(1)) == 12 * 3600  # type: ignore[union-attr]
     assert COOKIE not in cookie
+
+
+# --- Alerts: a user id is text in Slack, and one bad webhook URL stops no other alert ----------------------------
+
+
+def test_a_user_id_reaches_slack_as_text_not_as_a_mention_or_a_link() -> None:
+    """Slack reads `<!channel>`, `<@U123>` and `<https://…|label>` in mrkdwn: a user or tenant named so (an
+    identity provider's username) pinged the whole channel, or showed a link of the user's choosing."""
+    data = {
+        "id": "k",
+        "subject_type": "user",
+        "subject": "<!channel> <https://evil.example|reset your password> & co",
+        "threshold": 0.8,
+        "period": "month",
+        "resets_at": None,
+        "token_limit": 1000,
+        "used": 800,
+        "percent": 80.0,
+        "state": "warn",
+    }
+    body = slack_body(data)
+    texts = [body["text"], body["blocks"][0]["text"]["text"]]
+    for text in texts:
+        assert "<!channel>" not in text and "<https://" not in text
+        assert "&lt;!channel&gt; &lt;https://evil.example|reset your password&gt; &amp; co" in text
