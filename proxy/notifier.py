@@ -206,7 +206,7 @@ class Notifier:
         data = payload(row)
         try:
             response = await self._post(channel, data, now)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError: a URL httpx cannot parse
             return f"{exc.__class__.__name__}: {exc}".rstrip(": ")
         if response.is_success:
             return None

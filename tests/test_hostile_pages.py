@@ -8,20 +8,25 @@ through the real notifier to a receiver on a loopback port.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
+import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.notifier import slack_body
+from proxy.notifier import Notifier, slack_body
 from proxy.sessions import COOKIE, NONCE_COOKIE
 from proxy.statement import COOKIE as STATEMENT_COOKIE
 
+from .devstack import free_port
 from .helpers import serve, token, uid
+from .test_alerts import Clock, Receiver, Writer, alert_settings, budget, rows, usage
 
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -158,3 +163,31 @@ def test_a_user_id_reaches_slack_as_text_not_as_a_mention_or_a_link() -> None:
     for text in texts:
         assert "<!channel>" not in text and "<https://" not in text
         assert "&lt;!channel&gt; &lt;https://evil.example|reset your password&gt; &amp; co" in text
+
+
+@pytest.mark.anyio
+async def test_a_webhook_url_httpx_cannot_parse_fails_alone(
+    base_settings: Settings, redis_client: aioredis.Redis, pg_pool: asyncpg.Pool
+) -> None:
+    """httpx.InvalidURL is not an httpx.HTTPError: a webhook URL with a bad port (which the settings let
+    through) raised out of the whole batch, rolled it back, and no alert on any channel was ever sent."""
+    await pg_pool.execute("truncate alert_outbox, alert_deliveries")
+    rec = Receiver()
+    with serve(rec.app) as good:
+        settings = alert_settings(
+            base_settings,
+            good,
+            alert_webhook_urls=(f"http://127.0.0.1:{free_port()}:1/hook",),
+            alert_thresholds=("1.0",),
+        )
+        clock = Clock(time.time())
+        user = uid()
+        await budget(pg_pool, user, 10)
+        await Writer(redis_client, pg_pool, settings, clock).write(usage(user, 10, clock.now))
+        async with httpx.AsyncClient(timeout=5) as http:
+            assert await Notifier(pg_pool, settings, clock=clock, client=http).send_due() == 2
+    assert len(rec.bodies("slack")) == 1
+    states = {r["channel"]: (r["state"], r["attempts"], r["last_error"]) for r in await rows(pg_pool, user)}
+    assert states["slack"] == ("sent", 1, None)
+    state, attempts, error = states["webhook"]
+    assert (state, attempts) == ("pending", 1) and error.startswith("InvalidURL")
