@@ -14,7 +14,7 @@ import csv
 import io
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import urlencode
@@ -31,7 +31,7 @@ from . import charts, i18n
 from .admin import budget_from, reason_from
 from .auth import Identity
 from .body import printable_id
-from .budget.rows import DEFAULT, change_budget
+from .budget.rows import DEFAULT, change_budget, fetch_limit
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden, ProxyError, Unauthorized
 from .pages import SECURITY_HEADERS, Pages, locale_of
@@ -466,6 +466,15 @@ class AdminPages:
         sources = self.sources(request)
         try:
             async with sources.pool.acquire(timeout=5) as conn:
+                # What the form does not show stays as the user's own row has it (a new row: the defaults).
+                own = await fetch_limit(conn, "user", user)
+                if own is not None and own.subject == user:
+                    limit = replace(
+                        limit,
+                        rollover=own.rollover,
+                        rollover_cap=own.rollover_cap,
+                        alert_thresholds=own.alert_thresholds,
+                    )
                 await change_budget(conn, limit, session.admin, "page", reason)
             await sources.book.load(sources.pool)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:

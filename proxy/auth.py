@@ -253,6 +253,13 @@ def charged_identity(
     )
 
 
+def token_expiry(token: str) -> float | None:
+    """When a token that `Authenticator.authenticate` accepted expires: what a session opened with it must
+    not outlive. (Read without checking the signature again; only for a token already verified.)"""
+    expires = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    return float(expires) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None
+
+
 def parse_ttl(text: str) -> int:
     """'90s', '15m', '12h', '30d' or plain seconds -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}

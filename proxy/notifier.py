@@ -101,9 +101,15 @@ def message(data: dict[str, Any]) -> str:
     )
 
 
+def slack_text(text: str) -> str:
+    """Text as Slack's mrkdwn shows it literally: `<!channel>`, `<@U…>` and `<url|label>` in a user's or a
+    tenant's name must not ping a channel or show a link (Slack asks for &, < and > escaped so)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def slack_body(data: dict[str, Any]) -> dict[str, Any]:
     """Slack's incoming-webhook format: `text` (shown in notifications) and the same as a block."""
-    text = message(data)
+    text = slack_text(message(data))
     icon = ":no_entry:" if data["state"] == "blocked" else ":warning:"
     return {
         "text": text,
@@ -200,7 +206,7 @@ class Notifier:
         data = payload(row)
         try:
             response = await self._post(channel, data, now)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError: a URL httpx cannot parse
             return f"{exc.__class__.__name__}: {exc}".rstrip(": ")
         if response.is_success:
             return None

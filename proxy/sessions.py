@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import jwt
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .auth import Authenticator
+from .auth import Authenticator, token_expiry
 from .config import Settings
 from .errors import Forbidden, ServiceUnavailable
 from .signing import BadSignature, Signer, pages_secret
@@ -92,9 +91,8 @@ class AdminSessions:
         principal = await self._auth.authenticate(f"Bearer {token}")
         if not principal.admin:
             raise Forbidden("This token is not an admin's: the dashboard needs a token with the admin claim.")
-        # Verified above; read again only for its expiry, which the session must not outlive.
-        expires = jwt.decode(token, options={"verify_signature": False}).get("exp")
-        ttl = float(expires) - self._clock() if isinstance(expires, (int, float)) else 0.0
+        expires = token_expiry(token)
+        ttl = expires - self._clock() if expires is not None else 0.0
         return self.open(principal.identity.user, "token", ttl)
 
     def set_cookie(self, response: Response, value: str, session: Session) -> Response:

@@ -61,7 +61,8 @@ class Signer:
 
     def verify(self, token: str) -> dict[str, Any]:
         body, _, mac = token.partition(".")
-        if not body or not hmac.compare_digest(mac, self._mac(body)):
+        # compare_digest raises TypeError on str with non-ASCII characters; as bytes, they are just wrong.
+        if not body or not hmac.compare_digest(mac.encode(), self._mac(body).encode()):
             raise BadSignature("not signed by this proxy")
         try:
             data = orjson.loads(_unb64(body))

@@ -24,7 +24,7 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from . import charts, i18n
-from .auth import Authenticator, Identity, charged_identity
+from .auth import Authenticator, Identity, charged_identity, token_expiry
 from .budget import BudgetEngine
 from .budget.quota import Quota
 from .budget.rows import BudgetBook, period_bounds
@@ -452,9 +452,12 @@ class StatementPages:
             return self._sign_in_form(
                 request, error=i18n.text(locale, "signin.bad_token", reason=exc.message), status=status
             )
-        session = self.links.token(principal.identity, SIGN_IN_SECONDS)
+        # Open SIGN_IN_SECONDS, and never after the token it was opened with.
+        expires = token_expiry(token)
+        ttl = SIGN_IN_SECONDS if expires is None else min(SIGN_IN_SECONDS, max(self.links.remaining(int(expires)), 1))
+        session = self.links.token(principal.identity, ttl)
         response = RedirectResponse(self._home(), status_code=303, headers=SECURITY_HEADERS)
-        return self._with_cookie(response, request, session, SIGN_IN_SECONDS)
+        return self._with_cookie(response, request, session, ttl)
 
     async def sign_out(self, request: Request) -> Response:
         response = RedirectResponse(self._home(), status_code=303, headers=SECURITY_HEADERS)
