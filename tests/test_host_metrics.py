@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from proxy import host_metrics, metrics
 from proxy.host_metrics import GAUGES, HostMetrics
@@ -113,3 +113,19 @@ async def test_an_unreadable_snapshot_is_left_out(tmp_path: Path) -> None:
 def test_every_gauge_the_proxy_exports_has_a_rule() -> None:
     gauges = {m.name for m in metrics.REGISTRY.collect() if m.type == "gauge"}
     assert gauges == set(GAUGES)
+
+
+async def test_the_proxys_registry_comes_out_whole_and_adds_up(tmp_path: Path) -> None:
+    metrics.REQUESTS.labels("chat", "ok", "200").inc()
+    metrics.DEPENDENCY_UP.labels("redis").set(1)
+    alone = scrape(generate_latest(metrics.REGISTRY).decode())
+    worker = HostMetrics(str(tmp_path), "0")
+    assert scrape((await worker.exposition()).decode()).keys() == alone.keys()  # no other process yet
+
+    host_metrics.write(tmp_path / "1.json", host_metrics.dumps(worker.own()))  # another worker, the same counts
+    both = scrape((await worker.exposition()).decode())
+    assert both.keys() == alone.keys()
+    key = ("quota_requests_total", ("code", "200"), ("endpoint", "chat"), ("state", "ok"))
+    assert both[key] == 2 * alone[key]
+    assert both[("quota_reserve_seconds_count",)] == 2 * alone[("quota_reserve_seconds_count",)]
+    assert both[("quota_dependency_up", ("dependency", "redis"))] == 1
