@@ -30,6 +30,7 @@ from .config import Settings
 from .db import PG_UNAVAILABLE, create_pool
 from .errors import ProxyError, error_for_status, error_response
 from .forward import Upstream
+from .host_metrics import HostMetrics
 from .ledger import FLUSH_SECONDS, Ledger
 from .lifecycle import Gate, Lifecycle
 from .logs import configure_logging
@@ -136,7 +137,8 @@ class Services:
         return identity
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, host_metrics: HostMetrics | None = None) -> Starlette:
+    """The application; with `host_metrics` (a worker of several) its /metrics is the whole host's."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     auth = Authenticator(settings)  # a key misconfigured fails here, before the server starts
@@ -151,10 +153,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # frozen, every full collection stops rescanning it, which was the proxy's longest pause.
         gc.collect()
         gc.freeze()
+        if host_metrics is not None:
+            host_metrics.start()
         try:
             yield
         finally:
             await app.state.services.stop()
+            if host_metrics is not None:
+                await host_metrics.stop()  # after the drain: every request counted
 
     def services(request: Request) -> Services:
         return request.app.state.services  # type: ignore[no-any-return]
@@ -219,7 +225,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def prometheus(request: Request) -> Response:
         s = services(request)
         await probes.check_all(s.ledger, s.pool, s.upstream)  # the dependency and ledger gauges, fresh
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        body = await host_metrics.exposition() if host_metrics else generate_latest(metrics.REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     routes: list[BaseRoute] = []
     for endpoint, path in (

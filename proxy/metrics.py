@@ -277,6 +277,7 @@ for _channel in ("webhook", "slack"):  # at 0 from the start: increase() then se
     NOTIFICATIONS_FAILED.labels(_channel)
     NOTIFICATIONS_SENT.labels(_channel)
 _ALERTS = (NOTIFICATIONS_PENDING, NOTIFICATIONS_FAILED, NOTIFICATIONS_SENT, NOTIFICATIONS_RECORDED)
+WRITER_METRICS = (*_LEDGER, *_ALERTS)  # a writer process's series (host_metrics.py: the supervisor's file)
 _ALERT_COUNTERS: dict[str, Counter] = {
     "quota_notifications_failed_total": NOTIFICATIONS_FAILED,
     "quota_notifications_sent_total": NOTIFICATIONS_SENT,

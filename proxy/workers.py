@@ -5,6 +5,8 @@ from; starts the workers and starts again any that dies; runs the host's one led
 (LEDGER_WRITER=process), so the workers run none; and on SIGTERM or Ctrl-C passes the signal on, waits
 for every worker to drain (lifecycle.py), and only then stops the writer, which first moves the
 workers' last records to PostgreSQL. Budgets need nothing here: every worker reserves in the same Redis.
+A scrape of /metrics reaches one worker, which answers for the host from the snapshots each process
+writes into a private directory this one makes (host_metrics.py).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import math
 import multiprocessing
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
@@ -26,7 +30,9 @@ import uvicorn
 import uvloop
 from uvicorn.config import STARTUP_FAILURE
 
+from . import host_metrics, metrics
 from .config import Settings
+from .host_metrics import HostMetrics
 from .logs import configure_logging
 from .writer import WriterProcess, name_process
 
@@ -69,11 +75,11 @@ def serve(settings: Settings, workers: int) -> int:
     return uvloop.run(_supervise(settings, workers))
 
 
-def _serve(settings: Settings, sock: socket.socket | None) -> int:
+def _serve(settings: Settings, sock: socket.socket | None, shared: HostMetrics | None = None) -> int:
     from .app import create_app  # the supervisor never imports the application
     from .lifecycle import DrainingServer
 
-    app = create_app(settings)
+    app = create_app(settings, shared)
     server = DrainingServer(server_config(app, settings), app.state.lifecycle)
     server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else STARTUP_FAILURE
@@ -91,16 +97,18 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     return settings
 
 
-def _worker(settings: Settings, sock: socket.socket) -> None:
+def _worker(settings: Settings, sock: socket.socket, metrics_dir: str, index: int) -> None:
     """A worker process's entry point."""
     name_process("quota-worker")
-    sys.exit(_serve(settings, sock))
+    sys.exit(_serve(settings, sock, HostMetrics(metrics_dir, str(index))))
 
 
 async def _supervise(settings: Settings, count: int) -> int:
     loop = asyncio.get_running_loop()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing of this loop is inherited
     sock = server_config(None, settings).bind_socket()
+    metrics_dir = tempfile.mkdtemp(prefix="quota-metrics-")  # mode 700: only this user's processes read it
+    shared = HostMetrics(metrics_dir, host_metrics.WRITER, metrics.WRITER_METRICS)
     stopping = asyncio.Event()
     workers: list[BaseProcess] = []
 
@@ -117,17 +125,25 @@ async def _supervise(settings: Settings, count: int) -> int:
 
     def start(index: int) -> BaseProcess:
         process = context.Process(
-            target=_worker, args=(worker_settings(settings, index), sock), name=f"quota-worker-{index}"
+            target=_worker,
+            args=(worker_settings(settings, index), sock, metrics_dir, index),
+            name=f"quota-worker-{index}",
         )
         process.start()
         return process
 
     writer = WriterProcess(settings) if settings.ledger_writer == "process" else None
     writer_task = asyncio.create_task(writer.run(), name="ledger-writer-process") if writer else None
+    shared.start()
     status = 0
     try:
         workers.extend([await asyncio.to_thread(start, i) for i in range(count)])
-        log.info("proxy_workers_started", pids=[p.pid for p in workers], writer=settings.ledger_writer)
+        log.info(
+            "proxy_workers_started",
+            pids=[p.pid for p in workers],
+            writer=settings.ledger_writer,
+            metrics_dir=metrics_dir,
+        )
         delays, started = [0.5] * count, [loop.time()] * count
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
@@ -144,6 +160,8 @@ async def _supervise(settings: Settings, count: int) -> int:
                 # Back off only when it keeps dying soon after starting.
                 delays[i] = 1.0 if loop.time() - started[i] > 60 else min(delays[i] * 2, 30.0)
                 log.error("proxy_worker_exited", pid=process.pid, exitcode=process.exitcode, restart_in=delays[i])
+                # Its gauges go; its counts stay, for the next worker `i` to carry on from.
+                await asyncio.to_thread(host_metrics.retire, shared.directory / f"{i}.json")
                 await asyncio.sleep(delays[i])
                 workers[i], started[i] = await asyncio.to_thread(start, i), loop.time()
         _signal_all(workers, signal.SIGTERM)
@@ -155,6 +173,8 @@ async def _supervise(settings: Settings, count: int) -> int:
         if writer_task is not None:
             writer_task.cancel()  # the writer moves the workers' last records, then exits
             await asyncio.gather(writer_task, return_exceptions=True)
+        await shared.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 

@@ -3,6 +3,8 @@ before it exits 0), and run with two workers on one port (one budget, one ledger
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 from collections.abc import Iterator
@@ -13,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import redis
 
+from proxy import host_metrics
 from proxy.config import Settings
 
 from .devstack import alive, children, free_port, start_proxy, stop
 from .fake_upstream import FakeUpstream
-from .helpers import CHAT, count_rows, eventually, pg_row, settings_env, token, uid
+from .helpers import CHAT, count_rows, eventually, pg_row, scrape, settings_env, token, uid
 
 
 def proxy_env(base: Settings, fake: FakeUpstream, **changes: Any) -> dict[str, str]:
@@ -154,12 +158,26 @@ def test_a_stream_past_the_grace_is_cut_and_settled_as_estimated(
         stop(proc)
 
 
-def chat_requests_counted(url: str) -> int:
-    """quota_requests_total of chat, all outcomes, from /metrics on a new connection: one worker's count."""
-    text = httpx.get(f"{url}/metrics", headers={"Connection": "close"}).text
+def chat_requests_counted(text: str) -> int:
+    """quota_requests_total of chat, all outcomes, in a /metrics text."""
     return sum(
         int(float(v)) for v in re.findall(r'^quota_requests_total\{[^}]*endpoint="chat"[^}]*\} (\S+)$', text, re.M)
     )
+
+
+def scraped(url: str) -> str:
+    """/metrics on a new connection: the kernel hands it to either worker."""
+    return httpx.get(f"{url}/metrics", headers={"Connection": "close"}).text
+
+
+def snapshot(metrics_dir: Path, worker: int) -> tuple[int, int]:
+    """Worker `worker`'s snapshot file: the pid that wrote it and the chat requests it counts."""
+    path = metrics_dir / f"{worker}.json"
+    if not path.exists():
+        return 0, 0
+    requests = host_metrics.read(path).get("quota_requests")
+    counted = sum(v for (_, labels), v in requests.samples.items() if ("endpoint", "chat") in labels) if requests else 0
+    return orjson.loads(path.read_bytes())["pid"], int(counted)
 
 
 def test_two_workers_share_one_budget_and_one_writer(
@@ -192,19 +210,42 @@ def test_two_workers_share_one_budget_and_one_writer(
                 headers = {"Authorization": f"Bearer {token(user)}"}
                 return client.post(f"{url}/v1/chat/completions", json=body, headers=headers).status_code
 
-        assert one(0) == 200  # a first request on its own: 51 in all, so the two workers' counts differ
+        assert one(0) == 200  # a first request on its own: 51 in all
         with ThreadPoolExecutor(50) as pool:
             statuses = list(pool.map(one, range(50)))
         assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
 
-        # Each worker counts what it served in its own /metrics: two different counts adding up to 51.
-        seen: set[int] = set()
+        # Both workers served, and every scrape, whichever worker answers it, counts all 51.
+        started = next(json.loads(line) for line in log.read_text().splitlines() if "proxy_workers_started" in line)
+        metrics_dir = Path(started["metrics_dir"])
+        assert metrics_dir.stat().st_mode & 0o777 == 0o700
 
-        def both_served() -> bool:
-            seen.add(chat_requests_counted(url))
-            return any(a and b and a + b == 51 for a in seen for b in seen)
+        def counts() -> list[int]:
+            return [snapshot(metrics_dir, i)[1] for i in (0, 1)]
 
-        eventually(both_served, timeout=20, interval=0.1)
+        eventually(lambda: sum(counts()) == 51, timeout=20)
+        assert all(counts()), counts()
+        assert [chat_requests_counted(scraped(url)) for _ in range(8)] == [51] * 8
+        # The supervisor's ledger writer's series too.
+        eventually(lambda: scrape(scraped(url)).get(("quota_ledger_written_total",)) == 51, timeout=20)
+
+        # A worker killed and started again: no scrape shows fewer, then its successor counts on from its 51.
+        killed = snapshot(metrics_dir, 0)[0]
+        os.kill(killed, signal.SIGKILL)
+
+        shown: list[int] = []
+
+        def restarted() -> bool:
+            shown.append(chat_requests_counted(scraped(url)))
+            pid = snapshot(metrics_dir, 0)[0]
+            return pid not in (killed, proc.pid) and comm(pid) == "quota-worker"
+
+        eventually(restarted, timeout=60, interval=0.2)
+        assert set(shown) == {51}, shown
+        with ThreadPoolExecutor(10) as pool:
+            statuses += list(pool.map(one, range(10)))
+        eventually(lambda: sum(counts()) == 61, timeout=20)
+        assert [chat_requests_counted(scraped(url)) for _ in range(8)] == [61] * 8
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -213,7 +254,7 @@ def test_two_workers_share_one_budget_and_one_writer(
             "select coalesce(sum(total_tokens), 0), count(*) from usage_records where user_id = $1",
             user,
         )
-        assert rows == 51  # refusals are recorded too; all written before the supervisor exited
+        assert rows == 61  # refusals are recorded too; all written before the supervisor exited
         assert 0 < used <= limit
         assert reserved(base_settings.redis_url, user) == 0
     finally:
