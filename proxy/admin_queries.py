@@ -448,33 +448,30 @@ class Paging:
         return cls(_whole(params, "page", 1, MAX_PAGE, 1), per_page)
 
 
-async def blocked(pool: asyncpg.Pool, period: str, now: datetime, paging: Paging | None) -> dict[str, Any]:
-    """The requests budgets refused in the window, newest first (all of them without `paging`: the CSV)."""
+_BLOCKED = (
+    "select created_at, request_id, user_id, tenant_id, model, endpoint, http_status{total}"
+    " from usage_records where status = 'blocked' and created_at >= $1 and created_at < $2"
+    " order by created_at desc, request_id desc"
+)
+
+
+def _blocked_window(period: str, now: datetime) -> tuple[datetime, datetime]:
     span = window(period, now)
-    end = span.end or datetime(9000, 1, 1, tzinfo=UTC)
-    base = (
-        "from usage_records where status = 'blocked' and created_at >= $1 and created_at < $2"
-        " order by created_at desc, request_id desc"
-    )
-    fields = "created_at, request_id, user_id, tenant_id, model, endpoint, http_status"
-    if paging is None:
-        rows = await _fetch(pool, f"select {fields} {base}", span.start, end)
-        return {"object": "list", "period": period, "data": [_jsonable(r) for r in rows]}
-    rows = await _fetch(
-        pool,
-        f"select {fields}, count(*) over () as total {base} limit $3 offset $4",
-        span.start,
-        end,
-        paging.per_page,
-        (paging.page - 1) * paging.per_page,
-    )
+    return span.start, span.end or datetime(9000, 1, 1, tzinfo=UTC)
+
+
+async def blocked(pool: asyncpg.Pool, period: str, now: datetime, paging: Paging) -> dict[str, Any]:
+    """A page of the requests budgets refused in the window, newest first."""
+    start, end = _blocked_window(period, now)
+    sql = _BLOCKED.format(total=", count(*) over () as total") + " limit $3 offset $4"
+    rows = await _fetch(pool, sql, start, end, paging.per_page, (paging.page - 1) * paging.per_page)
     if rows:
         total = int(rows[0]["total"])
     else:
         counted = await _fetch(
             pool,
             "select count(*) as n from usage_records where status = 'blocked' and created_at >= $1 and created_at < $2",
-            span.start,
+            start,
             end,
         )
         total = int(counted[0]["n"])
@@ -487,6 +484,15 @@ async def blocked(pool: asyncpg.Pool, period: str, now: datetime, paging: Paging
         "pages": max(-(-total // paging.per_page), 1),
         "per_page": paging.per_page,
     }
+
+
+async def blocked_rows(pool: asyncpg.Pool, period: str, now: datetime) -> AsyncIterator[dict[str, Any]]:
+    """Every request refused in the window, newest first, through a cursor: a user hammering the proxy
+    while blocked leaves hundreds of thousands of them, which the CSV streams instead of holding."""
+    start, end = _blocked_window(period, now)
+    async with reading(pool) as conn:
+        async for row in conn.cursor(_BLOCKED.format(total=""), start, end, prefetch=1000):
+            yield _jsonable(row)
 
 
 async def changes(

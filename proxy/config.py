@@ -165,9 +165,14 @@ class Settings:
         from .alerts import parse_thresholds  # the one parser, shared with the CLI and the admin API
 
         parse_thresholds(",".join(self.alert_thresholds), "ALERT_THRESHOLDS")
-        for url in (*self.alert_webhook_urls, self.alert_slack_webhook_url):
-            if url and not url.startswith(("http://", "https://")):
-                raise ValueError(f"alert webhook URLs start with http:// or https://, not {url[:40]!r}")
+        for name, urls in (
+            ("ALERT_WEBHOOK_URLS", self.alert_webhook_urls),
+            ("ALERT_SLACK_WEBHOOK_URL", (self.alert_slack_webhook_url,)),
+        ):
+            for i, url in enumerate(urls, 1):
+                if url and not url.startswith(("http://", "https://")):
+                    # The URL itself is not repeated: a webhook's path is often its secret, and this goes to logs.
+                    raise ValueError(f"{name}: URL number {i} must start with http:// or https://")
         if self.alert_webhook_urls and not self.alert_webhook_secret:
             raise ValueError("ALERT_WEBHOOK_SECRET must be set when ALERT_WEBHOOK_URLS is: receivers verify with it")
         if min(self.alert_timeout_seconds, self.alert_retry_seconds, self.alert_poll_seconds) <= 0:

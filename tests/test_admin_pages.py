@@ -340,6 +340,19 @@ def test_every_table_downloads_as_csv_that_parses(url: str, settings: Settings) 
     assert len(mine) == 3 and {m["status"] for m in mine} == {"ok", "blocked"}
 
 
+def test_the_blocked_csv_streams_every_refusal_of_the_period(url: str, settings: Settings) -> None:
+    """A user hammering the proxy while blocked leaves many refusals: the CSV streams them through a cursor,
+    in pieces (no Content-Length), and all of them arrive."""
+    user = uid("flood")
+    add_records(settings.database_url, user, 5000, tokens=0, status="blocked")
+    with signed_in(url).stream("GET", "/admin/blocked.csv") as r:
+        assert r.status_code == 200 and "content-length" not in r.headers
+        pieces = list(r.iter_raw())
+    assert len(pieces) > 1
+    rows = list(csv.DictReader(io.StringIO(b"".join(pieces).decode())))
+    assert sum(1 for row in rows if row["user_id"] == user) == 5000
+
+
 def test_the_users_page_searches_filters_sorts_and_pages(url: str, settings: Settings) -> None:
     team = uid("t")
     users = [f"{team}-user-{i}" for i in range(5)]

@@ -442,12 +442,14 @@ def test_signature_format_and_replay_window() -> None:
         ({"ALERT_THRESHOLDS": "0.8,1.5"}, "at most 1"),
         ({"ALERT_THRESHOLDS": "eighty"}, "fractions"),
         ({"ALERT_WEBHOOK_URLS": "https://hooks.example/a"}, "ALERT_WEBHOOK_SECRET"),
-        ({"ALERT_SLACK_WEBHOOK_URL": "hooks.slack.com/x"}, "http"),
+        ({"ALERT_SLACK_WEBHOOK_URL": "hooks.slack.com/services/T0/B0/s3cr3t"}, "ALERT_SLACK_WEBHOOK_URL"),
+        ({"ALERT_WEBHOOK_URLS": "https://a.example/h, b.example/s3cr3t", "ALERT_WEBHOOK_SECRET": "x"}, "number 2"),
     ],
 )
 def test_settings_refuse_wrong_alert_values(env: dict[str, str], error: str) -> None:
-    with pytest.raises(ValueError, match=error):
+    with pytest.raises(ValueError, match=error) as refused:
         Settings.from_env(env, env_file=None)
+    assert "s3cr3t" not in str(refused.value)  # a webhook's path is its secret: never echoed to logs
 
 
 def test_settings_read_alert_values() -> None:
