@@ -69,6 +69,7 @@ async def run(url: str, token: str, concurrency: int, seconds: float, stream: bo
         "p50_ms": round(percentile(latencies, 0.50), 3),
         "p90_ms": round(percentile(latencies, 0.90), 3),
         "p99_ms": round(percentile(latencies, 0.99), 3),
+        "p999_ms": round(percentile(latencies, 0.999), 3),
     }
     if stream:
         result.update(ttft_p50_ms=round(percentile(ttfts, 0.5), 3), ttft_p99_ms=round(percentile(ttfts, 0.99), 3))

@@ -137,6 +137,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # frozen, every full collection stops rescanning it, which was the proxy's longest pause.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*settings.gc_threshold_values())
+        metrics.watch_gc()
         try:
             yield
         finally:

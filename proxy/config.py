@@ -79,6 +79,8 @@ class Settings:
     ledger_writer: str = (
         "process"  # process: a child of the proxy; inline: in its event loop; off: run `ledger` elsewhere
     )
+    # The collector's thresholds once start-up's heap is frozen (#19; docs/performance.md): gen0, gen1, gen2.
+    gc_thresholds: tuple[str, ...] = ("700", "10", "10")
     pages_secret: str = ""  # signs statement links and admin sessions; default: derived from JWT_SECRET
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
@@ -126,3 +128,12 @@ class Settings:
             raise ValueError("HOLDBACK_TOKENS must be 0 or more and COMPLETION_ALLOWANCE at least 1")
         if self.ledger_writer not in ("process", "inline", "off"):
             raise ValueError("LEDGER_WRITER must be 'process', 'inline' or 'off'")
+        try:
+            thresholds = self.gc_threshold_values()
+        except ValueError:
+            thresholds = ()
+        if len(thresholds) != 3 or min(thresholds) < 1:
+            raise ValueError("GC_THRESHOLDS must be three whole numbers of 1 or more, e.g. 700,10,10")
+
+    def gc_threshold_values(self) -> tuple[int, ...]:
+        return tuple(int(t) for t in self.gc_thresholds)

@@ -11,6 +11,7 @@ import asyncio
 import operator
 import os
 import socket
+import time
 from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -28,6 +29,7 @@ from .db import PG_UNAVAILABLE
 log = structlog.get_logger("proxy.ledger")
 
 GROUP = "ledger-writers"
+TRIM_CHUNK = 100  # entries acknowledged and deleted per round trip
 # What PostgreSQL says of a record it will never take, however often it is retried.
 _REJECTED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
@@ -210,17 +212,23 @@ class Ledger:
         entries = _entries(reply)
         if not entries:
             return 0
+        started = time.perf_counter()
         async with self._pool.acquire() as conn:
             try:
                 await insert_records(conn, [fields[1] for _, fields in entries], self._months)
             except _REJECTED:
                 await self._insert_one_by_one(conn, entries)
         ids = [eid for eid, _ in entries]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, GROUP, *ids)
-            pipe.xdel(self.stream, *ids)
-            await pipe.execute()
+        # In chunks, each its own round trip: Redis serves the proxies' commands between them. One
+        # XACK + XDEL of 1,000 ids kept it busy ~1.5 ms, which every request waiting on it paid (#19).
+        for at in range(0, len(ids), TRIM_CHUNK):
+            chunk = ids[at : at + TRIM_CHUNK]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.stream, GROUP, *chunk)
+                pipe.xdel(self.stream, *chunk)
+                await pipe.execute()
         metrics.LEDGER_WRITTEN.inc(len(ids))
+        metrics.observe_ledger_batch(len(ids), time.perf_counter() - started)
         return len(ids)
 
     async def _insert_one_by_one(self, conn: asyncpg.Connection, entries: list[Any]) -> None:

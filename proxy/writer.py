@@ -46,6 +46,8 @@ def run(settings: Settings, pipe: Connection | None = None) -> None:
 
 async def _drain(settings: Settings, pipe: Connection | None) -> None:
     client = connect(settings.redis_url, settings.redis_timeout)
+    if pipe is not None:
+        metrics.keep_ledger_batches()
     pool = await create_pool(settings.database_url, min_size=0, max_size=2)
     writer = asyncio.create_task(Ledger.for_settings(client, pool, settings).run(), name="ledger-writer")
     try:
@@ -54,7 +56,7 @@ async def _drain(settings: Settings, pipe: Connection | None) -> None:
             if done:
                 break
             try:
-                pipe.send(metrics.ledger_samples())
+                pipe.send((metrics.ledger_samples(), metrics.take_ledger_batches()))
             except OSError:
                 log.warning("ledger_writer_orphaned")  # the proxy died without stopping us
                 return
@@ -93,7 +95,10 @@ class WriterProcess:
                 while process.is_alive():
                     await asyncio.sleep(REPORT_SECONDS / 2)
                     while receiver.poll():
-                        metrics.merge_ledger_samples(receiver.recv(), seen)
+                        samples, batches = receiver.recv()
+                        metrics.merge_ledger_samples(samples, seen)
+                        for records, seconds in batches:
+                            metrics.observe_ledger_batch(records, seconds)
             except (EOFError, OSError):
                 pass  # it died: its end of the pipe closed
             except asyncio.CancelledError:
