@@ -408,7 +408,8 @@ def http_benchmark(a: argparse.Namespace, with_litellm: bool) -> dict[str, Any]:
                 f"http://127.0.0.1:{ll_port}/v1/chat/completions", key, json_only=True, max_concurrency=16
             )
         names = list(targets)
-        for stream in (False, True):
+        modes = (False,) if a.json_only else (False, True)
+        for stream in modes:
             for c in a.concurrency:
                 # Rounds interleave the targets, each round in another order, and each figure is the
                 # median over the rounds: this VM drifts by ±20 % over minutes.
@@ -593,6 +594,7 @@ def main() -> int:
         default=[],
         help="another proxy, JSON only: NAME:ENV=VALUE[;ENV=VALUE...], e.g. gc10k:GC_THRESHOLDS=10000,10,10",
     )
+    p.add_argument("--json-only", action="store_true", help="leave out the streamed points")
     p.add_argument("--no-micro", action="store_true", help="leave out the budget and ledger micro-benchmarks")
     a = p.parse_args()
     # Only whether it is installed: importing litellm would fetch its cost map from the network.
