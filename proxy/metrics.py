@@ -39,8 +39,8 @@ GC_PAUSE = Histogram(
 )
 LEDGER_BATCH_SECONDS = Histogram(
     "quota_ledger_batch_seconds",
-    "Ledger writer batches, from the stream read to the last acknowledgement",
-    buckets=_PAUSE_BUCKETS,
+    "Ledger writer batches, from the stream read's reply to the last acknowledgement",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )
 LEDGER_BATCH_RECORDS = Histogram(
