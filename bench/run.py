@@ -463,13 +463,15 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _at_most(bound: float) -> str:
-    """A histogram bound as the table shows it: past the last bucket is `inf`."""
+    """A histogram bucket's bound as the tables show it (past the last bucket, the bound is inf)."""
     return "over the last bucket" if math.isinf(bound) else f"≤ {bound:g}"
 
 
 def _gc_cell(s: dict[str, Any]) -> str:
     if "gc_per_10s" not in s:
         return ""
+    if not s["gc_per_10s"]:
+        return "0 / 0"
     return f"{s['gc_full_per_10s']:g} / {s['gc_per_10s']:g} ({_at_most(s['gc_longest_ms'])} ms)"
 
 
