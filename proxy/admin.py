@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from starlette.requests import Request
 
+from .alerts import valid_thresholds
 from .auth import Principal
 from .body import printable_id, read_json
-from .budget.rows import MAX_GRANT, Limit, add_grant, revoke_grant, set_budget, set_model_cap
+from .budget.rows import MAX_GRANT, Limit, add_grant, budget_settings, change_budget, revoke_grant
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden, NotFound
 from .usage_history import usage_history
@@ -32,14 +35,9 @@ async def usage(pool: asyncpg.Pool, principal: Principal, request: Request) -> d
     return await usage_history(pool, user, request.query_params, datetime.now(UTC))
 
 
-async def put_budget(
-    pool: asyncpg.Pool, settings: Settings, principal: Principal, request: Request
-) -> dict[str, object]:
-    """PUT /admin/budgets/{subject} with
-    {"tokens": …, "period"?, "warn_ratio"?, "rpm"?, "tpm"?, "type"?: "user"|"tenant"}."""
-    require_admin(principal)
-    subject = printable_id(request.path_params["subject"], "subject")
-    body, _ = await read_json(request, 64 * 1024, settings.body_read_timeout)
+def budget_from(body: Mapping[str, Any], settings: Settings, subject: str) -> Limit:
+    """A budget row (or model cap) from an admin's request body, every field checked; the API's JSON and the
+    dashboard's form both come through here. Missing fields take their defaults, not the row's old values."""
     kind = body.get("type", "user")
     period = body.get("period", settings.budget_period)
     tokens, warn = body.get("tokens"), body.get("warn_ratio", settings.warn_ratio)
@@ -58,29 +56,48 @@ async def put_budget(
     for name, value in (("rollover", rollover), ("rollover_cap", cap)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise BadRequest(f"'{name}' must be a fraction from 0 to 1.", param=name)
+    thresholds = body.get("alert_thresholds")
+    alerts = None if thresholds is None else valid_thresholds(thresholds)
+    if thresholds is not None and alerts is None:
+        raise BadRequest(
+            "'alert_thresholds' is a list of at most 10 fractions above 0 and at most 1, or null.",
+            param="alert_thresholds",
+        )
     limit = Limit(kind, subject, period, tokens, float(warn), rpm, tpm, float(rollover), float(cap))  # type: ignore[arg-type]
+    limit = replace(limit, alert_thresholds=alerts)
     model = body.get("model")
     if model is not None:  # a cap on some models inside the budget, not the budget itself
         if kind == "group" or not isinstance(model, str) or not 0 < len(model) <= 256 or not model.isprintable():
             raise BadRequest("'model' is a glob on model names, for a user's or tenant's cap.", param="model")
         if "[" in model or "]" in model:
             raise BadRequest("'model' may use * and ?, not [...].", param="model")
-        async with pool.acquire() as conn:
-            await set_model_cap(conn, replace(limit, model=model))
-        return {"type": kind, "subject": subject, "model": model, "period": period, "tokens": tokens}
+        return replace(limit, model=model, alert_thresholds=None)
+    return limit
+
+
+def reason_from(body: Mapping[str, Any]) -> str | None:
+    reason = body.get("reason")
+    if reason is None or reason == "":
+        return None
+    if not isinstance(reason, str) or len(reason) > 1000 or "\x00" in reason:
+        raise BadRequest("'reason' is text of at most 1,000 characters.", param="reason")
+    return reason
+
+
+async def put_budget(
+    pool: asyncpg.Pool, settings: Settings, principal: Principal, request: Request
+) -> dict[str, object]:
+    """PUT /admin/budgets/{subject} with
+    {"tokens": …, "period"?, "warn_ratio"?, "rpm"?, "tpm"?, "type"?: "user"|"tenant", "alert_thresholds"?: [0.5, …],
+    "reason"?}."""
+    require_admin(principal)
+    subject = printable_id(request.path_params["subject"], "subject")
+    body, _ = await read_json(request, 64 * 1024, settings.body_read_timeout)
+    limit = budget_from(body, settings, subject)
     async with pool.acquire() as conn:
-        await set_budget(conn, limit)
-    return {
-        "type": kind,
-        "subject": subject,
-        "period": period,
-        "tokens": tokens,
-        "warn_ratio": float(warn),
-        "rpm": rpm,
-        "tpm": tpm,
-        "rollover": float(rollover),
-        "rollover_cap": float(cap),
-    }
+        await change_budget(conn, limit, principal.identity.user, "api", reason_from(body))
+    model = {"model": limit.model} if limit.model else {}
+    return {"type": limit.subject_type, "subject": subject, **model, **budget_settings(limit)}
 
 
 async def post_grant(

@@ -14,14 +14,15 @@ import orjson
 import redis.asyncio as redis
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from . import admin, metrics
+from . import admin, metrics, probes
+from .admin_pages import AdminPages
 from .auth import Authenticator, Identity, Principal, charged_identity
 from .budget import BudgetEngine
 from .budget.rows import BudgetBook, sync_defaults
@@ -29,13 +30,17 @@ from .config import Settings
 from .db import PG_UNAVAILABLE, create_pool
 from .errors import ProxyError, error_for_status, error_response
 from .forward import Upstream
-from .ledger import Ledger
+from .ledger import FLUSH_SECONDS, Ledger
+from .lifecycle import Gate, Lifecycle
 from .logs import configure_logging
+from .pages import Pages
 from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay
+from .sessions import AdminSessions
+from .statement import StatementLinks, StatementPages
 from .tokens import Tokenizer
 from .usage_history import usage_history
-from .writer import WriterProcess
+from .writer import WriterProcess, start_notifier
 
 log = structlog.get_logger("proxy.app")
 
@@ -62,7 +67,7 @@ class Services:
     tasks: list[asyncio.Task[None]]
 
     @classmethod
-    async def start(cls, s: Settings, auth: Authenticator) -> Services:
+    async def start(cls, s: Settings, auth: Authenticator, links: StatementLinks | None = None) -> Services:
         client = connect(s.redis_url, s.redis_timeout)
         # min_size=0: the proxy starts and serves while PostgreSQL is down; the pool connects on first use.
         pool = await create_pool(s.database_url, min_size=0, max_size=10)
@@ -81,6 +86,7 @@ class Services:
             reservation_ttl=s.reservation_ttl_seconds,
             sender=sender,
             holdback=s.holdback_tokens,
+            locale=s.locale,
         )
         ledger = Ledger.for_settings(client, pool, s)
         upstream = Upstream(
@@ -92,7 +98,7 @@ class Services:
         )
         await upstream.start()
         tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # reading the file takes a while
-        relay = Relay(s, budget, ledger, upstream, sender, tokenizer)
+        relay = Relay(s, budget, ledger, upstream, sender, tokenizer, links)
         tasks = [
             asyncio.create_task(book.refresh_forever(pool), name="budget-refresh"),
             asyncio.create_task(budget.reconcile_forever(), name="budget-reconcile"),
@@ -102,13 +108,18 @@ class Services:
             tasks.append(asyncio.create_task(writer.run(), name="ledger-writer-process"))
         elif s.ledger_writer == "inline":
             tasks.append(asyncio.create_task(ledger.run(), name="ledger-writer"))
+            notifier = start_notifier(ledger, pool, s)
+            if notifier is not None:
+                tasks.append(notifier)
         return cls(s, client, pool, sender, book, auth, budget, ledger, upstream, relay, writer, tasks)
 
     async def stop(self) -> None:
-        await self.relay.drain()
+        await self.relay.drain()  # every settle and record is in Redis before the writer is told to stop
         for task in self.tasks:
-            task.cancel()
+            task.cancel()  # a writer process drains the stream into PostgreSQL before it exits
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.settings.ledger_writer == "inline":
+            await self.ledger.flush(FLUSH_SECONDS)
         await self.upstream.close()
         await self.pool.close()
         await self.sender.close()
@@ -129,10 +140,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     auth = Authenticator(settings)  # a key misconfigured fails here, before the server starts
+    lifecycle = Lifecycle(settings)
+    pages = Pages(settings)
+    links = StatementLinks(settings)  # one signer per process: a random PAGES_SECRET lives as long as it
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.services = await Services.start(settings, auth)
+        app.state.services = await Services.start(settings, auth, links)
         # What start-up built (modules, the tokenizer's tables, settings) lives as long as the process:
         # frozen, every full collection stops rescanning it, which was the proxy's longest pause.
         gc.collect()
@@ -181,7 +195,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     async def admin_budget(request: Request) -> Response:
         s = services(request)
-        return json_response(await admin.put_budget(s.pool, settings, await s.caller(request), request))
+        body = await admin.put_budget(s.pool, settings, await s.caller(request), request)
+        await s.book.load(s.pool)  # in force at once here; other processes reload within BUDGET_REFRESH_SECONDS
+        return json_response(body)
 
     async def admin_grant(request: Request) -> Response:
         s = services(request)
@@ -195,32 +211,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return json_response({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        if lifecycle.draining:  # stopping (SIGTERM): balancers take this instance out at once
+            return json_response({"status": "draining"}, 503)
         s = services(request)
-        checks: dict[str, object] = {}
-        try:
-            await asyncio.wait_for(s.redis.ping(), 2)
-            checks["redis"] = "ok"
-            checks["ledger_backlog"] = await s.ledger.backlog()
-        except (TimeoutError, RedisError, OSError) as exc:
-            checks["redis"] = f"error: {exc.__class__.__name__}"
-        try:
-            await asyncio.wait_for(s.pool.fetchval("select 1"), 2)
-            checks["postgres"] = "ok"
-        except PG_UNAVAILABLE as exc:
-            checks["postgres"] = f"error: {exc.__class__.__name__}"
-        try:
-            up = await asyncio.wait_for(s.upstream.send("GET", "/health/liveliness"), 2)
-            up.response.release()
-            checks["litellm"] = "ok" if up.status == 200 else f"error: HTTP {up.status}"
-        except (TimeoutError, ProxyError) as exc:
-            checks["litellm"] = f"error: {exc}"
+        checks = await probes.check_all(s.ledger, s.pool, s.upstream)
         ready = all(v == "ok" for k, v in checks.items() if k != "ledger_backlog")
         return json_response({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)
 
     async def prometheus(request: Request) -> Response:
+        s = services(request)
+        await probes.check_all(s.ledger, s.pool, s.upstream)  # the dependency and ledger gauges, fresh
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    routes = []
+    routes: list[BaseRoute] = []
     for endpoint, path in (
         ("chat", "/chat/completions"),
         ("completions", "/completions"),
@@ -244,6 +247,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
+    routes += pages.routes()
+    routes += StatementPages(pages, links, services).routes()
+    routes += AdminPages(pages, AdminSessions(settings, auth), settings, services).routes()
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)
@@ -258,8 +264,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         log.exception("unhandled_error", path=request.url.path)
         return error_response(ProxyError("Internal error in the quota proxy; it has been logged."))
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(Gate, lifecycle=lifecycle)],
         exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: crash},
     )
+    app.state.lifecycle = lifecycle  # `serve` hands it to the server, which drives it on SIGTERM
+    return app

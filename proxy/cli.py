@@ -11,15 +11,15 @@ from dataclasses import replace
 import asyncpg
 import orjson
 
+from .alerts import parse_thresholds
 from .auth import issue_token, parse_ttl
 from .budget.rows import (
     Limit,
     add_grant,
+    change_budget,
     fetch_limit,
     period_bounds,
     revoke_grant,
-    set_budget,
-    set_model_cap,
     sync_defaults,
 )
 from .config import PERIODS, Settings
@@ -29,7 +29,8 @@ from .db import migrate
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m proxy", description="Token-budget sidecar proxy for LLM traffic.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the proxy on PROXY_HOST:PROXY_PORT")
+    serve = sub.add_parser("serve", help="run the proxy on PROXY_HOST:PROXY_PORT")
+    serve.add_argument("--workers", type=int, help="server processes on the one port (default: PROXY_WORKERS)")
     sub.add_parser("migrate", help="apply sql/ to DATABASE_URL (idempotent)")
     sub.add_parser("ledger", help="move usage records from the Redis stream to PostgreSQL (for LEDGER_WRITER=off)")
 
@@ -56,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         "--rollover", type=float, default=0.0, help="fraction of last period's unused budget carried over"
     )
     bset.add_argument("--rollover-cap", type=float, default=0.5, help="carried at most this fraction of the limit")
+    bset.add_argument(
+        "--alert-thresholds",
+        help="fractions of the budget that send an alert, comma-separated (0.5,0.9); '' for none;"
+        " default: ALERT_THRESHOLDS",
+    )
+    bset.add_argument("--by", default="cli", help="who changes it, for the history (budget_changes; default: cli)")
+    bset.add_argument("--reason", help="why, for the history")
     bgrant = budget.add_parser("grant", help="add tokens to a budget for its current period only")
     bgrant.add_argument("subject", help="user id, or tenant id with --tenant")
     bgrant.add_argument("tokens", type=int)
@@ -65,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     brevoke = budget.add_parser("revoke", help="take a grant back")
     brevoke.add_argument("grant_id", type=int)
     brevoke.add_argument("--by", default="cli", help="who revokes it (default: cli)")
+    adm = sub.add_parser("admin", help="the admin dashboard").add_subparsers(dest="action", required=True)
+    alink = adm.add_parser("link", help="print a one-time link that signs an admin in to /admin")
+    alink.add_argument("--name", default="admin", help="who signs in with it, for the history (default: admin)")
+    alink.add_argument("--ttl", default="15m", help="how long it works if unused: 90s, 15m, 12h (default 15m)")
     bshow = budget.add_parser("show", help="show a budget and what was used this period")
     bshow.add_argument("subject")
     bshow.add_argument("--tenant", action="store_true")
@@ -110,16 +122,17 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 args.tpm,
                 args.rollover,
                 args.rollover_cap,
+                alert_thresholds=None if args.alert_thresholds is None else parse_thresholds(args.alert_thresholds),
             )
             if args.model:
-                await set_model_cap(conn, replace(limit, model=args.model))
+                await change_budget(conn, replace(limit, model=args.model), args.by, "cli", args.reason)
                 print(f"{kind} {args.subject}: at most {args.tokens:,} tokens per {limit.period} on {args.model}")
                 return
-            await set_budget(conn, limit)
+            await change_budget(conn, limit, args.by, "cli", args.reason)
             rates = "".join(f", {v:,} {k} per minute" for k, v in (("requests", limit.rpm), ("tokens", limit.tpm)) if v)
             print(
                 f"{kind} {args.subject}: {args.tokens:,} tokens per {limit.period}"
-                f" (warn at {limit.warn_ratio:.0%}){rates}"
+                f" (warn at {limit.warn_ratio:.0%}){rates}{_alerts_text(limit.alert_thresholds)}"
             )
             return
         groups = tuple(sorted({g.strip() for g in args.groups.split(",")} - {""}))
@@ -162,6 +175,7 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
                 "used": used,
                 "remaining": max(found.tokens + granted - used, 0),
                 "warn_ratio": found.warn_ratio,
+                "alert_thresholds": found.alert_thresholds,  # null: ALERT_THRESHOLDS
                 "period_start": start.isoformat(),
                 "resets_at": end.isoformat() if end else None,
             },
@@ -170,10 +184,19 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> None:
     )
 
 
+def _alerts_text(thresholds: tuple[float, ...] | None) -> str:
+    if thresholds is None:
+        return ""
+    return f", alerts at {', '.join(f'{t:.0%}' for t in thresholds)}" if thresholds else ", no alerts"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        if args.command == "serve" and args.workers is not None:
+            settings = replace(settings, proxy_workers=args.workers)
+            settings.validate()
     except ValueError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -186,27 +209,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "serve":
-        import uvicorn
+        from .workers import serve
 
-        from .app import create_app
-
-        uvicorn.run(
-            create_app(settings),
-            host=settings.proxy_host,
-            port=settings.proxy_port,
-            loop="uvloop",
-            http="httptools",
-            access_log=False,
-            log_level=settings.log_level,
-            # Nothing here reads the client's address, so X-Forwarded-* is not parsed on every request;
-            # and responses do not advertise the server's software.
-            proxy_headers=False,
-            server_header=False,
-            # Slow or idle clients cannot pile up: past MAX_CONNECTIONS new requests get 503, and an idle
-            # keep-alive connection is closed after 5 s (bodies have BODY_READ_TIMEOUT in the relay).
-            limit_concurrency=settings.max_connections,
-            timeout_keep_alive=5,
-        )
+        return serve(settings, settings.proxy_workers)
     elif args.command == "ledger":
         from . import writer
 
@@ -222,4 +227,20 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         )
     elif args.command == "budget":
         asyncio.run(_budget(settings, args))
+    elif args.command == "admin":
+        print(_admin_link(settings, args.name, parse_ttl(args.ttl)))
     return 0
+
+
+def _admin_link(settings: Settings, name: str, ttl: int) -> str:
+    """A one-time sign-in link for the dashboard, signed with the secret the proxy's processes share."""
+    from .auth import Authenticator
+    from .sessions import AdminSessions
+
+    if not settings.pages_secret and not settings.jwt_secret:
+        raise ValueError("set PAGES_SECRET (or JWT_SECRET) so the proxy can check a link made by this command")
+    if not name.strip() or len(name) > 256 or not name.isprintable():
+        raise ValueError("--name is printable text of 1 to 256 characters")
+    token = AdminSessions(settings, Authenticator(settings)).link_token(name, ttl)
+    base = settings.public_url.rstrip("/") or f"http://{settings.proxy_host}:{settings.proxy_port}"
+    return f"{base}/admin/link?t={token}"

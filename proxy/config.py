@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from . import i18n
+
 PERIODS = ("day", "week", "month", "total")
 
 
@@ -83,9 +85,29 @@ class Settings:
     # The collector's thresholds once start-up's heap is frozen (#19; docs/performance.md): gen0, gen1, gen2.
     gc_thresholds: tuple[str, ...] = ("7000", "10", "10")
     pages_secret: str = ""  # signs statement links and admin sessions; default: derived from JWT_SECRET
+    # Budget alerts (proxy/alerts.py finds crossings, proxy/notifier.py sends them; docs/alerts.md).
+    alert_thresholds: tuple[str, ...] = ("0.8", "1.0")  # fractions of a budget; a budget row may set its own
+    alert_webhook_urls: tuple[str, ...] = ()
+    alert_webhook_secret: str = ""  # signs the webhooks' bodies (X-Quota-Signature)
+    alert_slack_webhook_url: str = ""
+    alert_timeout_seconds: float = 10.0
+    alert_retry_seconds: float = 10.0  # the first retry's delay, doubling on each failure ...
+    alert_retry_max_seconds: float = 600.0  # ... up to this
+    alert_give_up_seconds: float = 86400.0  # a delivery still failing this long after its crossing is given up
+    alert_poll_seconds: float = 2.0
+    # The pages (issue 15): where people reach the proxy, how long a statement link lasts, the messages' language.
+    public_url: str = ""  # the base of the links the proxy hands out; default: the address a request came to
+    statement_link_ttl_days: float = 7.0  # 0: the inline notice and the 429 message carry no link
+    locale: str = "en"  # the inline notice and the 429 message: en or pt-BR (pages follow Accept-Language)
+    # The admin dashboard (issue 15): how long a session lasts (never longer than the token it was opened with).
+    admin_session_ttl_seconds: int = 8 * 3600
     log_level: str = "info"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
+    # Stopping and scaling (docs/operations.md#stopping-cleanly and #more-than-one-core).
+    shutdown_grace_seconds: float = 30.0  # from SIGTERM: how long requests and streams in flight may take
+    shutdown_delay_seconds: float = 5.0  # from SIGTERM: new requests still served while balancers notice
+    proxy_workers: int = 1  # server processes on PROXY_PORT (`serve --workers N`)
 
     @classmethod
     def from_env(
@@ -129,12 +151,36 @@ class Settings:
             raise ValueError("HOLDBACK_TOKENS must be 0 or more and COMPLETION_ALLOWANCE at least 1")
         if self.ledger_writer not in ("process", "inline", "off"):
             raise ValueError("LEDGER_WRITER must be 'process', 'inline' or 'off'")
+        if not 0 <= self.shutdown_delay_seconds <= self.shutdown_grace_seconds:
+            raise ValueError("SHUTDOWN_DELAY_SECONDS must be between 0 and SHUTDOWN_GRACE_SECONDS")
+        if self.proxy_workers < 1:
+            raise ValueError("PROXY_WORKERS must be at least 1")
+        i18n.check(self.locale)
+        if self.statement_link_ttl_days < 0:
+            raise ValueError("STATEMENT_LINK_TTL_DAYS must be 0 (no links) or more")
+        if self.admin_session_ttl_seconds < 60:
+            raise ValueError("ADMIN_SESSION_TTL_SECONDS must be at least 60")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("PUBLIC_URL must start with http:// or https://")
         try:
             thresholds = self.gc_threshold_values()
         except ValueError:
             thresholds = ()
         if len(thresholds) != 3 or min(thresholds) < 1:
             raise ValueError("GC_THRESHOLDS must be three whole numbers of 1 or more, e.g. 700,10,10")
+        self._validate_alerts()
 
     def gc_threshold_values(self) -> tuple[int, ...]:
         return tuple(int(t) for t in self.gc_thresholds)
+
+    def _validate_alerts(self) -> None:
+        from .alerts import parse_thresholds  # the one parser, shared with the CLI and the admin API
+
+        parse_thresholds(",".join(self.alert_thresholds), "ALERT_THRESHOLDS")
+        for url in (*self.alert_webhook_urls, self.alert_slack_webhook_url):
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"alert webhook URLs start with http:// or https://, not {url[:40]!r}")
+        if self.alert_webhook_urls and not self.alert_webhook_secret:
+            raise ValueError("ALERT_WEBHOOK_SECRET must be set when ALERT_WEBHOOK_URLS is: receivers verify with it")
+        if min(self.alert_timeout_seconds, self.alert_retry_seconds, self.alert_poll_seconds) <= 0:
+            raise ValueError("ALERT_TIMEOUT_SECONDS, ALERT_RETRY_SECONDS and ALERT_POLL_SECONDS must be above 0")

@@ -111,6 +111,11 @@ def history_down() -> ServiceUnavailable:
     return ServiceUnavailable("Usage history is unavailable right now (database unreachable); try again shortly.")
 
 
+def shutting_down() -> ServiceUnavailable:
+    """The instance is stopping: the client (or its SDK's retry) should go to another one."""
+    return ServiceUnavailable("This proxy instance is shutting down; retry the request.", code="shutting_down")
+
+
 def upstream_failed(exc: BaseException, *, answering: bool) -> ProxyError:
     """The model server failed (an aiohttp error or a timeout): before its answer began, or during it."""
     name = exc.__class__.__name__

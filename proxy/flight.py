@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from . import metrics
 from .auth import Identity
 from .budget.quota import Reservation
 from .errors import (
@@ -62,6 +63,13 @@ class RecordDraft:
     model: str | None = None
     stream: bool = False
     exempt: bool = False
+    # perf_counter() times for the metrics: the body in, the upstream sent, its first byte, its last (JSON
+    # answers; a stream's upstream lasts until the stream ends); and the reservation's duration.
+    body_in: float | None = None
+    upstream_sent: float | None = None
+    upstream_first: float | None = None
+    upstream_end: float | None = None
+    reserve_seconds: float | None = None
 
     def record(
         self,
@@ -101,6 +109,18 @@ class RecordDraft:
 
     def echo_id(self) -> str:
         return self.client_request_id or self.request_id
+
+    def timings(self) -> tuple[float | None, float | None, float | None]:
+        """Seconds of the proxy's own time (from the body being in, less the upstream's part), of the
+        upstream's first byte, and of the reservation; None for what the request never reached."""
+        added = ttfb = None
+        if self.body_in is not None:
+            end = time.perf_counter()
+            sent = self.upstream_sent
+            added = end - self.body_in - ((self.upstream_end or end) - sent if sent is not None else 0.0)
+            if sent is not None and self.upstream_first is not None:
+                ttfb = self.upstream_first - sent
+        return added, ttfb, self.reserve_seconds
 
 
 def outcome_of(exc: BaseException) -> tuple[str, int]:
@@ -147,6 +167,7 @@ class Flight:
         if self._slot:
             self._slot = False
             self._relay.in_flight -= 1
+        metrics.observe(record, *self.draft.timings())
         self._relay.account(self.reservation, record)
 
     def fail(self, exc: BaseException) -> None:

@@ -23,6 +23,7 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from . import metrics
+from .alerts import AlertDetector
 from .config import Settings
 from .db import PG_UNAVAILABLE
 
@@ -30,6 +31,9 @@ log = structlog.get_logger("proxy.ledger")
 
 GROUP = "ledger-writers"
 TRIM_CHUNK = 100  # entries acknowledged and deleted per round trip
+# On the way out, a writer moves what the stream holds for at most this long (PostgreSQL may be down):
+# what is left stays in the stream for the next writer.
+FLUSH_SECONDS = 10.0
 # What PostgreSQL says of a record it will never take, however often it is retried.
 _REJECTED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
@@ -144,6 +148,7 @@ class Ledger:
         redis_timeout: float = 2.0,
         claim_idle_seconds: float = 60.0,
         backlog_warn: int = 100_000,
+        alerts: AlertDetector | None = None,
     ) -> None:
         self._redis = client
         # The writer takes XREADGROUP replies as hiredis parsed them: redis-py's per-entry tuples
@@ -161,6 +166,7 @@ class Ledger:
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
         self._backlog_warn = backlog_warn
         self._months: set[datetime] = set()
+        self.alerts = alerts  # budget thresholds the batch's subjects crossed, found after each commit
 
     @classmethod
     def for_settings(cls, client: redis.Redis, pool: asyncpg.Pool | None, settings: Settings) -> Ledger:
@@ -173,6 +179,7 @@ class Ledger:
             flush_seconds=settings.ledger_flush_seconds,
             redis_timeout=settings.redis_timeout,
             backlog_warn=settings.ledger_backlog_warn,
+            alerts=AlertDetector.for_settings(settings),
         )
 
     def command(self, record: UsageRecord) -> tuple[Any, ...]:
@@ -194,6 +201,20 @@ class Ledger:
 
     async def backlog(self) -> int:
         return int(await self._redis.xlen(self.stream))
+
+    async def backlog_and_lag(self) -> tuple[int, float]:
+        """Records waiting for PostgreSQL, and the age in seconds of the oldest of them by Redis's clock
+        (its entry id is the time Redis added it; acknowledged entries are deleted), in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.stream)
+            pipe.xrange(self.stream, count=1)
+            pipe.time()
+            length, oldest, (seconds, micros) = await pipe.execute()
+        if not oldest:
+            return int(length), 0.0
+        entry_id = oldest[0][0]
+        added_ms = int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+        return int(length), max(seconds + micros / 1e6 - added_ms / 1000, 0.0)
 
     async def ensure_group(self) -> None:
         try:
@@ -218,6 +239,8 @@ class Ledger:
                 await insert_records(conn, [fields[1] for _, fields in entries], self._months)
             except _REJECTED:
                 await self._insert_one_by_one(conn, entries)
+            if self.alerts is not None:  # before the XACK: a check PostgreSQL failed is retried with the batch
+                await self.alerts.check(conn, [fields[1] for _, fields in entries])
         ids = [eid for eid, _ in entries]
         # In chunks, each its own round trip: Redis serves the proxies' commands between them. One
         # XACK + XDEL of 1,000 ids kept it busy ~1.5 ms, which every request waiting on it paid (#19).
@@ -295,8 +318,24 @@ class Ledger:
                 except RedisError:
                     pass
 
+    async def flush(self, timeout: float) -> int:
+        """Move what the stream holds now, without waiting for more (on shutdown, after the proxy's last records
+        went in): first the entries delivered to this consumer and not acknowledged, then the rest.
+        Returns how many were moved; gives up at `timeout`, leaving the others pending."""
+        moved = 0
+        try:
+            async with asyncio.timeout(timeout):
+                await self.ensure_group()
+                for pending in (True, False):
+                    while batch := await self.drain_once(pending=pending, block=False):
+                        moved += batch
+        except (TimeoutError, RedisError, *PG_UNAVAILABLE) as exc:
+            log.warning("ledger_flush_incomplete", moved=moved, error=str(exc) or exc.__class__.__name__)
+        log.info("ledger_flushed", moved=moved)
+        return moved
+
     async def _report_backlog(self) -> None:
+        # The gauges quota_ledger_backlog and quota_ledger_lag_seconds are the proxy's probes (proxy/probes.py).
         backlog = await self.backlog()
-        metrics.LEDGER_BACKLOG.set(backlog)
         if backlog > self._backlog_warn:
             log.error("ledger_backlog_high", backlog=backlog, bound=self._backlog_warn)

@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import metrics
+from . import i18n, metrics
 from .auth import Identity, Principal, charged_identity
 from .body import Completion, allowed_params, cap_answers, check, encode, read_json
 from .budget import BudgetEngine
@@ -22,6 +22,7 @@ from .budget.quota import Reservation
 from .config import Settings
 from .errors import (
     ProxyError,
+    QuotaExceeded,
     ServiceUnavailable,
 )
 from .flight import Flight, RecordDraft, client_request_id, new_request_id
@@ -29,6 +30,7 @@ from .forward import StreamThrough, Upstream, Upstreamed
 from .ledger import Ledger, UsageRecord
 from .redis_batch import CommandSender
 from .sse import StreamMeter, answer_text, usage_totals
+from .statement import StatementLinks
 from .tokens import Tokenizer
 
 log = structlog.get_logger("proxy.relay")
@@ -65,8 +67,10 @@ class Relay:
         upstream: Upstream,
         sender: CommandSender,
         tokenizer: Tokenizer,
+        links: StatementLinks | None = None,
     ) -> None:
         self._settings = settings
+        self._links = links  # the statement links the notice and the 429 message carry
         self._budget = budget
         self._ledger = ledger
         self._upstream = upstream
@@ -76,6 +80,8 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._exempt: dict[str, bool] = {}  # model name -> matches EXEMPT_MODELS
         self.in_flight = 0  # requests holding a slot: checked, reserving, upstream or streaming
+        self._failing_open = False  # the last reservation failed and its request went through unmetered
+        metrics.RESERVATIONS_IN_FLIGHT.set_function(lambda: self.in_flight)
 
     async def completion(self, request: Request, principal: Principal, endpoint: str) -> Response:
         """POST /v1/chat/completions, /v1/completions and /v1/embeddings, for an authenticated caller
@@ -96,6 +102,7 @@ class Relay:
         settings, draft = self._settings, flight.draft
         draft.client_request_id = client_request_id(request)
         payload, size = await read_json(request, settings.max_body_bytes, settings.body_read_timeout)
+        draft.body_in = time.perf_counter()
         completion = check(payload, endpoint, self._allowed[endpoint])
         if completion.hide_usage and self._shows_usage(request, principal):
             completion.hide_usage = False
@@ -120,6 +127,7 @@ class Relay:
         if exempt:
             reservation = self._budget.unmetered(identity, draft.request_id, 0, exempt=True)
         else:
+            reserving = time.perf_counter()
             try:
                 reservation = await self._budget.reserve(
                     identity,
@@ -129,21 +137,37 @@ class Relay:
                     need=prompt + (completion.choices - 1 if chat_like else 0),
                     model=completion.model,
                 )
+            except QuotaExceeded as exc:
+                url = self._statement_url(request, identity)
+                if url:  # after the sentence a person reads: LibreChat cuts the message at 512 characters
+                    exc.message += " " + i18n.text(settings.locale, "refusal.link", url=url)
+                raise
             except ServiceUnavailable:
                 if settings.fail_mode != "open":
                     raise
                 wanted = prompt + completion.choices * per_answer
                 reservation = self._budget.unmetered(identity, draft.request_id, wanted)
+                self._failing_open = True
+                metrics.FAIL_OPEN_ACTIVE.set(1)
+                metrics.FAIL_OPEN_REQUESTS.labels(endpoint).inc()
+            finally:
+                draft.reserve_seconds = time.perf_counter() - reserving
+            if self._failing_open and reservation.metered:
+                self._failing_open = False
+                metrics.FAIL_OPEN_ACTIVE.set(0)
         flight.reservation = reservation
         if clamp and reservation.metered:
             granted = (reservation.granted - prompt) // completion.choices
             if granted < per_answer:  # the room left is smaller than asked: cap each answer to its share
                 cap_answers(completion, granted)
                 body = encode(payload)
+        draft.upstream_sent = time.perf_counter()
         upstream = await self._upstream.send("POST", UPSTREAM_PATHS[endpoint], body=body, request_id=draft.request_id)
+        draft.upstream_first = time.perf_counter()  # a JSON answer's headers; a stream's first event replaces it
         try:
             if completion.stream and upstream.ok_stream:
-                return self._stream(upstream, completion, flight)  # the response owns the upstream from here
+                link = lambda: self._statement_url(request, identity)  # noqa: E731 - signed only if a notice is due
+                return self._stream(upstream, completion, flight, link)  # the response owns the upstream from here
             return await self._answer(upstream, completion, flight)
         except BaseException:
             upstream.response.close()
@@ -154,18 +178,24 @@ class Relay:
             return await asyncio.to_thread(self._tokens.prompt, payload)
         return self._tokens.prompt(payload)
 
-    def _stream(self, upstream: Upstreamed, completion: Completion, flight: Flight) -> Response:
+    def _statement_url(self, request: Request, identity: Identity) -> str | None:
+        return self._links.url(identity, self._links.base(request)) if self._links is not None else None
+
+    def _stream(
+        self, upstream: Upstreamed, completion: Completion, flight: Flight, link: Callable[[], str | None]
+    ) -> Response:
         draft, reservation = flight.draft, flight.reservation
         assert reservation is not None
         headers = upstream.headers_for_client()
         headers["X-Request-Id"] = draft.echo_id()
         headers.update(reservation.headers())
-        notice = self._notice_hook(reservation) if completion.endpoint == "chat" else None
+        notice = self._notice_hook(reservation, link) if completion.endpoint == "chat" else None
         meter = StreamMeter(completion.hide_usage, notice)
         cost = upstream.cost
         payload, perf_start = completion.payload, draft.perf_start
 
         def on_end(outcome: str, first_byte: float | None) -> None:
+            draft.upstream_first = first_byte
             ttft_ms = round((first_byte - perf_start) * 1000, 3) if first_byte is not None else None
             usage = usage_totals(meter.usage)
             estimated = usage is None
@@ -184,6 +214,7 @@ class Relay:
         draft, reservation = flight.draft, flight.reservation
         assert reservation is not None
         body = await upstream.read_for_client()
+        draft.upstream_end = time.perf_counter()
         ok = 200 <= upstream.status < 300
         obj, served = _served_model(body) if ok else (None, None)
         usage = usage_totals(obj.get("usage")) if obj else None
@@ -243,14 +274,20 @@ class Relay:
         prompt, completion = self._tokens.prompt(payload), self._tokens.count(answer)
         return prompt, completion, prompt + completion
 
-    def _notice_hook(self, reservation: Reservation) -> Callable[[dict[str, Any]], str | None] | None:
+    def _notice_hook(
+        self, reservation: Reservation, link: Callable[[], str | None]
+    ) -> Callable[[dict[str, Any]], str | None] | None:
         if self._settings.quota_notice != "inline" or reservation.exempt:
             return None
         quota = reservation.quotas[0]
+        locale = self._settings.locale
 
         def notice(usage: dict[str, Any]) -> str | None:
             totals = usage_totals(usage)
-            return quota.with_used(quota.used + totals[2]).notice() if totals else None
+            text = quota.with_used(quota.used + totals[2]).notice(locale) if totals else None
+            url = link() if text else None
+            # Markdown: LibreChat renders the link in the answer, one click away.
+            return f"{text} {i18n.text(locale, 'notice.link', url=url)}" if text and url else text
 
         return notice
 
@@ -277,7 +314,6 @@ class Relay:
         """Settle the reservation and hand the record to the ledger, without the request waiting.
         Each step stands alone: a settle that cannot be sent is owed, a record that cannot be queued goes
         straight to PostgreSQL."""
-        metrics.observe(record.endpoint, record.status, record.total_tokens, (record.latency_ms or 0) / 1000)
         settled: asyncio.Future[Any] | None = None
         if reservation is not None and reservation.keys:  # unmetered too: a Redis back by now counts it
             try:
@@ -291,18 +327,19 @@ class Relay:
             if settled is not None:
                 settled.add_done_callback(lambda done: self._settled(reservation, record, done))
             return
-        recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done))
+        submitted = time.perf_counter()
+        recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done, submitted))
 
     def _settle_failed(self, reservation: Reservation, record: UsageRecord, exc: BaseException) -> None:
         # Redis unreachable, or restarted without the script: the reconcile task settles it later.
         self._budget.owe(reservation, record.total_tokens)
         if not isinstance(exc, NoScriptError):
-            metrics.BACKGROUND_ERRORS.inc()
+            metrics.ACCOUNTING_ERRORS.labels("settle").inc()
             log.warning("settle_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
 
     def _record_failed(self, record: UsageRecord, exc: BaseException) -> None:
         self._spawn(self._ledger.write_direct(record))  # the stream is unreachable: straight to PostgreSQL
-        metrics.BACKGROUND_ERRORS.inc()
+        metrics.ACCOUNTING_ERRORS.labels("record").inc()
         log.warning("record_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
 
     def _settled(self, reservation: Reservation | None, record: UsageRecord, settled: asyncio.Future[Any]) -> None:
@@ -316,9 +353,12 @@ class Relay:
         record: UsageRecord,
         settled: asyncio.Future[Any] | None,
         recorded: asyncio.Future[Any],
+        submitted: float,
     ) -> None:
         if settled is not None:
             self._settled(reservation, record, settled)
+            if not settled.cancelled() and settled.exception() is None:
+                metrics.SETTLE_LATENCY.observe(time.perf_counter() - submitted)
         error = None if recorded.cancelled() else recorded.exception()
         if error is not None:
             self._record_failed(record, error)

@@ -111,3 +111,66 @@ async def usage_history(pool: asyncpg.Pool, user: str, params: Mapping[str, str]
         "has_more": last is not None,
         "next_cursor": f"{int(last['created_at'].timestamp() * 1e6)}~{last['request_id']}" if last else None,
     }
+
+
+# The statement (`/me`) reads through this module too: the page, /v1/usage and the CSV are one set of queries.
+
+
+async def daily_usage(pool: asyncpg.Pool, user: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """The user's usage in [start, end) per UTC day and model: day, model, requests, tokens in/out/total, cost."""
+    try:
+        async with pool.acquire(timeout=5) as conn:
+            rows = await conn.fetch(
+                "select (date_trunc('day', created_at at time zone 'UTC') at time zone 'UTC') as day,"
+                " coalesce(model, '') as model, count(*) as requests,"
+                " coalesce(sum(prompt_tokens), 0) as prompt_tokens,"
+                " coalesce(sum(completion_tokens), 0) as completion_tokens,"
+                " coalesce(sum(total_tokens), 0) as total_tokens, sum(cost_usd) as cost_usd"
+                " from usage_records where user_id = $1 and created_at >= $2 and created_at < $3"
+                " group by 1, 2 order by 1, 2",
+                user,
+                start,
+                end,
+            )
+    except PG_UNAVAILABLE as exc:
+        raise history_down() from exc
+    return [{**dict(r), "cost_usd": float(r["cost_usd"]) if r["cost_usd"] is not None else None} for r in rows]
+
+
+async def period_totals(
+    pool: asyncpg.Pool, user: str, periods: list[tuple[datetime, datetime]]
+) -> list[dict[str, Any]]:
+    """The user's totals in each [start, end) of `periods`, in their order (zeros for a period without usage)."""
+    if not periods:
+        return []
+    try:
+        async with pool.acquire(timeout=5) as conn:
+            rows = await conn.fetch(
+                "select p.start, p.stop, count(u.request_id) as requests,"
+                " coalesce(sum(u.total_tokens), 0) as total_tokens, sum(u.cost_usd) as cost_usd"
+                " from unnest($2::timestamptz[], $3::timestamptz[]) as p(start, stop)"
+                " left join usage_records u on u.user_id = $1 and u.created_at >= p.start and u.created_at < p.stop"
+                " group by p.start, p.stop",
+                user,
+                [s for s, _ in periods],
+                [e for _, e in periods],
+            )
+    except PG_UNAVAILABLE as exc:
+        raise history_down() from exc
+    found = {r["start"]: r for r in rows}
+    out = []
+    for start, end in periods:
+        r = found[start]
+        cost = float(r["cost_usd"]) if r["cost_usd"] is not None else None
+        out.append(
+            {"start": start, "end": end, "requests": r["requests"], "total_tokens": r["total_tokens"], "cost_usd": cost}
+        )
+    return out
+
+
+def history_params(start: datetime, end: datetime, limit: int, cursor: str | None = None) -> dict[str, str]:
+    """The query parameters of `usage_history` for a window, as the pages ask for it."""
+    params = {"from": _iso(start), "to": _iso(end), "limit": str(limit)}
+    if cursor:
+        params["cursor"] = cursor
+    return params

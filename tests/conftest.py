@@ -20,6 +20,8 @@ from .devstack import free_port, start_litellm, stop
 from .fake_upstream import FakeUpstream
 from .helpers import JWT_SECRET, RedisProcess, serve
 
+pytest_plugins = ["tests.browser"]  # the browser, context and page fixtures
+
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
@@ -55,7 +57,10 @@ def database(base_settings: Settings) -> None:
         conn = await asyncpg.connect(base_settings.database_url)
         try:
             await migrate(conn)
-            await conn.execute("truncate usage_records, budget_grants, budget_model_caps; delete from budgets")
+            await conn.execute(
+                "truncate usage_records, budget_grants, budget_model_caps, alert_outbox, alert_deliveries;"
+                " delete from budgets"
+            )
         finally:
             await conn.close()
         client = aioredis.Redis.from_url(base_settings.redis_url)

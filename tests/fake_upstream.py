@@ -15,6 +15,7 @@ tests (test_integrity.py), on every endpoint:
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import orjson
@@ -64,6 +65,10 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.cancelled: list[str] = []  # models whose stream the proxy abandoned
+        # Streams of the model `held` stop after their first chunk while this is clear (tests of shutdown)
+        self.release = threading.Event()
+        self.release.set()
+        self.holding = 0  # `held` streams waiting for it
         self.url = ""  # set once it is served
         self._tokenizer: Any = None
         self.app = Starlette(
@@ -115,6 +120,13 @@ class FakeUpstream:
                     await asyncio.sleep(0.3)
             if model == "stall":
                 await asyncio.sleep(30)
+            if model == "held":
+                self.holding += 1
+                try:
+                    while not self.release.is_set():
+                        await asyncio.sleep(0.02)
+                finally:
+                    self.holding -= 1
             if model == "cut-stream":
                 raise RuntimeError("upstream dies mid-stream")
             if model != "no-usage-stream":

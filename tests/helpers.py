@@ -62,6 +62,17 @@ def proxy_process(env: dict[str, str], log_dir: Path) -> Iterator[str]:
         stop(proc)
 
 
+def scrape(text: str) -> dict[tuple[Any, ...], float]:
+    """A /metrics text as {(sample name, *sorted (label, value) pairs): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, *sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
     """Call `check` until it returns something truthy without raising (accounting runs after the response,
     servers take a moment to start); past the deadline the last failure is raised."""

@@ -16,7 +16,7 @@ from proxy.config import Settings
 from proxy.tokens import Tokenizer
 
 from .fake_upstream import FakeUpstream
-from .helpers import eventually, pg_row, serve, token, uid
+from .helpers import eventually, pg_row, scrape, serve, token, uid
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,9 @@ def test_health_and_metrics(client: httpx.Client) -> None:
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["redis"] == "ok" and ready.json()["checks"]["postgres"] == "ok"
     client.post("/v1/chat/completions", headers=auth(), json=CHAT)
-    assert 'quota_requests_total{endpoint="chat",status="ok"}' in client.get("/metrics").text
+    assert scrape(client.get("/metrics").text)[
+        "quota_requests_total", ("code", "200"), ("endpoint", "chat"), ("state", "ok")
+    ]
 
 
 def metric(client: httpx.Client, sample: str) -> float:

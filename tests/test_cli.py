@@ -192,6 +192,8 @@ def test_token_issue_with_a_bad_ttl_is_exit_1(env: pytest.MonkeyPatch, capsys: p
         ("LEDGER_WRITER", "thread", "LEDGER_WRITER must be 'process', 'inline' or 'off'"),
         ("DEFAULT_TOKEN_BUDGET", "lots", "invalid literal for int() with base 10: 'lots'"),
         ("WARN_RATIO", "high", "could not convert string to float: 'high'"),
+        ("PROXY_WORKERS", "0", "PROXY_WORKERS must be at least 1"),
+        ("SHUTDOWN_DELAY_SECONDS", "60", "SHUTDOWN_DELAY_SECONDS must be between 0 and SHUTDOWN_GRACE_SECONDS"),
     ],
 )
 def test_a_configuration_error_is_exit_2_before_anything_runs(
@@ -201,6 +203,12 @@ def test_a_configuration_error_is_exit_2_before_anything_runs(
     env.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/test")  # never reached
     for argv in (["migrate"], ["token", "issue", "--sub", "a"], ["budget", "show", "a"]):
         assert cli(capsys, *argv) == (2, "", f"configuration error: {message}\n")
+
+
+def test_serve_workers_below_one_is_a_configuration_error(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(capsys, "serve", "--workers", "0") == (2, "", "configuration error: PROXY_WORKERS must be at least 1\n")
 
 
 def test_the_env_file_is_read_and_the_environment_wins_over_it(
@@ -359,6 +367,7 @@ def test_budget_show_reports_the_budget_and_this_periods_use(
         "used": 450,
         "remaining": 550,
         "warn_ratio": 0.9,
+        "alert_thresholds": None,  # ALERT_THRESHOLDS
         "period_start": start.isoformat(),
         "resets_at": end.isoformat() if end else None,
     }

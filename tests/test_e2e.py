@@ -154,7 +154,8 @@ def test_user_past_the_budget_gets_a_readable_429_without_retries(proxy_url: str
     err = info.value
     assert err.status_code == 429 and err.code == "insufficient_quota"
     assert err.body["message"].startswith("Monthly token budget used up: 30 of 30 tokens. It resets on ")  # type: ignore[index]
-    assert err.body["message"].endswith(" 00:00 UTC.")  # type: ignore[index]
+    sentence, _, link = err.body["message"].partition(" Your usage statement: ")  # type: ignore[index]
+    assert sentence.endswith(" 00:00 UTC.") and link.startswith(f"{proxy_url}/me?s=")
     assert err.response.headers["x-quota-state"] == "blocked"
     blocked = "select count(*) from usage_records where user_id = $1 and status = 'blocked'"
     eventually(lambda: pg_row(env["DATABASE_URL"], blocked, user)[0] == 1)

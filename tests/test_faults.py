@@ -188,7 +188,9 @@ def test_streamed_answer_past_the_warn_ratio_ends_with_a_notice(base_settings: S
             call.settled(used)
         r = call.run()  # 60 of 75: 80 %
         deltas = [orjson.loads(e)["choices"][0]["delta"].get("content") for e in data_events(r.text)[:-1]]
-        assert deltas[-1] == "\n\n> You have used 80 % of your monthly token budget (60 of 75)."
+        notice, _, link = deltas[-1].partition(" [See your usage statement](")
+        assert notice == "\n\n> You have used 80 % of your monthly token budget (60 of 75)."
+        assert link.startswith(f"{url}/me?s=") and link.endswith(")")  # a markdown link: one click in LibreChat
         assert r.headers["x-quota-state"] == "ok"  # the headers went out before the usage was known
         call.settled(60)
         plain = httpx.post(f"{url}/v1/chat/completions", headers=call.headers, json={**call.body, "stream": False})

@@ -492,15 +492,19 @@ def test_used_up_budget_gets_a_429_librechat_shows_whole(
     reset = refused.headers["x-quota-reset"]  # e.g. 2026-09-01T00:00:00Z
     when = f"{reset[:10]} {reset[11:16]} UTC"
     owner = "Monthly token budget" if whose == "user" else f"Your team's ({lc.tenant}) monthly token budget"
+    # The sentence a person reads first, then the link to their statement (plain text: they copy it).
+    sentence, _, link = message.partition(" Your usage statement: ")
     if limit == 30:
-        assert message == f"{owner} used up: 30 of 30 tokens. It resets on {when}."
+        assert sentence == f"{owner} used up: 30 of 30 tokens. It resets on {when}."
     else:
-        assert message == (
+        assert sentence == (
             f"{owner} is nearly used up: 30 of {limit} tokens used, and the {limit - 30} left are too few for this "
             f"request. It resets on {when}."
         )
+    assert link.startswith("http://") and "/me?s=" in link
     shown = shown_in_librechat(refused)
-    assert len(shown) <= SHOWN_LIMIT - 100, (len(shown), shown)  # whole, and well under the cut
+    # Whole up to the link's end; past the cut there is at most LangChain's own troubleshooting URL.
+    assert shown[:SHOWN_LIMIT].index(link) + len(link) <= SHOWN_LIMIT, (len(shown), shown)
 
     # The title call sent with it is refused too (LibreChat only logs that); neither reaches the model.
     title = lc.post(user, title_body(user))

@@ -45,6 +45,7 @@ def test_the_wheel_holds_the_migrations_and_no_development_harness(wheel: Path) 
     shipped = sorted(n.removeprefix("proxy/sql/") for n in names if n.startswith("proxy/sql/") and n.endswith(".sql"))
     assert shipped == sorted(p.name for p in (ROOT / "sql").glob("*.sql"))
     assert "proxy/budget/reserve.lua" in names and "proxy/budget/settle.lua" in names
+    assert "proxy/templates/base.html" in names and "proxy/static/style.css" in names  # the pages
     assert not [n for n in names if "devstack" in n or n.startswith("tests/")]
 
 

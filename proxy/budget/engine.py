@@ -22,6 +22,7 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
+from .. import i18n
 from ..auth import Identity
 from ..db import PG_UNAVAILABLE
 from ..errors import (
@@ -67,8 +68,10 @@ class BudgetEngine:
         clock: Callable[[], float] = time.time,
         holdback: int = 0,
         sender: CommandSender | None = None,
+        locale: str = "en",
     ) -> None:
         self._redis = client
+        self._locale = locale  # the language of the refusals (LOCALE)
         self._sender: CommandSender = sender or BatchingRedis(client)
         self._book = book
         self._pool = pool
@@ -231,13 +234,14 @@ class BudgetEngine:
                 )
                 return Reservation(request_id, scopes, tuple(keys), int(result[1]), quotas, rates)
             if result[0] == 2:
-                raise self._rate_limited(user, int(result[1]), int(result[2]))
+                raise self._rate_limited(user, int(result[1]), int(result[2]), self._locale)
             if result[0] == 0:
                 scope = scopes[int(result[1]) - 1]
                 quota = Quota(scope.limit, int(result[2]), int(result[3]), scope.end)
                 user_quota = quota if scope is scopes[0] else await self._quota(scopes[0])
                 raise QuotaExceeded(
-                    quota.refusal(scope.subject), headers={"x-should-retry": "false", **user_quota.headers()}
+                    quota.refusal(scope.subject, self._locale),
+                    headers={"x-should-retry": "false", **user_quota.headers()},
                 )
             await self.rebuild(scopes[int(result[1]) - 1])
         raise ServiceUnavailable("Budget counters keep disappearing from Redis; try again shortly.")
@@ -272,11 +276,11 @@ class BudgetEngine:
                     pass  # still down: try again next time
 
     @staticmethod
-    def _rate_limited(limit: Limit, kind: int, retry_after_ms: int) -> RateLimited:
-        what, per_minute = ("requests", limit.rpm) if kind == 1 else ("tokens", limit.tpm)
+    def _rate_limited(limit: Limit, kind: int, retry_after_ms: int, locale: str) -> RateLimited:
+        key, per_minute = ("rate.requests", limit.rpm) if kind == 1 else ("rate.tokens", limit.tpm)
         seconds = max(math.ceil(retry_after_ms / 1000), 1)
         return RateLimited(
-            f"Rate limit reached: {per_minute:,} {what} per minute. Try again in {seconds} s.",
+            i18n.text(locale, key, limit=i18n.number(per_minute, locale), seconds=seconds),
             headers={"Retry-After": str(seconds)},
         )
 

@@ -6,9 +6,8 @@ import functools
 from dataclasses import dataclass
 from datetime import datetime
 
+from .. import i18n
 from .rows import Limit
-
-_PERIOD_WORD = {"day": "Daily", "week": "Weekly", "month": "Monthly", "total": "Total"}
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,57 +66,48 @@ class Quota:
             "resets_at": rfc3339(self.resets_at) if self.resets_at else None,
         }
 
-    def notice(self) -> str | None:
+    def notice(self, locale: str = "en") -> str | None:
         """The line added to a streamed answer once the user is past the warn ratio; the answer that uses
         the budget up says the next message will be refused, and until when."""
         state = self.state
         if state == "ok":
             return None
-        period = _PERIOD_WORD[self.limit.period].lower()
+        period = i18n.text(locale, f"period.{self.limit.period}")
+        used, limit = i18n.number(self.used, locale), i18n.number(self.limit.tokens, locale)
         if state == "blocked":
             until = (
-                f"until {self.resets_at:%Y-%m-%d %H:%M} UTC" if self.resets_at else "until your administrator adds more"
+                i18n.text(locale, "notice.until", at=i18n.moment(self.resets_at, locale))
+                if self.resets_at
+                else i18n.text(locale, "notice.until_admin")
             )
-            return (
-                f"\n\n> You have used all of your {period} token budget ({self.used:,} of {self.limit.tokens:,}):"
-                f" your next message will be refused {until}."
-            )
+            return "\n\n> " + i18n.text(locale, "notice.blocked", period=period, used=used, limit=limit, until=until)
         percent = int(100 * self.used / self.limit.tokens)
-        return (
-            f"\n\n> You have used {percent} % of your {period} token budget ({self.used:,} of {self.limit.tokens:,})."
-        )
+        return "\n\n> " + i18n.text(locale, "notice.warn", percent=percent, period=period, used=used, limit=limit)
 
-    def refusal(self, subject: str) -> str:
+    def refusal(self, subject: str, locale: str = "en") -> str:
         """What a person reads in LibreChat when this budget stops a request."""
-        word = _PERIOD_WORD[self.limit.period]
-        owner = "" if self.limit.subject_type == "user" else f"Your team's ({subject}) "
-        what = f"{owner}{word if not owner else word.lower()} token budget"
+        t = functools.partial(i18n.text, locale)
+        period = t(f"period.{self.limit.period}")
+        team = self.limit.subject_type != "user"
+        what = t("refusal.what_team", subject=subject, period=period) if team else t("refusal.what", period=period)
+        what = what[0].upper() + what[1:]
         if self.limit.model:
-            what += f" for {self.limit.model} models"
+            what = t("refusal.for_models", what=what, model=self.limit.model)
         resets = (
-            f"It resets on {self.resets_at:%Y-%m-%d %H:%M} UTC."
-            if self.resets_at
-            else "It does not reset; ask your administrator for more."
+            t("refusal.resets", at=i18n.moment(self.resets_at, locale)) if self.resets_at else t("refusal.no_reset")
         )
+        n = functools.partial(i18n.number, locale=locale)
+        used, limit = n(self.used), n(self.limit.tokens)
         if self.used >= self.limit.tokens:
-            return f"{what} used up: {self.used:,} of {self.limit.tokens:,} tokens. {resets}"
+            return t("refusal.used_up", what=what, used=used, limit=limit, resets=resets)
         if self.reserved:
-            return (
-                f"{what} is fully taken by requests in progress: {self.used:,} of {self.limit.tokens:,} tokens "
-                f"used, {self.reserved:,} reserved. Try again when they finish. {resets}"
-            )
+            return t("refusal.in_progress", what=what, used=used, limit=limit, reserved=n(self.reserved), resets=resets)
         if not self.used:
-            whose = "your" if not owner else f"your team's ({subject})"
-            return (
-                f"This request is larger than {whose} whole {word.lower()} token budget of"
-                f" {self.limit.tokens:,} tokens: shorten the conversation or the input. {resets}"
-            )
+            key = "refusal.too_large_team" if team else "refusal.too_large"
+            return t(key, subject=subject, period=period, limit=limit, resets=resets)
         # Nothing in flight, yet too little left for this request's prompt (a long conversation, say).
-        left = self.limit.tokens - self.used
-        return (
-            f"{what} is nearly used up: {self.used:,} of {self.limit.tokens:,} tokens used, and the {left:,} left "
-            f"are too few for this request. {resets}"
-        )
+        left = n(self.limit.tokens - self.used)
+        return t("refusal.nearly", what=what, used=used, limit=limit, left=left, resets=resets)
 
 
 def unknown_quota_headers(quota: Quota) -> dict[str, str]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import orjson
 import structlog
 
 from ..config import PERIODS, Settings
@@ -45,6 +46,7 @@ class Limit:
     rollover: float = 0.0  # the fraction of last period's unused budget carried into this one
     rollover_cap: float = 0.5  # ... at most this fraction of the limit
     model: str = ""  # a cap on the models matching this glob, inside the overall budget ('' = the budget)
+    alert_thresholds: tuple[float, ...] | None = None  # the row's own (docs/alerts.md); None: ALERT_THRESHOLDS
 
 
 def env_defaults(settings: Settings) -> list[Limit]:
@@ -58,12 +60,12 @@ def env_defaults(settings: Settings) -> list[Limit]:
 
 _UPSERT = """
 insert into budgets (subject_type, subject, period, token_limit, warn_ratio, rpm_limit, tpm_limit,
-                     rollover_ratio, rollover_cap_ratio, updated_at)
-values ($1, $2, $3, $4, $5, nullif($6, 0), nullif($7, 0), $8, $9, now())
+                     rollover_ratio, rollover_cap_ratio, alert_thresholds, updated_at)
+values ($1, $2, $3, $4, $5, nullif($6, 0), nullif($7, 0), $8, $9, $10, now())
 on conflict (subject_type, subject) do update
 set period = excluded.period, token_limit = excluded.token_limit, warn_ratio = excluded.warn_ratio,
     rpm_limit = excluded.rpm_limit, tpm_limit = excluded.tpm_limit, rollover_ratio = excluded.rollover_ratio,
-    rollover_cap_ratio = excluded.rollover_cap_ratio, updated_at = now()
+    rollover_cap_ratio = excluded.rollover_cap_ratio, alert_thresholds = excluded.alert_thresholds, updated_at = now()
 """
 
 
@@ -85,6 +87,7 @@ async def set_budget(conn: asyncpg.Connection, limit: Limit) -> None:
         limit.tpm,
         limit.rollover,
         limit.rollover_cap,
+        None if limit.alert_thresholds is None else list(limit.alert_thresholds),
     )
 
 
@@ -104,6 +107,62 @@ async def set_model_cap(conn: asyncpg.Connection, limit: Limit) -> None:
         limit.period,
         limit.tokens,
     )
+
+
+def budget_settings(limit: Limit) -> dict[str, object]:
+    """A row's settings, not its subject: what budget_changes keeps, and what the admin API answers."""
+    if limit.model:
+        return {"period": limit.period, "tokens": limit.tokens}
+    return {
+        "period": limit.period,
+        "tokens": limit.tokens,
+        "warn_ratio": limit.warn_ratio,
+        "rpm": limit.rpm,
+        "tpm": limit.tpm,
+        "rollover": limit.rollover,
+        "rollover_cap": limit.rollover_cap,
+        "alert_thresholds": None if limit.alert_thresholds is None else list(limit.alert_thresholds),
+    }
+
+
+async def change_budget(
+    conn: asyncpg.Connection, limit: Limit, changed_by: str, source: str, reason: str | None = None
+) -> tuple[dict[str, object] | None, dict[str, object]]:
+    """Set a budget row (or, with `limit.model`, a model cap) and record who changed it from what to what
+    in `budget_changes`: the one way the admin API, the dashboard and `budget set` change budgets.
+    Returns (before, after); before is None when there was no row."""
+    async with conn.transaction():
+        # The row locked (or, for a new one, its key) so two changes at once record each other's results.
+        await conn.execute("select pg_advisory_xact_lock(hashtext($1))", f"{limit.subject_type}:{limit.subject}")
+        if limit.model:
+            row = await conn.fetchrow(
+                "select * from budget_model_caps where subject_type = $1 and subject = $2 and model = $3",
+                limit.subject_type,
+                limit.subject,
+                limit.model,
+            )
+            before: dict[str, object] | None = {"period": row["period"], "tokens": row["token_limit"]} if row else None
+            await set_model_cap(conn, limit)
+        else:
+            row = await conn.fetchrow(
+                "select * from budgets where subject_type = $1 and subject = $2", limit.subject_type, limit.subject
+            )
+            before = budget_settings(_limit(row)) if row else None
+            await set_budget(conn, limit)
+        after = budget_settings(limit)
+        await conn.execute(
+            "insert into budget_changes (subject_type, subject, model, changed_by, source, before, after, reason)"
+            " values ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)",
+            limit.subject_type,
+            limit.subject,
+            limit.model,
+            changed_by,
+            source,
+            orjson.dumps(before).decode() if before is not None else None,
+            orjson.dumps(after).decode(),
+            reason,
+        )
+    return before, after
 
 
 async def sync_defaults(conn: asyncpg.Connection, settings: Settings) -> None:
@@ -150,6 +209,7 @@ def _limit(row: asyncpg.Record) -> Limit:
         row["tpm_limit"] or 0,
         row["rollover_ratio"],
         row["rollover_cap_ratio"],
+        alert_thresholds=None if row["alert_thresholds"] is None else tuple(row["alert_thresholds"]),
     )
 
 

@@ -1,0 +1,506 @@
+"""The admin dashboard `/admin`: overview, users, a user's page with their budget form, tenants, blocked
+requests and the history of budget changes; each table also as CSV (`/admin/users.csv`) and JSON
+(`/admin/users.json`). Everything reads through admin_queries.py (and a user's statement through
+statement.py), so the pages, the CSV and the JSON are one copy of the queries.
+
+Who may read: a dashboard session (sessions.py) or an `Authorization: Bearer` admin token (for scripts);
+anyone else gets the sign-in page (HTML, CSV) or a 401/403 (JSON). What changes something is a form POSTed
+with the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Protocol
+from urllib.parse import urlencode
+
+import asyncpg
+import orjson
+import redis.asyncio as redis
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from . import admin_queries as q
+from . import charts, i18n
+from .admin import budget_from, reason_from
+from .auth import Identity
+from .body import printable_id
+from .budget.rows import DEFAULT, change_budget
+from .config import PERIODS, Settings
+from .errors import BadRequest, Forbidden, ProxyError, Unauthorized
+from .pages import SECURITY_HEADERS, Pages, locale_of
+from .sessions import COOKIE, AdminSessions, LinkUsed, Session
+from .signing import BadSignature, Expired
+from .statement import Sources, safe_cell, statement, usage_csv
+
+_MAX_FORM = 16 * 1024
+_GROUPED = re.compile(r"^\d{1,3}([ ,._]\d{3})+$")
+
+
+class AdminSources(Sources, Protocol):
+    @property
+    def redis(self) -> redis.Redis: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    admin: str
+    session: Session | None  # None: a Bearer token (no forms)
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=SECURITY_HEADERS)
+
+
+def _csv(name: str, columns: list[str], rows: Sequence[Mapping[str, Any]]) -> Response:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([safe_cell(_cell(row.get(c))) for c in columns])
+    headers = {**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}"'}
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
+
+
+def _cell(value: object) -> object:
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return "" if value is None else value
+
+
+def _whole_field(form: Mapping[str, Any], name: str, default: int = 0) -> int:
+    """A whole number from a form: digits, or digits grouped by threes (100,000 / 100.000 / 100 000)."""
+    raw = form.get(name)
+    text = raw.strip() if isinstance(raw, str) else ""
+    if not text:
+        return default
+    if text.isascii() and text.isdigit() and len(text) <= 19:
+        return int(text)
+    if len(text) <= 26 and _GROUPED.match(text):
+        return int(re.sub(r"[ ,._]", "", text))
+    raise BadRequest(f"'{name}' must be a whole number.", param=name)
+
+
+class AdminPages:
+    def __init__(
+        self,
+        pages: Pages,
+        sessions: AdminSessions,
+        settings: Settings,
+        sources: Callable[[Request], AdminSources],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.pages = pages
+        self.sessions = sessions
+        self.settings = settings
+        self.sources = sources
+        self.now = clock
+
+    def routes(self) -> list[BaseRoute]:
+        routes: list[BaseRoute] = [
+            Route("/admin", self._html(self.overview), methods=["GET"]),
+            Route("/admin/users", self._html(self.users), methods=["GET"]),
+            Route("/admin/user", self._html(self.user), methods=["GET"]),
+            Route("/admin/tenants", self._html(self.tenants), methods=["GET"]),
+            Route("/admin/blocked", self._html(self.blocked), methods=["GET"]),
+            Route("/admin/changes", self._html(self.changes), methods=["GET"]),
+            Route("/admin/user/budget", self.save_budget, methods=["POST"]),
+            Route("/admin/sign-in", self.sign_in_page, methods=["GET"]),
+            Route("/admin/sign-in", self.sign_in, methods=["POST"]),
+            Route("/admin/link", self.link_page, methods=["GET"]),
+            Route("/admin/link", self.link_redeem, methods=["POST"]),
+            Route("/admin/sign-out", self.sign_out, methods=["POST"]),
+            Route("/admin/user.csv", self._html(self.user_csv), methods=["GET"]),
+        ]
+        for name, data, table in (
+            ("overview", self._overview_data, self._overview_table),
+            ("users", self._users_data, self._users_table),
+            ("tenants", self._tenants_data, self._tenants_table),
+            ("blocked", self._blocked_data, self._blocked_table),
+            ("changes", self._changes_data, self._changes_table),
+        ):
+            routes.append(Route(f"/admin/{name}.json", self._api(data), methods=["GET"]))
+            routes.append(Route(f"/admin/{name}.csv", self._html(self._csv_of(name, table)), methods=["GET"]))
+        return routes
+
+    # Who is reading ------------------------------------------------------------------------------------------
+
+    async def _viewer(self, request: Request) -> Viewer | None:
+        """The admin reading: by Bearer token (Unauthorized, Forbidden) or session; None: nobody signed in."""
+        header = request.headers.get("authorization")
+        if header:
+            principal = await self.sources(request).auth.authenticate(header)
+            if not principal.admin:
+                raise Forbidden("This needs an admin token.")
+            return Viewer(principal.identity.user, None)
+        session = self.sessions.read(request)
+        return Viewer(session.admin, session) if session else None
+
+    def _html(
+        self, handler: Callable[[Request, Viewer], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """A page (or a CSV): the sign-in page for nobody, a readable page for every error."""
+
+        async def page(request: Request) -> Response:
+            locale = locale_of(request)
+            try:
+                viewer = await self._viewer(request)
+                if viewer is None:
+                    expired = COOKIE in request.cookies
+                    return self._sign_in_form(
+                        request, error=i18n.text(locale, "admin.session_expired") if expired else None, status=401
+                    )
+                return await handler(request, viewer)
+            except ProxyError as exc:
+                title = i18n.text(locale, "admin.refused" if exc.status in (401, 403) else "error.title")
+                return self.pages.message(request, title, exc.message, status=exc.status)
+
+        return page
+
+    def _api(self, data: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
+        """JSON for scripts and the same reader rules; errors are the API's (OpenAI-shaped, from app.py)."""
+
+        async def api(request: Request) -> Response:
+            if await self._viewer(request) is None:
+                raise Unauthorized("Sign in to the dashboard or send an admin token.", code="missing_token")
+            return _json(await data(request))
+
+        return api
+
+    def _render(self, request: Request, template: str, viewer: Viewer, context: dict[str, Any]) -> Response:
+        csrf = self.sessions.csrf_token(viewer.session) if viewer.session else ""
+        return self.pages.render(request, template, {"admin": viewer.admin, "csrf": csrf, **context})
+
+    # Sign-in, links, sign-out ---------------------------------------------------------------------------------
+
+    def _sign_in_form(self, request: Request, *, error: str | None = None, status: int = 200) -> Response:
+        nonce = self.sessions.sign_in_nonce(request)
+        response = self.pages.render(
+            request,
+            "admin_signin.html",
+            {"error": error, "csrf": self.sessions.sign_in_csrf(nonce)},
+            status=status,
+        )
+        return self.sessions.set_nonce(response, nonce)
+
+    async def sign_in_page(self, request: Request) -> Response:
+        return self._sign_in_form(request)
+
+    async def sign_in(self, request: Request) -> Response:
+        locale = locale_of(request)
+        form = await request.form(max_files=0, max_fields=8, max_part_size=_MAX_FORM)
+        if not self.sessions.sign_in_csrf_ok(request, form.get("csrf")):
+            return self._sign_in_form(request, error=i18n.text(locale, "admin.csrf_failed"), status=403)
+        raw = form.get("token")
+        token = raw.strip().removeprefix("Bearer ").strip() if isinstance(raw, str) else ""
+        if not token or len(token) > _MAX_FORM:
+            return self._sign_in_form(request, error=i18n.text(locale, "admin.token_empty"), status=400)
+        try:
+            value, session = await self.sessions.sign_in_with_token(token)
+        except ProxyError as exc:
+            return self._sign_in_form(
+                request, error=i18n.text(locale, "admin.token_refused", reason=exc.message), status=exc.status
+            )
+        response = RedirectResponse(f"{self.pages.base}/admin", status_code=303, headers=SECURITY_HEADERS)
+        return self.sessions.set_cookie(response, value, session)
+
+    async def link_page(self, request: Request) -> Response:
+        """A one-time link opens a page with a button: a link preview or a mail scanner fetching it uses nothing."""
+        locale = locale_of(request)
+        token = request.query_params.get("t", "")
+        try:
+            data = self.sessions.read_link(token)
+        except BadSignature as exc:
+            return self._link_refused(request, exc)
+        return self.pages.render(
+            request,
+            "admin_link.html",
+            {"title": i18n.text(locale, "admin.link_title"), "name": data["a"], "token": token},
+        )
+
+    async def link_redeem(self, request: Request) -> Response:
+        form = await request.form(max_files=0, max_fields=4, max_part_size=_MAX_FORM)
+        token = form.get("t")
+        try:
+            value, session = await self.sessions.redeem_link(
+                token if isinstance(token, str) else "", self.sources(request).redis
+            )
+        except BadSignature as exc:
+            return self._link_refused(request, exc)
+        except ProxyError as exc:
+            return self.pages.message(request, i18n.text(locale_of(request), "error.title"), exc.message, status=503)
+        response = RedirectResponse(f"{self.pages.base}/admin", status_code=303, headers=SECURITY_HEADERS)
+        return self.sessions.set_cookie(response, value, session)
+
+    def _link_refused(self, request: Request, exc: BadSignature) -> Response:
+        locale = locale_of(request)
+        kind = "used" if isinstance(exc, LinkUsed) else "expired" if isinstance(exc, Expired) else "forged"
+        status = 410 if kind in ("used", "expired") else 403
+        return self._sign_in_form(request, error=i18n.text(locale, f"admin.link_{kind}"), status=status)
+
+    async def sign_out(self, request: Request) -> Response:
+        session = self.sessions.read(request)
+        form = await request.form(max_files=0, max_fields=4, max_part_size=_MAX_FORM)
+        if session is None or not self.sessions.csrf_ok(session, form.get("csrf")):
+            return self.pages.message(
+                request, i18n.text(locale_of(request), "admin.refused"), "CSRF token missing or wrong.", status=403
+            )
+        response = RedirectResponse(f"{self.pages.base}/admin/sign-in", status_code=303, headers=SECURITY_HEADERS)
+        return self.sessions.clear_cookie(response)
+
+    # The data, shared by the pages, the CSV and the JSON --------------------------------------------------------
+
+    async def _period(self, request: Request) -> str:
+        default = await q.default_period(self.sources(request).pool, self.settings.budget_period)
+        return q.period_param(request.query_params, default)
+
+    async def _overview_data(self, request: Request) -> dict[str, Any]:
+        return await q.overview(self.sources(request).pool, await self._period(request), self.now())
+
+    async def _users_data(self, request: Request) -> dict[str, Any]:
+        query = q.UserQuery.from_params(request.query_params)
+        return await q.users(self.sources(request).pool, query, self.now())
+
+    async def _tenants_data(self, request: Request) -> dict[str, Any]:
+        return await q.tenants(self.sources(request).pool, await self._period(request), self.now())
+
+    async def _blocked_data(self, request: Request) -> dict[str, Any]:
+        paging = q.Paging.from_params(request.query_params)
+        return await q.blocked(self.sources(request).pool, await self._period(request), self.now(), paging)
+
+    async def _changes_data(self, request: Request) -> dict[str, Any]:
+        kind, subject = self._subject(request.query_params)
+        return await q.changes(self.sources(request).pool, kind, subject, q.Paging.from_params(request.query_params))
+
+    @staticmethod
+    def _subject(params: Mapping[str, str]) -> tuple[str | None, str | None]:
+        subject = params.get("subject")
+        if subject is None:
+            return None, None
+        kind = params.get("type", "user")
+        if kind not in ("user", "tenant", "group"):
+            raise BadRequest("'type' is 'user', 'tenant' or 'group'.", param="type")
+        return kind, printable_id(subject, "subject")
+
+    # The CSV: every row of a table, not one page ---------------------------------------------------------------
+
+    async def _overview_table(self, request: Request) -> tuple[list[str], list[dict[str, Any]]]:
+        data = await self._overview_data(request)
+        return ["day", "model", "requests", "tokens"], data["daily"]
+
+    async def _users_table(self, request: Request) -> tuple[list[str], list[dict[str, Any]]]:
+        query = q.UserQuery.from_params(request.query_params)
+        rows = await q.all_users(self.sources(request).pool, query, self.now())
+        columns = ["user_id", "tenant_id", "state", "used", "token_limit", "percent", "remaining", "period"]
+        return columns + ["period_start", "resets_at", "requests", "blocked", "cost_usd", "own_budget"], rows
+
+    async def _tenants_table(self, request: Request) -> tuple[list[str], list[dict[str, Any]]]:
+        data = await self._tenants_data(request)
+        columns = ["tenant_id", "members", "active_users", "requests", "tokens", "cost_usd", "state", "used"]
+        return columns + ["token_limit", "percent", "period", "period_start", "resets_at"], data["data"]
+
+    async def _blocked_table(self, request: Request) -> tuple[list[str], list[dict[str, Any]]]:
+        data = await q.blocked(self.sources(request).pool, await self._period(request), self.now(), None)
+        return ["created_at", "request_id", "user_id", "tenant_id", "model", "endpoint", "http_status"], data["data"]
+
+    async def _changes_table(self, request: Request) -> tuple[list[str], list[dict[str, Any]]]:
+        kind, subject = self._subject(request.query_params)
+        data = await q.changes(self.sources(request).pool, kind, subject, None)
+        columns = ["changed_at", "subject_type", "subject", "model", "changed_by", "source", "before", "after"]
+        return columns + ["reason"], data["data"]
+
+    def _csv_of(
+        self, name: str, table: Callable[[Request], Awaitable[tuple[list[str], list[dict[str, Any]]]]]
+    ) -> Callable[[Request, Viewer], Awaitable[Response]]:
+        async def download(request: Request, viewer: Viewer) -> Response:
+            columns, rows = await table(request)
+            return _csv(f"{name}-{self.now():%Y-%m-%d}.csv", columns, rows)
+
+        return download
+
+    async def user_csv(self, request: Request, viewer: Viewer) -> Response:
+        user = printable_id(request.query_params.get("id"), "id")
+        return await usage_csv(self.sources(request), await self._identity(request, user), self.now())
+
+    # The pages ---------------------------------------------------------------------------------------------
+
+    def _chart(self, daily: list[dict[str, Any]], first: date, last: date, locale: str) -> tuple[str, str]:
+        """Daily tokens stacked by model (the seven largest and the rest), and its legend."""
+        days = [first + timedelta(days=i) for i in range(max((last - first).days, 0))]
+        if not days:
+            return "", ""
+        index = {d: i for i, d in enumerate(days)}
+        per_model: dict[str, list[int]] = {}
+        for r in daily:
+            i = index.get(date.fromisoformat(r["day"]))
+            if i is not None:
+                per_model.setdefault(r["model"] or "—", [0] * len(days))[i] += int(r["tokens"])
+        series = charts.top_series(list(per_model.items()), 7, i18n.text(locale, "chart.other"))
+        total = sum(sum(v) for _, v in series)
+        if not total:
+            return "", ""
+
+        def num(value: float) -> str:
+            return i18n.number(value, locale)
+
+        svg = charts.daily_bars(
+            days,
+            series,
+            title=i18n.text(locale, "chart.daily_title"),
+            desc=i18n.text(locale, "chart.daily_desc", total=num(total)),
+            fmt=num,
+            day_label=lambda d: i18n.short_date(datetime(d.year, d.month, d.day), locale),
+        )
+        return svg, charts.legend([name for name, _ in series])
+
+    async def overview(self, request: Request, viewer: Viewer) -> Response:
+        data = await self._overview_data(request)
+        now = self.now()
+        span = q.window(data["period"], now)
+        # A week or a month whole (the days to come empty); a day or all time up to today, 62 days at most.
+        last = span.last_day if data["period"] in ("week", "month") else (now + timedelta(days=1)).date()
+        first = max(span.first_day, last - timedelta(days=q.CHART_DAYS))
+        chart, legend = self._chart(data["daily"], first, last, locale_of(request))
+        return self._render(
+            request,
+            "admin_overview.html",
+            viewer,
+            {"nav": "overview", "o": data, "chart": chart, "legend": legend, "periods": PERIODS},
+        )
+
+    async def users(self, request: Request, viewer: Viewer) -> Response:
+        query = q.UserQuery.from_params(request.query_params)
+        data = await q.users(self.sources(request).pool, query, self.now())
+        return self._render(
+            request,
+            "admin_users.html",
+            viewer,
+            {
+                "nav": "users",
+                "query": query,
+                "data": data,
+                "sorts": list(q.USER_SORTS),
+                "states": q.STATES,
+                "sizes": q.PAGE_SIZES,
+                "link": lambda **changes: "?" + urlencode(query.params(**changes)),
+                "csv_query": urlencode({k: v for k, v in query.params().items() if k not in ("page", "per_page")}),
+            },
+        )
+
+    async def _identity(self, request: Request, user: str) -> Identity:
+        row = await q.user_budget(self.sources(request).pool, user, self.now())
+        tenant = row["tenant_id"] if row and row["tenant_id"] else None
+        return Identity(user, tenant)
+
+    async def user(self, request: Request, viewer: Viewer) -> Response:
+        user = printable_id(request.query_params.get("id"), "id")
+        sources = self.sources(request)
+        locale = locale_of(request)
+        now = self.now()
+        row = await q.user_budget(sources.pool, user, now)
+        identity = Identity(user, row["tenant_id"] or None if row else None)
+        st = await statement(sources, identity, locale, now)
+        st["csv_url"] = f"{self.pages.base}/admin/user.csv?{urlencode({'id': user})}"
+        history = await q.changes(sources.pool, "user", user, q.Paging(1, 50))
+        limit = sources.book.user(user)
+        form = {
+            "tokens": limit.tokens,
+            "period": limit.period,
+            "rpm": limit.rpm,
+            "tpm": limit.tpm,
+            "warn": round(limit.warn_ratio * 100),
+            "own": limit.subject != DEFAULT,
+        }
+        return self._render(
+            request,
+            "admin_user.html",
+            viewer,
+            {
+                "nav": "users",
+                "user": user,
+                "st": st,
+                "row": row,
+                "form": form,
+                "periods": PERIODS,
+                "history": history["data"],
+                "saved": request.query_params.get("saved") == "1",
+            },
+        )
+
+    async def save_budget(self, request: Request) -> Response:
+        """The user page's form: their budget row, in force at once (this process reloads its budgets now;
+        other processes within BUDGET_REFRESH_SECONDS), and recorded in the history."""
+        locale = locale_of(request)
+        session = self.sessions.read(request)
+        if session is None:
+            return self._sign_in_form(request, error=i18n.text(locale, "admin.session_expired"), status=401)
+        form = await request.form(max_files=0, max_fields=16, max_part_size=_MAX_FORM)
+        if not self.sessions.csrf_ok(session, form.get("csrf")):
+            return self.pages.message(
+                request, i18n.text(locale, "admin.refused"), i18n.text(locale, "admin.csrf_failed"), status=403
+            )
+        try:
+            user = printable_id(form.get("id"), "id")
+            warn = _whole_field(form, "warn", 80)
+            if not 1 <= warn <= 100:
+                raise BadRequest("'warn' is a percentage from 1 to 100.", param="warn")
+            body = {
+                "type": "user",
+                "tokens": _whole_field(form, "tokens", -1),
+                "period": form.get("period"),
+                "rpm": _whole_field(form, "rpm"),
+                "tpm": _whole_field(form, "tpm"),
+                "warn_ratio": warn / 100,
+                "reason": form.get("reason") or None,
+            }
+            limit = budget_from(body, self.settings, user)
+            reason = reason_from(body)
+        except ProxyError as exc:
+            return self.pages.message(request, i18n.text(locale, "error.title"), exc.message, status=exc.status)
+        sources = self.sources(request)
+        try:
+            async with sources.pool.acquire(timeout=5) as conn:
+                await change_budget(conn, limit, session.admin, "page", reason)
+            await sources.book.load(sources.pool)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            return self.pages.message(request, i18n.text(locale, "error.title"), str(exc), status=503)
+        target = f"{self.pages.base}/admin/user?{urlencode({'id': user, 'saved': '1'})}"
+        return RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
+
+    async def tenants(self, request: Request, viewer: Viewer) -> Response:
+        data = await self._tenants_data(request)
+        return self._render(request, "admin_tenants.html", viewer, {"nav": "tenants", "data": data, "periods": PERIODS})
+
+    async def blocked(self, request: Request, viewer: Viewer) -> Response:
+        data = await self._blocked_data(request)
+        period = data["period"]
+        return self._render(
+            request,
+            "admin_blocked.html",
+            viewer,
+            {
+                "nav": "blocked",
+                "data": data,
+                "periods": PERIODS,
+                "link": lambda **changes: "?" + urlencode({"period": period, "per_page": data["per_page"], **changes}),
+            },
+        )
+
+    async def changes(self, request: Request, viewer: Viewer) -> Response:
+        data = await self._changes_data(request)
+        return self._render(
+            request,
+            "admin_changes.html",
+            viewer,
+            {
+                "nav": "changes",
+                "data": data,
+                "link": lambda **changes: "?" + urlencode({"per_page": data["per_page"], **changes}),
+            },
+        )

@@ -1,0 +1,536 @@
+"""What the admin dashboard and its JSON/CSV twins read: the overview, users, tenants, blocked requests and
+budget changes. One copy of each query; the pages, `/admin/*.json` and `/admin/*.csv` all call these.
+
+Sums come from the daily rollups (sql/010_admin.sql), which the ledger's own inserts keep exact, so a
+period's figures cost thousands of rows, not the million records behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+
+from .budget.engine import like_pattern
+from .budget.rows import DEFAULT, period_bounds
+from .config import PERIODS
+from .db import PG_UNAVAILABLE
+from .errors import BadRequest, history_down
+
+PAGE_SIZES = (25, 50, 100, 200)
+MAX_PAGE = 100_000
+CHART_DAYS = 62  # the overview's chart shows at most this many days (the last ones of a long period)
+TOP_USERS = 10
+
+# Users: every user the ledger has seen (usage_users) and every user with a budget row of their own; each with
+# the row that applies (their own, else the default '*'), its period, and what they used in it (exempt requests
+# left out, as the budgets do), the period's grants and the carry from last period. Groups' tiers depend on the
+# token a user sends, which PostgreSQL does not know: a user on a group tier shows the default here.
+# $1 is now; the filters are added where {where} is.
+_USERS = """
+with u as (
+    select user_id, tenant_id from usage_users
+    union all
+    select b.subject, '' from budgets b
+    where b.subject_type = 'user' and b.subject <> '*'
+      and not exists (select 1 from usage_users x where x.user_id = b.subject)
+),
+periods as (
+    select p as period, quota_period_start(p, $1) as period_start, quota_period_end(p, $1) as resets_at
+    from unnest(array['day', 'week', 'month', 'total']) as p
+),
+lim as (
+    select u.user_id, u.tenant_id,
+           coalesce(b.period, d.period) as period,
+           coalesce(b.token_limit, d.token_limit) as base_limit,
+           coalesce(b.warn_ratio, d.warn_ratio) as warn_ratio,
+           b.rpm_limit as rpm, b.tpm_limit as tpm,
+           b.subject is not null as own_budget,
+           p.period_start, p.resets_at
+    from u
+    left join budgets b on b.subject_type = 'user' and b.subject = u.user_id
+    left join budgets d on d.subject_type = 'user' and d.subject = '*'
+    join periods p on p.period = coalesce(b.period, d.period, 'month')
+    {where}
+),
+-- A month's use is its row in usage_user_month (a 'total' budget's, the sum of them); a day's or a week's,
+-- its days in usage_user_day.
+used as (
+    select x.user_id, sum(x.counted)::bigint as used, sum(x.requests)::bigint as requests,
+           sum(x.blocked)::bigint as blocked, sum(x.cost_usd) as cost_usd
+    from (
+        select m.user_id, m.counted, m.requests, m.blocked, m.cost_usd
+        from usage_user_month m join lim on lim.user_id = m.user_id
+        where lim.period in ('month', 'total') and m.month >= (lim.period_start at time zone 'UTC')::date
+          and m.month >= (select min(period_start) at time zone 'UTC' from lim where period in ('month', 'total'))::date
+        union all
+        select d.user_id, d.counted, d.requests, d.blocked, d.cost_usd
+        from usage_user_day d join lim on lim.user_id = d.user_id
+        where lim.period in ('day', 'week') and d.day >= (lim.period_start at time zone 'UTC')::date
+          and d.day >= (select min(period_start) at time zone 'UTC' from lim where period in ('day', 'week'))::date
+    ) x
+    group by x.user_id
+),
+added as (
+    select a.user_id, sum(a.tokens)::bigint as tokens
+    from (
+        select g.subject as user_id, g.tokens
+        from budget_grants g join lim on lim.user_id = g.subject and g.period_start = lim.period_start
+        where g.subject_type = 'user' and g.revoked_at is null
+        union all
+        select c.subject, c.carried from budget_rollover c where c.subject_type = 'user'
+    ) a
+    group by a.user_id
+),
+rows as (
+    select lim.*, coalesce(used.used, 0) as used, coalesce(used.requests, 0) as requests,
+           coalesce(used.blocked, 0) as blocked, used.cost_usd,
+           lim.base_limit + coalesce(added.tokens, 0) as token_limit
+    from lim
+    left join used on used.user_id = lim.user_id
+    left join added on added.user_id = lim.user_id
+)
+select *,
+       greatest(token_limit - used, 0) as remaining,
+       case when token_limit > 0 then round(100.0 * used / token_limit, 1)
+            when token_limit = 0 then 100.0 end as percent,
+       case when token_limit is null then 'none'
+            when used >= token_limit then 'blocked'
+            when used >= warn_ratio * token_limit then 'warn'
+            else 'ok' end as state
+from rows
+"""
+
+# What the users page may sort by: the parameter's value -> the SQL (never the parameter itself).
+USER_SORTS = {
+    "used": "used desc, user_id",
+    "-used": "used, user_id",
+    "percent": "percent desc nulls last, user_id",
+    "-percent": "percent nulls first, user_id",
+    "user": "user_id",
+    "-user": "user_id desc",
+    "tenant": "tenant_id, user_id",
+    "requests": "requests desc, user_id",
+}
+STATES = ("ok", "warn", "blocked", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The UTC days [start, end) a page sums over: a budget period containing `now`."""
+
+    period: str
+    start: datetime
+    end: datetime | None
+
+    @property
+    def first_day(self) -> date:
+        return self.start.date()
+
+    @property
+    def last_day(self) -> date:
+        """The day after the last one summed."""
+        return self.end.date() if self.end else date.max
+
+
+def window(period: str, now: datetime) -> Window:
+    start, end = period_bounds(period, now.timestamp())
+    return Window(period, start, end)
+
+
+def _choice(params: Mapping[str, str], name: str, allowed: tuple[str, ...] | list[str], default: str) -> str:
+    value = params.get(name) or default
+    if value not in allowed:
+        raise BadRequest(f"'{name}' must be one of {', '.join(allowed)}.", param=name)
+    return value
+
+
+def _whole(params: Mapping[str, str], name: str, low: int, high: int, default: int) -> int:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9 or not low <= int(raw) <= high:
+        raise BadRequest(f"'{name}' must be a whole number from {low:,} to {high:,}.", param=name)
+    return int(raw)
+
+
+def _text(params: Mapping[str, str], name: str, most: int = 256) -> str:
+    value = params.get(name, "").strip()
+    if len(value) > most or not value.isprintable():
+        raise BadRequest(f"'{name}' must be printable text of at most {most} characters.", param=name)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class UserQuery:
+    """The users page's parameters, checked: `q` a search (substring; * and ? are wildcards), `tenant` exact,
+    `state` one of STATES, `sort` one of USER_SORTS, `page` from 1 and `per_page` one of PAGE_SIZES."""
+
+    q: str = ""
+    tenant: str = ""
+    state: str = ""
+    sort: str = "used"
+    page: int = 1
+    per_page: int = 50
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> UserQuery:
+        per_page = _whole(params, "per_page", 1, max(PAGE_SIZES), 50)
+        if per_page not in PAGE_SIZES:
+            raise BadRequest(f"'per_page' must be one of {', '.join(map(str, PAGE_SIZES))}.", param="per_page")
+        return cls(
+            q=_text(params, "q"),
+            tenant=_text(params, "tenant"),
+            state=_choice(params, "state", ("", *STATES), ""),
+            sort=_choice(params, "sort", list(USER_SORTS), "used"),
+            page=_whole(params, "page", 1, MAX_PAGE, 1),
+            per_page=per_page,
+        )
+
+    def params(self, **changes: object) -> dict[str, str]:
+        """The query string of this view with some parameters changed (for links), defaults left out."""
+        values = {
+            "q": self.q,
+            "tenant": self.tenant,
+            "state": self.state,
+            "sort": self.sort,
+            "page": self.page,
+            "per_page": self.per_page,
+        }
+        values.update(changes)
+        defaults = {"sort": "used", "page": 1, "per_page": 50}
+        return {k: str(v) for k, v in values.items() if v not in ("", None) and defaults.get(k) != v}
+
+
+def _users_sql(query: UserQuery) -> tuple[str, list[Any]]:
+    """The users CTE with the query's filters; its arguments after $1 (now)."""
+    where, args = [], []
+    if query.q:
+        args.append(like_pattern(f"*{query.q}*"))
+        where.append(f"u.user_id ilike ${len(args) + 1} escape '\\'")
+    if query.tenant:
+        args.append(query.tenant)
+        where.append(f"u.tenant_id = ${len(args) + 1}")
+    sql = _USERS.format(where=("where " + " and ".join(where)) if where else "")
+    return sql, args
+
+
+@asynccontextmanager
+async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A connection for the dashboard's reads, with PostgreSQL's JIT off: these queries run in milliseconds,
+    and their row estimates (CTEs of thousands of users) make it compile for seconds first."""
+    try:
+        async with pool.acquire(timeout=5) as conn, conn.transaction(readonly=True):
+            await conn.execute("set local jit = off")
+            yield conn
+    except PG_UNAVAILABLE as exc:
+        raise history_down() from exc
+
+
+async def _fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async with reading(pool) as conn:
+        return list(await conn.fetch(sql, *args))
+
+
+def _jsonable(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A row for JSON and templates: numerics as floats, instants as ISO 8601 UTC, days as dates."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, datetime):
+            value = None if value.year in (1, 9999) else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        elif isinstance(value, date):
+            value = value.isoformat()
+        elif value is not None and not isinstance(value, (int, float, str, bool, dict, list)):
+            value = float(value)  # Decimal
+        out[key] = value
+    return out
+
+
+async def users(pool: asyncpg.Pool, query: UserQuery, now: datetime) -> dict[str, Any]:
+    """One page of users with their budget state; `total` counts all that match."""
+    sql, args = _users_sql(query)
+    state = ""
+    if query.state:
+        args.append(query.state)
+        state = f" where state = ${len(args) + 1}"
+    args += [query.per_page, (query.page - 1) * query.per_page]
+    rows = await _fetch(
+        pool,
+        f"select *, count(*) over () as total from ({sql}) s{state} order by {USER_SORTS[query.sort]}"
+        f" limit ${len(args)} offset ${len(args) + 1}",
+        now,
+        *args,
+    )
+    total = int(rows[0]["total"]) if rows else await _count_users(pool, sql, args[:-2], state, now)
+    return {
+        "object": "list",
+        "data": [_jsonable({k: v for k, v in r.items() if k != "total"}) for r in rows],
+        "total": total,
+        "page": query.page,
+        "pages": max(-(-total // query.per_page), 1),
+        "per_page": query.per_page,
+    }
+
+
+async def _count_users(pool: asyncpg.Pool, sql: str, args: list[Any], state: str, now: datetime) -> int:
+    """How many match, for a page past the last (its rows are empty, so they cannot say)."""
+    rows = await _fetch(pool, f"select count(*) as n from ({sql}) s{state}", now, *args)
+    return int(rows[0]["n"])
+
+
+async def all_users(pool: asyncpg.Pool, query: UserQuery, now: datetime) -> list[dict[str, Any]]:
+    """Every user matching the query's filters, in its order (the CSV)."""
+    sql, args = _users_sql(query)
+    state = ""
+    if query.state:
+        args.append(query.state)
+        state = f" where state = ${len(args) + 1}"
+    rows = await _fetch(pool, f"select * from ({sql}) s{state} order by {USER_SORTS[query.sort]}", now, *args)
+    return [_jsonable(r) for r in rows]
+
+
+async def overview(pool: asyncpg.Pool, period: str, now: datetime) -> dict[str, Any]:
+    """The period's totals, how many users are in warn and blocked, the daily tokens by model and the top users."""
+    span = window(period, now)
+    first, last = span.first_day, span.last_day
+    # Active users: of the months' rows for a month or all time, of the days' for a day or a week.
+    table, column = ("usage_user_month", "month") if period in ("month", "total") else ("usage_user_day", "day")
+    sql, args = _users_sql(UserQuery())
+    async with reading(pool) as conn:
+        totals = await conn.fetchrow(
+            "select coalesce(sum(requests), 0)::bigint as requests, coalesce(sum(tokens), 0)::bigint as tokens,"
+            " coalesce(sum(prompt_tokens), 0)::bigint as prompt_tokens,"
+            " coalesce(sum(completion_tokens), 0)::bigint as completion_tokens,"
+            " coalesce(sum(blocked), 0)::bigint as blocked_requests, sum(cost_usd) as cost_usd"
+            " from usage_model_day where day >= $1 and day < $2",
+            first,
+            last,
+        )
+        active = await conn.fetchval(
+            f"select count(distinct user_id) from {table} where {column} >= $1 and {column} < $2 and requests > 0",
+            first,
+            last,
+        )
+        # The top users and the counts of every user's states in one pass over the users.
+        top = await conn.fetch(
+            "select *, count(*) over () as n_users, count(*) filter (where state = 'warn') over () as n_warn,"
+            f" count(*) filter (where state = 'blocked') over () as n_blocked from ({sql}) s"
+            f" order by used desc, user_id limit {TOP_USERS}",
+            now,
+            *args,
+        )
+        daily = await conn.fetch(
+            "select day, model, tokens, requests from usage_model_day where day >= $1 and day < $2"
+            " and requests <> 0 order by day, model",
+            max(first, (now - timedelta(days=CHART_DAYS - 1)).date()),
+            last,
+        )
+    return {
+        "period": period,
+        "from": _jsonable({"at": span.start})["at"] if span.start.year > 1970 else None,
+        "to": _jsonable({"at": span.end})["at"] if span.end else None,
+        "totals": {**_jsonable(totals), "active_users": int(active)},
+        "users": {
+            "total": int(top[0]["n_users"]) if top else 0,
+            "warn": int(top[0]["n_warn"]) if top else 0,
+            "blocked": int(top[0]["n_blocked"]) if top else 0,
+        },
+        "daily": [_jsonable(r) for r in daily],
+        "top_users": [_jsonable({k: v for k, v in r.items() if not k.startswith("n_")}) for r in top],
+    }
+
+
+def period_param(params: Mapping[str, str], default: str) -> str:
+    return _choice(params, "period", PERIODS, default)
+
+
+async def default_period(pool: asyncpg.Pool, fallback: str) -> str:
+    """The default user budget's period (BUDGET_PERIOD, as `migrate` and the proxy write it)."""
+    rows = await _fetch(pool, "select period from budgets where subject_type = 'user' and subject = $1", DEFAULT)
+    return str(rows[0]["period"]) if rows else fallback
+
+
+# Tenants: every tenant with users in the ledger or a budget row of its own; its members, its use in the
+# window, and its budget (own row, else the tenant default '*', else none) with what it used in that budget's
+# period (from the rollups, as for users). $1 now, $2/$3 the window's first and after-last day (or month).
+_TENANTS = """
+with t as (
+    select tenant_id, count(*) as members from usage_users where tenant_id <> '' group by tenant_id
+    union all
+    select b.subject, 0 from budgets b
+    where b.subject_type = 'tenant' and b.subject <> '*'
+      and not exists (select 1 from usage_users x where x.tenant_id = b.subject)
+),
+lim as (
+    select t.tenant_id, t.members, coalesce(b.period, d.period) as period,
+           coalesce(b.token_limit, d.token_limit) as base_limit, coalesce(b.warn_ratio, d.warn_ratio) as warn_ratio,
+           quota_period_start(coalesce(b.period, d.period, 'month'), $1) as period_start,
+           quota_period_end(coalesce(b.period, d.period, 'month'), $1) as resets_at
+    from t
+    left join budgets b on b.subject_type = 'tenant' and b.subject = t.tenant_id
+    left join budgets d on d.subject_type = 'tenant' and d.subject = '*'
+),
+used as (
+    select x.tenant_id, sum(x.counted)::bigint as used
+    from (
+        select m.tenant_id, m.counted from usage_user_month m join lim on lim.tenant_id = m.tenant_id
+        where lim.period in ('month', 'total') and m.month >= (lim.period_start at time zone 'UTC')::date
+        union all
+        select d.tenant_id, d.counted from usage_user_day d join lim on lim.tenant_id = d.tenant_id
+        where lim.period in ('day', 'week') and d.day >= (lim.period_start at time zone 'UTC')::date
+    ) x
+    group by x.tenant_id
+),
+spent as (
+    select r.tenant_id, sum(r.requests)::bigint as requests, sum(r.tokens)::bigint as tokens,
+           sum(r.cost_usd) as cost_usd, count(distinct r.user_id) filter (where r.requests > 0) as active_users
+    from {table} r where r.tenant_id <> '' and r.{column} >= $2 and r.{column} < $3
+    group by r.tenant_id
+),
+added as (
+    select a.tenant_id, sum(a.tokens)::bigint as tokens
+    from (
+        select g.subject as tenant_id, g.tokens
+        from budget_grants g join lim on lim.tenant_id = g.subject and g.period_start = lim.period_start
+        where g.subject_type = 'tenant' and g.revoked_at is null
+        union all
+        select c.subject, c.carried from budget_rollover c where c.subject_type = 'tenant'
+    ) a
+    group by a.tenant_id
+),
+rows as (
+    select lim.*, coalesce(used.used, 0) as used, coalesce(spent.requests, 0) as requests,
+           coalesce(spent.tokens, 0) as tokens, spent.cost_usd, coalesce(spent.active_users, 0) as active_users,
+           lim.base_limit + coalesce(added.tokens, 0) as token_limit
+    from lim
+    left join used on used.tenant_id = lim.tenant_id
+    left join spent on spent.tenant_id = lim.tenant_id
+    left join added on added.tenant_id = lim.tenant_id
+)
+select *,
+       case when token_limit > 0 then round(100.0 * used / token_limit, 1)
+            when token_limit = 0 then 100.0 end as percent,
+       case when token_limit is null then 'none'
+            when used >= token_limit then 'blocked'
+            when used >= warn_ratio * token_limit then 'warn'
+            else 'ok' end as state
+from rows
+order by tokens desc, tenant_id
+"""
+
+
+async def tenants(pool: asyncpg.Pool, period: str, now: datetime) -> dict[str, Any]:
+    """Every tenant with its members, its use in the window of `period` and its budget's state."""
+    span = window(period, now)
+    if period in ("month", "total"):
+        sql = _TENANTS.format(table="usage_user_month", column="month")
+    else:
+        sql = _TENANTS.format(table="usage_user_day", column="day")
+    rows = await _fetch(pool, sql, now, span.first_day, span.last_day)
+    return {"object": "list", "period": period, "data": [_jsonable(r) for r in rows]}
+
+
+@dataclass(frozen=True, slots=True)
+class Paging:
+    page: int = 1
+    per_page: int = 50
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> Paging:
+        per_page = _whole(params, "per_page", 1, max(PAGE_SIZES), 50)
+        if per_page not in PAGE_SIZES:
+            raise BadRequest(f"'per_page' must be one of {', '.join(map(str, PAGE_SIZES))}.", param="per_page")
+        return cls(_whole(params, "page", 1, MAX_PAGE, 1), per_page)
+
+
+async def blocked(pool: asyncpg.Pool, period: str, now: datetime, paging: Paging | None) -> dict[str, Any]:
+    """The requests budgets refused in the window, newest first (all of them without `paging`: the CSV)."""
+    span = window(period, now)
+    end = span.end or datetime(9000, 1, 1, tzinfo=UTC)
+    base = (
+        "from usage_records where status = 'blocked' and created_at >= $1 and created_at < $2"
+        " order by created_at desc, request_id desc"
+    )
+    fields = "created_at, request_id, user_id, tenant_id, model, endpoint, http_status"
+    if paging is None:
+        rows = await _fetch(pool, f"select {fields} {base}", span.start, end)
+        return {"object": "list", "period": period, "data": [_jsonable(r) for r in rows]}
+    rows = await _fetch(
+        pool,
+        f"select {fields}, count(*) over () as total {base} limit $3 offset $4",
+        span.start,
+        end,
+        paging.per_page,
+        (paging.page - 1) * paging.per_page,
+    )
+    if rows:
+        total = int(rows[0]["total"])
+    else:
+        counted = await _fetch(
+            pool,
+            "select count(*) as n from usage_records where status = 'blocked' and created_at >= $1 and created_at < $2",
+            span.start,
+            end,
+        )
+        total = int(counted[0]["n"])
+    return {
+        "object": "list",
+        "period": period,
+        "data": [_jsonable({k: v for k, v in r.items() if k != "total"}) for r in rows],
+        "total": total,
+        "page": paging.page,
+        "pages": max(-(-total // paging.per_page), 1),
+        "per_page": paging.per_page,
+    }
+
+
+async def changes(
+    pool: asyncpg.Pool, subject_type: str | None, subject: str | None, paging: Paging | None
+) -> dict[str, Any]:
+    """Budget changes newest first: one subject's, or everyone's."""
+    where, args = "", []
+    if subject_type is not None and subject is not None:
+        where, args = "where subject_type = $1 and subject = $2", [subject_type, subject]
+    fields = "id, subject_type, subject, model, changed_by, changed_at, source, before, after, reason"
+    order = "order by changed_at desc, id desc"
+    if paging is None:
+        rows = await _fetch(pool, f"select {fields} from budget_changes {where} {order}", *args)
+        return {"object": "list", "data": [_change(r) for r in rows]}
+    n = len(args)
+    rows = await _fetch(
+        pool,
+        f"select {fields}, count(*) over () as total from budget_changes {where} {order}"
+        f" limit ${n + 1} offset ${n + 2}",
+        *args,
+        paging.per_page,
+        (paging.page - 1) * paging.per_page,
+    )
+    total = int(rows[0]["total"]) if rows else 0
+    return {
+        "object": "list",
+        "data": [_change({k: v for k, v in r.items() if k != "total"}) for r in rows],
+        "total": total,
+        "page": paging.page,
+        "pages": max(-(-total // paging.per_page), 1),
+        "per_page": paging.per_page,
+    }
+
+
+def _change(record: Mapping[str, Any]) -> dict[str, Any]:
+    row = _jsonable(record)
+    for key in ("before", "after"):  # asyncpg hands jsonb over as its text
+        if isinstance(row[key], str):
+            row[key] = orjson.loads(row[key])
+    return row
+
+
+async def user_budget(pool: asyncpg.Pool, user: str, now: datetime) -> dict[str, Any] | None:
+    """One user's row of the users page (None: neither in the ledger nor with a budget row)."""
+    sql = _USERS.format(where="where u.user_id = $2")
+    rows = await _fetch(pool, f"select * from ({sql}) s", now, user)
+    return _jsonable(rows[0]) if rows else None
