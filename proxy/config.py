@@ -74,9 +74,10 @@ class Settings:
     upstream_max_connections: int = 512
     upstream_max_concurrency: int = 1024
     ledger_stream: str = "quota:ledger"
-    # Small, frequent batches: a batch of 1,000 kept Redis busy ~2.5 ms and PostgreSQL in one burst (#19).
-    ledger_batch_size: int = 100
-    ledger_flush_seconds: float = 0.1
+    # Few batches: each costs the shared cores wake-ups and a commit however small it is; 100 every 0.1 s
+    # put the p99 at one client at 3.8 ms against 2.8 for these (#19; docs/performance.md).
+    ledger_batch_size: int = 1000
+    ledger_flush_seconds: float = 1.0
     ledger_consumer: str = ""
     ledger_backlog_warn: int = 100_000
     ledger_writer: str = (
