@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -19,7 +20,9 @@ from proxy.ledger import Ledger, UsageRecord  # noqa: E402
 from proxy.redis_batch import connect  # noqa: E402
 from proxy.redis_wire import PipedRedis  # noqa: E402
 
-RECORDS = 100_000
+RECORDS = 50_000  # per batch size
+BATCH_SIZES = (1000, 250, 100)
+_WRITER_COMMANDS = ("xreadgroup", "xack", "xdel")
 
 
 def record(user: str, i: int) -> UsageRecord:
@@ -42,6 +45,12 @@ def record(user: str, i: int) -> UsageRecord:
         latency_ms=1.2,
         ttft_ms=None,
     )
+
+
+async def redis_busy(client: Any) -> float:
+    """µs Redis has spent on the writer's commands since it started (server-wide: other clients' too)."""
+    stats = await client.info("commandstats")
+    return float(sum(v["usec"] for k, v in stats.items() if k.lower().endswith(_WRITER_COMMANDS)))
 
 
 async def run() -> dict[str, object]:
@@ -68,33 +77,44 @@ async def run() -> dict[str, object]:
         handed.append(t1 - t0)
         samples.append(time.perf_counter() - t0)
     await sender.close()
-    # Fill the stream, then time the writer draining it into PostgreSQL.
-    for start in range(4000, RECORDS, 5000):
-        async with client.pipeline(transaction=False) as pipe:
-            for i in range(start, min(start + 5000, RECORDS)):
-                pipe.execute_command(*ledger.command(record(user, i)))
-            await pipe.execute()
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    moved = 0
-    while True:  # the 4,000 enqueued above, then the fill
-        n = await ledger.drain_once(block=False)
-        if not n:
-            break
-        moved += n
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    rows = await pool.fetchval("select count(*) from usage_records where user_id = $1", user)
-    await pool.execute("delete from usage_records where user_id = $1", user)
+    await client.delete(stream)
+    # Fill the stream, then time the writer draining it into PostgreSQL, at each batch size: what the
+    # writer moves per second, and how long Redis is busy with each batch's read, acknowledgement and
+    # deletion (its commandstats: time no proxy's command is served).
+    drained = {}
+    for size in BATCH_SIZES:
+        await client.delete(stream)
+        ledger = Ledger(client, pool, stream=stream, consumer="bench", batch_size=size)
+        await ledger.ensure_group()
+        for start in range(0, RECORDS, 5000):
+            async with client.pipeline(transaction=False) as pipe:
+                for i in range(start, min(start + 5000, RECORDS)):
+                    pipe.execute_command(*ledger.command(record(f"{user}-{size}", i)))
+                await pipe.execute()
+        busy_before = await redis_busy(client)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        moved = batches = 0
+        while n := await ledger.drain_once(block=False):
+            moved += n
+            batches += 1
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        busy = await redis_busy(client) - busy_before
+        drained[size] = (moved, elapsed, cpu, busy / max(batches, 1))
+    rows = await pool.fetchval("select count(*) from usage_records where user_id like $1", f"{user}-%")
+    await pool.execute("delete from usage_records where user_id like $1", f"{user}-%")
     await client.delete(stream)
     await client.aclose()
     await pool.close()
     (h50, h99), (x50, x99) = stats(handed), stats(samples)
-    return {
-        "records moved": f"{moved:,} ({rows:,} rows committed)",
-        "throughput (batches of 1,000)": f"{moved / elapsed:,.0f} records/s",
-        "writer CPU per record µs (in its own process by default)": f"{cpu / max(moved, 1) * 1e6:.1f}",
-        "request-path enqueue (build, encode, hand over) p50 / p99 µs": f"{h50:.1f} / {h99:.1f}",
-        "XADD round trip, not awaited by the request, p50 / p99 µs": f"{x50:.0f} / {x99:.0f}",
-    }
+    total = sum(m for m, *_ in drained.values())
+    out = {"records moved": f"{total:,} ({rows:,} rows committed)"}
+    for size, (moved, elapsed, cpu, busy) in drained.items():
+        out[f"batches of {size:,}: records/s, writer CPU µs per record, Redis busy µs per batch"] = (
+            f"{moved / elapsed:,.0f} / {cpu / max(moved, 1) * 1e6:.1f} / {busy:,.0f}"
+        )
+    out["request-path enqueue (build, encode, hand over) p50 / p99 µs"] = f"{h50:.1f} / {h99:.1f}"
+    out["XADD round trip, not awaited by the request, p50 / p99 µs"] = f"{x50:.0f} / {x99:.0f}"
+    return out
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(int(len(ordered) * p), len(ordered) - 1)]
 
 
-async def run(url: str, token: str, concurrency: int, seconds: float, stream: bool) -> dict[str, object]:
+async def run(
+    url: str, token: str, concurrency: int, seconds: float, stream: bool, warmup: float = 2.0
+) -> dict[str, object]:
     body = orjson.dumps(
         {"model": "bench", "stream": stream, "messages": [{"role": "user", "content": "Say ten words."}]}
     )
@@ -56,7 +58,7 @@ async def run(url: str, token: str, concurrency: int, seconds: float, stream: bo
                 else:
                     errors += 1
 
-        warm = time.perf_counter() + 2.0  # pools, caches and the interpreter warm up first
+        warm = time.perf_counter() + warmup  # pools, caches and the interpreter warm up first
         await asyncio.gather(*(worker(warm, False) for _ in range(concurrency)))
         started = time.perf_counter()
         await asyncio.gather(*(worker(started + seconds, True) for _ in range(concurrency)))
@@ -69,6 +71,7 @@ async def run(url: str, token: str, concurrency: int, seconds: float, stream: bo
         "p50_ms": round(percentile(latencies, 0.50), 3),
         "p90_ms": round(percentile(latencies, 0.90), 3),
         "p99_ms": round(percentile(latencies, 0.99), 3),
+        "p999_ms": round(percentile(latencies, 0.999), 3),
     }
     if stream:
         result.update(ttft_p50_ms=round(percentile(ttfts, 0.5), 3), ttft_p99_ms=round(percentile(ttfts, 0.99), 3))
@@ -82,6 +85,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measured ones")
     a = p.parse_args()
     try:
         import uvloop
@@ -89,7 +93,9 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    sys.stdout.write(orjson.dumps(asyncio.run(run(a.url, a.token, a.concurrency, a.seconds, a.stream))).decode() + "\n")
+    sys.stdout.write(
+        orjson.dumps(asyncio.run(run(a.url, a.token, a.concurrency, a.seconds, a.stream, a.warmup))).decode() + "\n"
+    )
 
 
 if __name__ == "__main__":

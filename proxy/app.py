@@ -153,6 +153,8 @@ def create_app(settings: Settings | None = None, host_metrics: HostMetrics | Non
         # frozen, every full collection stops rescanning it, which was the proxy's longest pause.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*settings.gc_threshold_values())
+        metrics.watch_gc()
         if host_metrics is not None:
             host_metrics.start()
         try:

@@ -74,6 +74,8 @@ class Settings:
     upstream_max_connections: int = 512
     upstream_max_concurrency: int = 1024
     ledger_stream: str = "quota:ledger"
+    # Few batches: each costs the shared cores wake-ups and a commit however small it is; 100 every 0.1 s
+    # put the p99 at one client at 3.8 ms against 2.8 for these (#19; docs/performance.md).
     ledger_batch_size: int = 1000
     ledger_flush_seconds: float = 1.0
     ledger_consumer: str = ""
@@ -81,6 +83,8 @@ class Settings:
     ledger_writer: str = (
         "process"  # process: a child of the proxy; inline: in its event loop; off: run `ledger` elsewhere
     )
+    # The collector's thresholds once start-up's heap is frozen (#19; docs/performance.md): gen0, gen1, gen2.
+    gc_thresholds: tuple[str, ...] = ("7000", "10", "10")
     pages_secret: str = ""  # signs statement links and admin sessions; default: derived from JWT_SECRET
     # Budget alerts (proxy/alerts.py finds crossings, proxy/notifier.py sends them; docs/alerts.md).
     alert_thresholds: tuple[str, ...] = ("0.8", "1.0")  # fractions of a budget; a budget row may set its own
@@ -159,7 +163,16 @@ class Settings:
             raise ValueError("ADMIN_SESSION_TTL_SECONDS must be at least 60")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ValueError("PUBLIC_URL must start with http:// or https://")
+        try:
+            thresholds = self.gc_threshold_values()
+        except ValueError:
+            thresholds = ()
+        if len(thresholds) != 3 or min(thresholds) < 1:
+            raise ValueError("GC_THRESHOLDS must be three whole numbers of 1 or more, e.g. 700,10,10")
         self._validate_alerts()
+
+    def gc_threshold_values(self) -> tuple[int, ...]:
+        return tuple(int(t) for t in self.gc_thresholds)
 
     def _validate_alerts(self) -> None:
         from .alerts import parse_thresholds  # the one parser, shared with the CLI and the admin API

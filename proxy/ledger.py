@@ -11,6 +11,7 @@ import asyncio
 import operator
 import os
 import socket
+import time
 from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -29,6 +30,7 @@ from .db import PG_UNAVAILABLE
 log = structlog.get_logger("proxy.ledger")
 
 GROUP = "ledger-writers"
+TRIM_CHUNK = 100  # entries acknowledged and deleted per round trip
 # On the way out, a writer moves what the stream holds for at most this long (PostgreSQL may be down):
 # what is left stays in the stream for the next writer.
 FLUSH_SECONDS = 10.0
@@ -231,6 +233,7 @@ class Ledger:
         entries = _entries(reply)
         if not entries:
             return 0
+        started = time.perf_counter()
         async with self._pool.acquire() as conn:
             try:
                 await insert_records(conn, [fields[1] for _, fields in entries], self._months)
@@ -239,11 +242,16 @@ class Ledger:
             if self.alerts is not None:  # before the XACK: a check PostgreSQL failed is retried with the batch
                 await self.alerts.check(conn, [fields[1] for _, fields in entries])
         ids = [eid for eid, _ in entries]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, GROUP, *ids)
-            pipe.xdel(self.stream, *ids)
-            await pipe.execute()
+        # In chunks, each its own round trip: Redis serves the proxies' commands between them. One
+        # XACK + XDEL of 1,000 ids kept it busy ~1.5 ms, which every request waiting on it paid (#19).
+        for at in range(0, len(ids), TRIM_CHUNK):
+            chunk = ids[at : at + TRIM_CHUNK]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.stream, GROUP, *chunk)
+                pipe.xdel(self.stream, *chunk)
+                await pipe.execute()
         metrics.LEDGER_WRITTEN.inc(len(ids))
+        metrics.observe_ledger_batch(len(ids), time.perf_counter() - started)
         return len(ids)
 
     async def _insert_one_by_one(self, conn: asyncpg.Connection, entries: list[Any]) -> None:

@@ -13,6 +13,8 @@ well under one: bench/metrics_bench.py). Only the event loop's thread may update
 from __future__ import annotations
 
 import functools
+import gc
+import time
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -183,6 +185,25 @@ ACCOUNTING_ERRORS = LoopCounter(
     ["step"],
 )
 
+# The tail (#19): what the garbage collector and the ledger writer's batches stop for, and how long. Loop
+# histograms too: a collection's callbacks may run on another thread (one that allocated), but CPython never
+# runs two collections at once, so GC_PAUSE has one writer at a time; the batches are observed on a loop.
+GC_PAUSE = LoopHistogram(
+    "quota_gc_pause_seconds",
+    "Garbage collections of the proxy process, by generation (2 is a full collection)",
+    ["generation"],
+    (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+LEDGER_BATCH_SECONDS = LoopHistogram(
+    "quota_ledger_batch_seconds",
+    "Ledger writer batches, from the stream read's reply to the last acknowledgement",
+    [],
+    (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+LEDGER_BATCH_RECORDS = LoopHistogram(
+    "quota_ledger_batch_records", "Records per ledger writer batch", [], (1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)
+)
+
 # Known label values start at 0, so `increase()` sees the first one (a series born at 1 shows no increase).
 for _endpoint in ENDPOINTS:
     FAIL_OPEN_REQUESTS.labels(_endpoint)
@@ -192,6 +213,8 @@ for _step in ("settle", "record"):
     ACCOUNTING_ERRORS.labels(_step)
 for _dependency in ("redis", "postgres", "litellm"):
     DEPENDENCY_UP.labels(_dependency)
+for _generation in "012":
+    GC_PAUSE.labels(_generation)
 
 MODEL_LABELS = 100
 _models: dict[str, tuple[CounterValue, CounterValue]] = {}  # model name -> its (prompt, completion) counters
@@ -237,6 +260,54 @@ def observe(record: UsageRecord, added: float | None, ttfb: float | None, reserv
         RESERVE_LATENCY.observe(reserve)
 
 
+_watching_gc = False
+
+
+def watch_gc() -> None:
+    """Time every garbage collection of this process into GC_PAUSE (~1 µs each, from gc.callbacks)."""
+    global _watching_gc
+    if _watching_gc:
+        return  # one callback per process, however many apps it builds (the tests build many)
+    _watching_gc = True
+    pauses = [GC_PAUSE.labels(str(generation)) for generation in range(3)]
+    started = 0.0
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+        else:
+            pauses[info["generation"]].observe(time.perf_counter() - started)
+
+    gc.callbacks.append(callback)
+
+
+# A writer process keeps its batches here until it sends them to the proxy that serves /metrics.
+_unsent_batches: list[tuple[int, float]] | None = None
+
+
+def observe_ledger_batch(records: int, seconds: float) -> None:
+    LEDGER_BATCH_RECORDS.observe(records)
+    LEDGER_BATCH_SECONDS.observe(seconds)
+    if _unsent_batches is not None:
+        _unsent_batches.append((records, seconds))
+
+
+def keep_ledger_batches() -> None:
+    """In a writer process: keep each batch's figures for `take_ledger_batches`."""
+    global _unsent_batches
+    _unsent_batches = []
+
+
+def take_ledger_batches() -> list[tuple[int, float]]:
+    """The batches observed since the last call, for the proxy to observe in turn (`observe_ledger_batch`)."""
+    global _unsent_batches
+    if _unsent_batches is None:
+        return []
+    batches, _unsent_batches = _unsent_batches, []
+    return batches
+
+
 _LEDGER = (LEDGER_WRITTEN, LEDGER_ERRORS)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -277,7 +348,7 @@ for _channel in ("webhook", "slack"):  # at 0 from the start: increase() then se
     NOTIFICATIONS_FAILED.labels(_channel)
     NOTIFICATIONS_SENT.labels(_channel)
 _ALERTS = (NOTIFICATIONS_PENDING, NOTIFICATIONS_FAILED, NOTIFICATIONS_SENT, NOTIFICATIONS_RECORDED)
-WRITER_METRICS = (*_LEDGER, *_ALERTS)  # a writer process's series (host_metrics.py: the supervisor's file)
+WRITER_METRICS = (*_LEDGER, *_ALERTS, LEDGER_BATCH_SECONDS, LEDGER_BATCH_RECORDS)  # a writer's series: host_metrics
 _ALERT_COUNTERS: dict[str, Counter] = {
     "quota_notifications_failed_total": NOTIFICATIONS_FAILED,
     "quota_notifications_sent_total": NOTIFICATIONS_SENT,

@@ -62,6 +62,8 @@ async def _drain(settings: Settings, pipe: Connection | None) -> None:
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     client = connect(settings.redis_url, settings.redis_timeout)
+    if pipe is not None:
+        metrics.keep_ledger_batches()
     pool = await create_pool(settings.database_url, min_size=0, max_size=2)
     ledger = Ledger.for_settings(client, pool, settings)
     writer = asyncio.create_task(ledger.run(), name="ledger-writer")
@@ -82,7 +84,7 @@ async def _drain(settings: Settings, pipe: Connection | None) -> None:
                 return
             if pipe is not None:
                 try:
-                    pipe.send(metrics.writer_samples())
+                    pipe.send((metrics.writer_samples(), metrics.take_ledger_batches()))
                 except OSError:
                     log.warning("ledger_writer_orphaned")  # the proxy died without stopping us
                     return
@@ -130,7 +132,10 @@ class WriterProcess:
                 while process.is_alive():
                     await asyncio.sleep(REPORT_SECONDS / 2)
                     while receiver.poll():
-                        metrics.merge_writer_samples(receiver.recv(), seen)
+                        samples, batches = receiver.recv()
+                        metrics.merge_writer_samples(samples, seen)
+                        for records, seconds in batches:
+                            metrics.observe_ledger_batch(records, seconds)
             except (EOFError, OSError):
                 pass  # it died: its end of the pipe closed
             except asyncio.CancelledError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -155,6 +156,30 @@ def test_health_and_metrics(client: httpx.Client) -> None:
     assert scrape(client.get("/metrics").text)[
         "quota_requests_total", ("code", "200"), ("endpoint", "chat"), ("state", "ok")
     ]
+
+
+def metric(client: httpx.Client, sample: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_gc_thresholds_are_set_after_start_up_and_collections_are_timed(
+    base_settings: Settings, fake: FakeUpstream
+) -> None:
+    before = gc.get_threshold()
+    settings = replace(base_settings, litellm_base_url=fake.url, gc_thresholds=("1000", "11", "12"))
+    try:
+        with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
+            assert gc.get_threshold() == (1000, 11, 12)
+            full = 'quota_gc_pause_seconds_count{generation="2"}'
+            counted = metric(client, full)
+            gc.collect()  # this process is the proxy's: its collections are the ones timed
+            assert metric(client, full) == counted + 1
+            assert metric(client, 'quota_gc_pause_seconds_sum{generation="2"}') > 0
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_fifty_concurrent_requests_through_the_proxy_never_overrun(base_settings: Settings, fake: FakeUpstream) -> None:

@@ -33,8 +33,15 @@ def test_environment_wins_over_env_file(tmp_path: Path) -> None:
         ({"BUDGET_PERIOD": "year"}, "BUDGET_PERIOD"),
         ({"WARN_RATIO": "1.5"}, "WARN_RATIO"),
         ({"FAIL_MODE": "maybe"}, "FAIL_MODE"),
+        ({"GC_THRESHOLDS": "10000,10"}, "GC_THRESHOLDS"),
+        ({"GC_THRESHOLDS": "many,10,10"}, "GC_THRESHOLDS"),
+        ({"GC_THRESHOLDS": "0,10,10"}, "GC_THRESHOLDS"),  # 0 would turn the collector off
     ],
 )
 def test_invalid_values_are_refused_with_the_variable_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env, env_file=None)
+
+
+def test_gc_thresholds_are_three_numbers() -> None:
+    assert Settings.from_env({"GC_THRESHOLDS": "10000, 20,30"}, env_file=None).gc_threshold_values() == (10000, 20, 30)

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.db import migrate, migration_files
-from proxy.ledger import GROUP, Ledger, UsageRecord, insert_records
+from proxy.ledger import GROUP, TRIM_CHUNK, Ledger, UsageRecord, insert_records
 
 from .helpers import uid
 
@@ -85,6 +85,17 @@ async def test_redelivery_after_a_crash_before_ack_never_duplicates(ledger, redi
     assert await ledger.drain_once(pending=True) == 5
     assert await pg_pool.fetchval("select count(*) from usage_records where user_id = $1", user) == 5
     assert await ledger.drain_once(pending=True) == 0
+
+
+async def test_a_batch_larger_than_a_trim_chunk_is_acknowledged_and_deleted_whole(redis_client, pg_pool) -> None:
+    ledger = Ledger(redis_client, pg_pool, stream=f"test:ledger:{uid()}", consumer="test-writer", batch_size=1000)
+    await ledger.ensure_group()
+    user = uid()
+    await enqueue(redis_client, ledger, [record(user) for _ in range(TRIM_CHUNK * 2 + 1)])
+    assert await ledger.drain_once(block=False) == TRIM_CHUNK * 2 + 1
+    assert await pg_pool.fetchval("select count(*) from usage_records where user_id = $1", user) == TRIM_CHUNK * 2 + 1
+    assert await ledger.backlog() == 0
+    assert (await redis_client.xpending(ledger.stream, GROUP))["pending"] == 0
 
 
 async def test_a_batch_is_all_or_nothing_and_counts_only_new_rows(pg_pool) -> None:

@@ -228,6 +228,8 @@ def test_two_workers_share_one_budget_and_one_writer(
         assert [chat_requests_counted(scraped(url)) for _ in range(8)] == [51] * 8
         # The supervisor's ledger writer's series too.
         eventually(lambda: scrape(scraped(url)).get(("quota_ledger_written_total",)) == 51, timeout=20)
+        # The writer's batches too, from the supervisor's file: every record in one batch or another.
+        eventually(lambda: scrape(scraped(url)).get(("quota_ledger_batch_records_sum",)) == 51, timeout=20)
 
         # A worker killed and started again: no scrape shows fewer, then its successor counts on from its 51.
         killed = snapshot(metrics_dir, 0)[0]

@@ -25,9 +25,9 @@ def recorded(settings: Settings, ids: list[str]) -> int:
     return count_rows(settings.database_url, ids)
 
 
-def written_metric(url: str) -> float:
+def written_metric(url: str, sample: str = "quota_ledger_written_total") -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("quota_ledger_written_total "):
+        if line.startswith(sample + " "):
             return float(line.split()[1])
     return 0.0
 
@@ -48,6 +48,10 @@ def test_a_writer_process_records_requests_and_reports_to_metrics(base_settings:
         eventually(lambda: recorded(settings, ids) == 12, timeout=20)
         # The child's counter reaches the parent's /metrics over the pipe.
         eventually(lambda: written_metric(url) >= 12, timeout=10)
+        # And its batches: how many records, and how long each took.
+        eventually(lambda: written_metric(url, "quota_ledger_batch_records_sum") >= 12, timeout=10)
+        assert written_metric(url, "quota_ledger_batch_seconds_count") >= 1
+        assert written_metric(url, "quota_ledger_batch_seconds_sum") > 0
     eventually(lambda: not alive(pid), timeout=10)  # stopped with the proxy
 
 
