@@ -420,7 +420,8 @@ def test_4_a_user_spends_one_budget_whatever_token_sends_them(small: Proxy) -> N
             assert r.status_code == 403 and r.json()["error"]["code"] == "wrong_tenant", r.text
     used = small.settled(zed)["used"]
     assert 150 < used <= 200
-    charged = rows(small.settings.database_url, "user_id = $1", zed)
+    # Settled in Redis first; the writer brings the record to PostgreSQL a moment later.
+    charged = eventually(lambda: rows(small.settings.database_url, "user_id = $1", zed))
     assert sum(r["total_tokens"] for r in charged) == used and {r["tenant_id"] for r in charged} == {None}
     client = redis.Redis.from_url(small.settings.redis_url)
     assert client.get(tenant_key(zed)) == b""  # bound to no tenant, the first it was charged under
