@@ -247,6 +247,8 @@ Stream a completion:
 See the quota:  curl -s {base}/v1/quota -H "Authorization: Bearer $TOKEN"
 Mint more:      .venv/bin/python -m proxy token issue --sub alice --tenant acme
 Set a budget:   .venv/bin/python -m proxy budget set alice 50000
+Statement:      {base}/me (paste $TOKEN into its form; past 80 % answers link to it)
+Admin pages:    .venv/bin/python -m proxy admin link   (prints a one-time sign-in link to {base}/admin)
 
 Ctrl-C stops everything started here.""",
             flush=True,
