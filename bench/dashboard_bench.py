@@ -31,6 +31,8 @@ import httpx  # noqa: E402
 import jwt  # noqa: E402
 import uvicorn  # noqa: E402
 
+from proxy import admin_events as events  # noqa: E402
+from proxy import admin_params as p  # noqa: E402
 from proxy import admin_queries as q  # noqa: E402
 from proxy.app import create_app  # noqa: E402
 from proxy.config import Settings  # noqa: E402
@@ -135,15 +137,15 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(", ".join(f"{k} {v:,}" for k, v in counts.items()))
         cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("overview (month)", lambda: q.overview(pool, "month", now)),
-            ("users, sorted by used", lambda: q.users(pool, q.UserQuery(), now)),
-            ("users, sorted by percent, page 40", lambda: q.users(pool, q.UserQuery(sort="percent", page=40), now)),
-            ("users, search 'user-12'", lambda: q.users(pool, q.UserQuery(q="user-12"), now)),
-            ("users, tenant filter", lambda: q.users(pool, q.UserQuery(tenant="tenant-3"), now)),
-            ("users, state blocked", lambda: q.users(pool, q.UserQuery(state="blocked"), now)),
+            ("users, sorted by used", lambda: q.users(pool, p.UserQuery(), now)),
+            ("users, sorted by percent, page 40", lambda: q.users(pool, p.UserQuery(sort="percent", page=40), now)),
+            ("users, search 'user-12'", lambda: q.users(pool, p.UserQuery(q="user-12"), now)),
+            ("users, tenant filter", lambda: q.users(pool, p.UserQuery(tenant="tenant-3"), now)),
+            ("users, state blocked", lambda: q.users(pool, p.UserQuery(state="blocked"), now)),
             ("one user's budget row", lambda: q.user_budget(pool, "user-42", now)),
             ("tenants (month)", lambda: q.tenants(pool, "month", now)),
-            ("blocked requests, page 1", lambda: q.blocked(pool, "month", now, q.Paging())),
-            ("users CSV (all 10,000)", lambda: q.all_users(pool, q.UserQuery(), now)),
+            ("blocked requests, page 1", lambda: events.blocked(pool, "month", now, p.Paging())),
+            ("users CSV (all 10,000)", lambda: q.all_users(pool, p.UserQuery(), now)),
         ]
         for name, call in cases:
             results.append(await timed(name, call, args.runs))

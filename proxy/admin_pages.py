@@ -10,10 +10,7 @@ with the session's CSRF token.
 
 from __future__ import annotations
 
-import csv
-import io
-import re
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
@@ -23,24 +20,25 @@ import asyncpg
 import orjson
 import redis.asyncio as redis
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from . import admin_events as events
+from . import admin_params as p
 from . import admin_queries as q
 from . import charts, i18n
 from .admin import budget_from, reason_from
+from .admin_sign_in import MAX_FORM, AdminSignIn
 from .auth import Identity
 from .body import printable_id
 from .budget.rows import DEFAULT, change_budget, fetch_limit
 from .config import PERIODS, Settings
+from .csv_export import Rows, csv_response
 from .errors import BadRequest, Forbidden, ProxyError, Unauthorized
 from .pages import SECURITY_HEADERS, Pages, locale_of
-from .sessions import COOKIE, AdminSessions, LinkUsed, Session
-from .signing import BadSignature, Expired
-from .statement import Sources, safe_cell, statement, usage_csv
-
-_MAX_FORM = 16 * 1024
-_GROUPED = re.compile(r"^\d{1,3}([ ,._]\d{3})+$")
+from .sessions import COOKIE, AdminSessions, Session
+from .statement import Sources, statement
+from .statement_pages import usage_csv
 
 
 class AdminSources(Sources, Protocol):
@@ -58,57 +56,6 @@ def _json(data: object, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=SECURITY_HEADERS)
 
 
-Rows = Sequence[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]]
-
-
-def _csv(name: str, columns: list[str], rows: Rows) -> Response:
-    """A table as a CSV download, written out as its rows come: a table read through a cursor (every blocked
-    request of a month) never sits whole in memory."""
-
-    async def lines() -> AsyncIterator[str]:
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(columns)
-        async for row in _each(rows):
-            writer.writerow([safe_cell(_cell(row.get(c))) for c in columns])
-            if out.tell() > 64 * 1024:
-                yield out.getvalue()
-                out.seek(0)
-                out.truncate()
-        yield out.getvalue()
-
-    headers = {**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}"'}
-    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers=headers)
-
-
-async def _each(rows: Rows) -> AsyncIterator[Mapping[str, Any]]:
-    if isinstance(rows, Sequence):
-        for row in rows:
-            yield row
-    else:
-        async for row in rows:
-            yield row
-
-
-def _cell(value: object) -> object:
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
-    return "" if value is None else value
-
-
-def _whole_field(form: Mapping[str, Any], name: str, default: int = 0) -> int:
-    """A whole number from a form: digits, or digits grouped by threes (100,000 / 100.000 / 100 000)."""
-    raw = form.get(name)
-    text = raw.strip() if isinstance(raw, str) else ""
-    if not text:
-        return default
-    if text.isascii() and text.isdigit() and len(text) <= 19:
-        return int(text)
-    if len(text) <= 26 and _GROUPED.match(text):
-        return int(re.sub(r"[ ,._]", "", text))
-    raise BadRequest(f"'{name}' must be a whole number.", param=name)
-
-
 class AdminPages:
     def __init__(
         self,
@@ -123,6 +70,7 @@ class AdminPages:
         self.settings = settings
         self.sources = sources
         self.now = clock
+        self.signing_in = AdminSignIn(pages, sessions, lambda request: sources(request).redis)
 
     def routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [
@@ -133,11 +81,7 @@ class AdminPages:
             Route("/admin/blocked", self._html(self.blocked), methods=["GET"]),
             Route("/admin/changes", self._html(self.changes), methods=["GET"]),
             Route("/admin/user/budget", self.save_budget, methods=["POST"]),
-            Route("/admin/sign-in", self.sign_in_page, methods=["GET"]),
-            Route("/admin/sign-in", self.sign_in, methods=["POST"]),
-            Route("/admin/link", self.link_page, methods=["GET"]),
-            Route("/admin/link", self.link_redeem, methods=["POST"]),
-            Route("/admin/sign-out", self.sign_out, methods=["POST"]),
+            *self.signing_in.routes(),
             Route("/admin/user.csv", self._html(self.user_csv), methods=["GET"]),
         ]
         for name, data, table in (
@@ -175,7 +119,7 @@ class AdminPages:
                 viewer = await self._viewer(request)
                 if viewer is None:
                     expired = COOKIE in request.cookies
-                    return self._sign_in_form(
+                    return self.signing_in.form(
                         request, error=i18n.text(locale, "admin.session_expired") if expired else None, status=401
                     )
                 return await handler(request, viewer)
@@ -199,106 +143,31 @@ class AdminPages:
         csrf = self.sessions.csrf_token(viewer.session) if viewer.session else ""
         return self.pages.render(request, template, {"admin": viewer.admin, "csrf": csrf, **context})
 
-    # Sign-in, links, sign-out ---------------------------------------------------------------------------------
-
-    def _sign_in_form(self, request: Request, *, error: str | None = None, status: int = 200) -> Response:
-        nonce = self.sessions.sign_in_nonce(request)
-        response = self.pages.render(
-            request,
-            "admin_signin.html",
-            {"error": error, "csrf": self.sessions.sign_in_csrf(nonce)},
-            status=status,
-        )
-        return self.sessions.set_nonce(response, nonce)
-
-    async def sign_in_page(self, request: Request) -> Response:
-        return self._sign_in_form(request)
-
-    async def sign_in(self, request: Request) -> Response:
-        locale = locale_of(request)
-        form = await request.form(max_files=0, max_fields=8, max_part_size=_MAX_FORM)
-        if not self.sessions.sign_in_csrf_ok(request, form.get("csrf")):
-            return self._sign_in_form(request, error=i18n.text(locale, "admin.csrf_failed"), status=403)
-        raw = form.get("token")
-        token = raw.strip().removeprefix("Bearer ").strip() if isinstance(raw, str) else ""
-        if not token or len(token) > _MAX_FORM:
-            return self._sign_in_form(request, error=i18n.text(locale, "admin.token_empty"), status=400)
-        try:
-            value, session = await self.sessions.sign_in_with_token(token)
-        except ProxyError as exc:
-            return self._sign_in_form(
-                request, error=i18n.text(locale, "admin.token_refused", reason=exc.message), status=exc.status
-            )
-        response = RedirectResponse(f"{self.pages.base}/admin", status_code=303, headers=SECURITY_HEADERS)
-        return self.sessions.set_cookie(response, value, session)
-
-    async def link_page(self, request: Request) -> Response:
-        """A one-time link opens a page with a button: a link preview or a mail scanner fetching it uses nothing."""
-        locale = locale_of(request)
-        token = request.query_params.get("t", "")
-        try:
-            data = self.sessions.read_link(token)
-        except BadSignature as exc:
-            return self._link_refused(request, exc)
-        return self.pages.render(
-            request,
-            "admin_link.html",
-            {"title": i18n.text(locale, "admin.link_title"), "name": data["a"], "token": token},
-        )
-
-    async def link_redeem(self, request: Request) -> Response:
-        form = await request.form(max_files=0, max_fields=4, max_part_size=_MAX_FORM)
-        token = form.get("t")
-        try:
-            value, session = await self.sessions.redeem_link(
-                token if isinstance(token, str) else "", self.sources(request).redis
-            )
-        except BadSignature as exc:
-            return self._link_refused(request, exc)
-        except ProxyError as exc:
-            return self.pages.message(request, i18n.text(locale_of(request), "error.title"), exc.message, status=503)
-        response = RedirectResponse(f"{self.pages.base}/admin", status_code=303, headers=SECURITY_HEADERS)
-        return self.sessions.set_cookie(response, value, session)
-
-    def _link_refused(self, request: Request, exc: BadSignature) -> Response:
-        locale = locale_of(request)
-        kind = "used" if isinstance(exc, LinkUsed) else "expired" if isinstance(exc, Expired) else "forged"
-        status = 410 if kind in ("used", "expired") else 403
-        return self._sign_in_form(request, error=i18n.text(locale, f"admin.link_{kind}"), status=status)
-
-    async def sign_out(self, request: Request) -> Response:
-        session = self.sessions.read(request)
-        form = await request.form(max_files=0, max_fields=4, max_part_size=_MAX_FORM)
-        if session is None or not self.sessions.csrf_ok(session, form.get("csrf")):
-            return self.pages.message(
-                request, i18n.text(locale_of(request), "admin.refused"), "CSRF token missing or wrong.", status=403
-            )
-        response = RedirectResponse(f"{self.pages.base}/admin/sign-in", status_code=303, headers=SECURITY_HEADERS)
-        return self.sessions.clear_cookie(response)
-
     # The data, shared by the pages, the CSV and the JSON --------------------------------------------------------
 
     async def _period(self, request: Request) -> str:
         default = await q.default_period(self.sources(request).pool, self.settings.budget_period)
-        return q.period_param(request.query_params, default)
+        return p.period_param(request.query_params, default)
 
     async def _overview_data(self, request: Request) -> dict[str, Any]:
         return await q.overview(self.sources(request).pool, await self._period(request), self.now())
 
     async def _users_data(self, request: Request) -> dict[str, Any]:
-        query = q.UserQuery.from_params(request.query_params)
+        query = p.UserQuery.from_params(request.query_params)
         return await q.users(self.sources(request).pool, query, self.now())
 
     async def _tenants_data(self, request: Request) -> dict[str, Any]:
         return await q.tenants(self.sources(request).pool, await self._period(request), self.now())
 
     async def _blocked_data(self, request: Request) -> dict[str, Any]:
-        paging = q.Paging.from_params(request.query_params)
-        return await q.blocked(self.sources(request).pool, await self._period(request), self.now(), paging)
+        paging = p.Paging.from_params(request.query_params)
+        return await events.blocked(self.sources(request).pool, await self._period(request), self.now(), paging)
 
     async def _changes_data(self, request: Request) -> dict[str, Any]:
         kind, subject = self._subject(request.query_params)
-        return await q.changes(self.sources(request).pool, kind, subject, q.Paging.from_params(request.query_params))
+        return await events.changes(
+            self.sources(request).pool, kind, subject, p.Paging.from_params(request.query_params)
+        )
 
     @staticmethod
     def _subject(params: Mapping[str, str]) -> tuple[str | None, str | None]:
@@ -317,7 +186,7 @@ class AdminPages:
         return ["day", "model", "requests", "tokens"], data["daily"]
 
     async def _users_table(self, request: Request) -> tuple[list[str], list[dict[str, Any]]]:
-        query = q.UserQuery.from_params(request.query_params)
+        query = p.UserQuery.from_params(request.query_params)
         rows = await q.all_users(self.sources(request).pool, query, self.now())
         columns = ["user_id", "tenant_id", "state", "used", "token_limit", "percent", "remaining", "period"]
         return columns + ["period_start", "resets_at", "requests", "blocked", "cost_usd", "own_budget"], rows
@@ -328,12 +197,12 @@ class AdminPages:
         return columns + ["token_limit", "percent", "period", "period_start", "resets_at"], data["data"]
 
     async def _blocked_table(self, request: Request) -> tuple[list[str], Rows]:
-        rows = q.blocked_rows(self.sources(request).pool, await self._period(request), self.now())
+        rows = events.blocked_rows(self.sources(request).pool, await self._period(request), self.now())
         return ["created_at", "request_id", "user_id", "tenant_id", "model", "endpoint", "http_status"], rows
 
     async def _changes_table(self, request: Request) -> tuple[list[str], list[dict[str, Any]]]:
         kind, subject = self._subject(request.query_params)
-        data = await q.changes(self.sources(request).pool, kind, subject, None)
+        data = await events.changes(self.sources(request).pool, kind, subject, None)
         columns = ["changed_at", "subject_type", "subject", "model", "changed_by", "source", "before", "after"]
         return columns + ["reason"], data["data"]
 
@@ -342,7 +211,7 @@ class AdminPages:
     ) -> Callable[[Request, Viewer], Awaitable[Response]]:
         async def download(request: Request, viewer: Viewer) -> Response:
             columns, rows = await table(request)
-            return _csv(f"{name}-{self.now():%Y-%m-%d}.csv", columns, rows)
+            return csv_response(f"{name}-{self.now():%Y-%m-%d}.csv", columns, rows)
 
         return download
 
@@ -397,7 +266,7 @@ class AdminPages:
         )
 
     async def users(self, request: Request, viewer: Viewer) -> Response:
-        query = q.UserQuery.from_params(request.query_params)
+        query = p.UserQuery.from_params(request.query_params)
         data = await q.users(self.sources(request).pool, query, self.now())
         return self._render(
             request,
@@ -407,9 +276,9 @@ class AdminPages:
                 "nav": "users",
                 "query": query,
                 "data": data,
-                "sorts": list(q.USER_SORTS),
-                "states": q.STATES,
-                "sizes": q.PAGE_SIZES,
+                "sorts": list(p.USER_SORTS),
+                "states": p.STATES,
+                "sizes": p.PAGE_SIZES,
                 "link": lambda **changes: "?" + urlencode(query.params(**changes)),
                 "csv_query": urlencode({k: v for k, v in query.params().items() if k not in ("page", "per_page")}),
             },
@@ -429,7 +298,7 @@ class AdminPages:
         identity = Identity(user, row["tenant_id"] or None if row else None)
         st = await statement(sources, identity, locale, now)
         st["csv_url"] = f"{self.pages.base}/admin/user.csv?{urlencode({'id': user})}"
-        history = await q.changes(sources.pool, "user", user, q.Paging(1, 50))
+        history = await events.changes(sources.pool, "user", user, p.Paging(1, 50))
         limit = sources.book.user(user)
         form = {
             "tokens": limit.tokens,
@@ -461,23 +330,23 @@ class AdminPages:
         locale = locale_of(request)
         session = self.sessions.read(request)
         if session is None:
-            return self._sign_in_form(request, error=i18n.text(locale, "admin.session_expired"), status=401)
-        form = await request.form(max_files=0, max_fields=16, max_part_size=_MAX_FORM)
+            return self.signing_in.form(request, error=i18n.text(locale, "admin.session_expired"), status=401)
+        form = await request.form(max_files=0, max_fields=16, max_part_size=MAX_FORM)
         if not self.sessions.csrf_ok(session, form.get("csrf")):
             return self.pages.message(
                 request, i18n.text(locale, "admin.refused"), i18n.text(locale, "admin.csrf_failed"), status=403
             )
         try:
             user = printable_id(form.get("id"), "id")
-            warn = _whole_field(form, "warn", 80)
+            warn = p.whole_field(form, "warn", 80)
             if not 1 <= warn <= 100:
                 raise BadRequest("'warn' is a percentage from 1 to 100.", param="warn")
             body = {
                 "type": "user",
-                "tokens": _whole_field(form, "tokens", -1),
+                "tokens": p.whole_field(form, "tokens", -1),
                 "period": form.get("period"),
-                "rpm": _whole_field(form, "rpm"),
-                "tpm": _whole_field(form, "tpm"),
+                "rpm": p.whole_field(form, "rpm"),
+                "tpm": p.whole_field(form, "tpm"),
                 "warn_ratio": warn / 100,
                 "reason": form.get("reason") or None,
             }

@@ -14,16 +14,13 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import orjson
 
+from .admin_params import USER_SORTS, UserQuery
 from .budget.engine import like_pattern
 from .budget.rows import DEFAULT, period_bounds
-from .config import PERIODS
 from .db import PG_UNAVAILABLE
-from .errors import BadRequest, history_down
+from .errors import history_down
 
-PAGE_SIZES = (25, 50, 100, 200)
-MAX_PAGE = 100_000
 CHART_DAYS = 62  # the overview's chart shows at most this many days (the last ones of a long period)
 TOP_USERS = 10
 
@@ -106,19 +103,6 @@ select *,
 from rows
 """
 
-# What the users page may sort by: the parameter's value -> the SQL (never the parameter itself).
-USER_SORTS = {
-    "used": "used desc, user_id",
-    "-used": "used, user_id",
-    "percent": "percent desc nulls last, user_id",
-    "-percent": "percent nulls first, user_id",
-    "user": "user_id",
-    "-user": "user_id desc",
-    "tenant": "tenant_id, user_id",
-    "requests": "requests desc, user_id",
-}
-STATES = ("ok", "warn", "blocked", "none")
-
 
 @dataclass(frozen=True, slots=True)
 class Window:
@@ -141,70 +125,6 @@ class Window:
 def window(period: str, now: datetime) -> Window:
     start, end = period_bounds(period, now.timestamp())
     return Window(period, start, end)
-
-
-def _choice(params: Mapping[str, str], name: str, allowed: tuple[str, ...] | list[str], default: str) -> str:
-    value = params.get(name) or default
-    if value not in allowed:
-        raise BadRequest(f"'{name}' must be one of {', '.join(allowed)}.", param=name)
-    return value
-
-
-def _whole(params: Mapping[str, str], name: str, low: int, high: int, default: int) -> int:
-    raw = params.get(name)
-    if raw is None or raw == "":
-        return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 9 or not low <= int(raw) <= high:
-        raise BadRequest(f"'{name}' must be a whole number from {low:,} to {high:,}.", param=name)
-    return int(raw)
-
-
-def _text(params: Mapping[str, str], name: str, most: int = 256) -> str:
-    value = params.get(name, "").strip()
-    if len(value) > most or not value.isprintable():
-        raise BadRequest(f"'{name}' must be printable text of at most {most} characters.", param=name)
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class UserQuery:
-    """The users page's parameters, checked: `q` a search (substring; * and ? are wildcards), `tenant` exact,
-    `state` one of STATES, `sort` one of USER_SORTS, `page` from 1 and `per_page` one of PAGE_SIZES."""
-
-    q: str = ""
-    tenant: str = ""
-    state: str = ""
-    sort: str = "used"
-    page: int = 1
-    per_page: int = 50
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, str]) -> UserQuery:
-        per_page = _whole(params, "per_page", 1, max(PAGE_SIZES), 50)
-        if per_page not in PAGE_SIZES:
-            raise BadRequest(f"'per_page' must be one of {', '.join(map(str, PAGE_SIZES))}.", param="per_page")
-        return cls(
-            q=_text(params, "q"),
-            tenant=_text(params, "tenant"),
-            state=_choice(params, "state", ("", *STATES), ""),
-            sort=_choice(params, "sort", list(USER_SORTS), "used"),
-            page=_whole(params, "page", 1, MAX_PAGE, 1),
-            per_page=per_page,
-        )
-
-    def params(self, **changes: object) -> dict[str, str]:
-        """The query string of this view with some parameters changed (for links), defaults left out."""
-        values = {
-            "q": self.q,
-            "tenant": self.tenant,
-            "state": self.state,
-            "sort": self.sort,
-            "page": self.page,
-            "per_page": self.per_page,
-        }
-        values.update(changes)
-        defaults = {"sort": "used", "page": 1, "per_page": 50}
-        return {k: str(v) for k, v in values.items() if v not in ("", None) and defaults.get(k) != v}
 
 
 def _users_sql(query: UserQuery) -> tuple[str, list[Any]]:
@@ -232,12 +152,12 @@ async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         raise history_down() from exc
 
 
-async def _fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record]:
+async def fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record]:
     async with reading(pool) as conn:
         return list(await conn.fetch(sql, *args))
 
 
-def _jsonable(record: Mapping[str, Any]) -> dict[str, Any]:
+def jsonable(record: Mapping[str, Any]) -> dict[str, Any]:
     """A row for JSON and templates: numerics as floats, instants as ISO 8601 UTC, days as dates."""
     out: dict[str, Any] = {}
     for key, value in record.items():
@@ -259,7 +179,7 @@ async def users(pool: asyncpg.Pool, query: UserQuery, now: datetime) -> dict[str
         args.append(query.state)
         state = f" where state = ${len(args) + 1}"
     args += [query.per_page, (query.page - 1) * query.per_page]
-    rows = await _fetch(
+    rows = await fetch(
         pool,
         f"select *, count(*) over () as total from ({sql}) s{state} order by {USER_SORTS[query.sort]}"
         f" limit ${len(args)} offset ${len(args) + 1}",
@@ -269,7 +189,7 @@ async def users(pool: asyncpg.Pool, query: UserQuery, now: datetime) -> dict[str
     total = int(rows[0]["total"]) if rows else await _count_users(pool, sql, args[:-2], state, now)
     return {
         "object": "list",
-        "data": [_jsonable({k: v for k, v in r.items() if k != "total"}) for r in rows],
+        "data": [jsonable({k: v for k, v in r.items() if k != "total"}) for r in rows],
         "total": total,
         "page": query.page,
         "pages": max(-(-total // query.per_page), 1),
@@ -279,7 +199,7 @@ async def users(pool: asyncpg.Pool, query: UserQuery, now: datetime) -> dict[str
 
 async def _count_users(pool: asyncpg.Pool, sql: str, args: list[Any], state: str, now: datetime) -> int:
     """How many match, for a page past the last (its rows are empty, so they cannot say)."""
-    rows = await _fetch(pool, f"select count(*) as n from ({sql}) s{state}", now, *args)
+    rows = await fetch(pool, f"select count(*) as n from ({sql}) s{state}", now, *args)
     return int(rows[0]["n"])
 
 
@@ -290,8 +210,8 @@ async def all_users(pool: asyncpg.Pool, query: UserQuery, now: datetime) -> list
     if query.state:
         args.append(query.state)
         state = f" where state = ${len(args) + 1}"
-    rows = await _fetch(pool, f"select * from ({sql}) s{state} order by {USER_SORTS[query.sort]}", now, *args)
-    return [_jsonable(r) for r in rows]
+    rows = await fetch(pool, f"select * from ({sql}) s{state} order by {USER_SORTS[query.sort]}", now, *args)
+    return [jsonable(r) for r in rows]
 
 
 async def overview(pool: asyncpg.Pool, period: str, now: datetime) -> dict[str, Any]:
@@ -332,26 +252,22 @@ async def overview(pool: asyncpg.Pool, period: str, now: datetime) -> dict[str, 
         )
     return {
         "period": period,
-        "from": _jsonable({"at": span.start})["at"] if span.start.year > 1970 else None,
-        "to": _jsonable({"at": span.end})["at"] if span.end else None,
-        "totals": {**_jsonable(totals), "active_users": int(active)},
+        "from": jsonable({"at": span.start})["at"] if span.start.year > 1970 else None,
+        "to": jsonable({"at": span.end})["at"] if span.end else None,
+        "totals": {**jsonable(totals), "active_users": int(active)},
         "users": {
             "total": int(top[0]["n_users"]) if top else 0,
             "warn": int(top[0]["n_warn"]) if top else 0,
             "blocked": int(top[0]["n_blocked"]) if top else 0,
         },
-        "daily": [_jsonable(r) for r in daily],
-        "top_users": [_jsonable({k: v for k, v in r.items() if not k.startswith("n_")}) for r in top],
+        "daily": [jsonable(r) for r in daily],
+        "top_users": [jsonable({k: v for k, v in r.items() if not k.startswith("n_")}) for r in top],
     }
-
-
-def period_param(params: Mapping[str, str], default: str) -> str:
-    return _choice(params, "period", PERIODS, default)
 
 
 async def default_period(pool: asyncpg.Pool, fallback: str) -> str:
     """The default user budget's period (BUDGET_PERIOD, as `migrate` and the proxy write it)."""
-    rows = await _fetch(pool, "select period from budgets where subject_type = 'user' and subject = $1", DEFAULT)
+    rows = await fetch(pool, "select period from budgets where subject_type = 'user' and subject = $1", DEFAULT)
     return str(rows[0]["period"]) if rows else fallback
 
 
@@ -431,112 +347,12 @@ async def tenants(pool: asyncpg.Pool, period: str, now: datetime) -> dict[str, A
         sql = _TENANTS.format(table="usage_user_month", column="month")
     else:
         sql = _TENANTS.format(table="usage_user_day", column="day")
-    rows = await _fetch(pool, sql, now, span.first_day, span.last_day)
-    return {"object": "list", "period": period, "data": [_jsonable(r) for r in rows]}
-
-
-@dataclass(frozen=True, slots=True)
-class Paging:
-    page: int = 1
-    per_page: int = 50
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, str]) -> Paging:
-        per_page = _whole(params, "per_page", 1, max(PAGE_SIZES), 50)
-        if per_page not in PAGE_SIZES:
-            raise BadRequest(f"'per_page' must be one of {', '.join(map(str, PAGE_SIZES))}.", param="per_page")
-        return cls(_whole(params, "page", 1, MAX_PAGE, 1), per_page)
-
-
-_BLOCKED = (
-    "select created_at, request_id, user_id, tenant_id, model, endpoint, http_status{total}"
-    " from usage_records where status = 'blocked' and created_at >= $1 and created_at < $2"
-    " order by created_at desc, request_id desc"
-)
-
-
-def _blocked_window(period: str, now: datetime) -> tuple[datetime, datetime]:
-    span = window(period, now)
-    return span.start, span.end or datetime(9000, 1, 1, tzinfo=UTC)
-
-
-async def blocked(pool: asyncpg.Pool, period: str, now: datetime, paging: Paging) -> dict[str, Any]:
-    """A page of the requests budgets refused in the window, newest first."""
-    start, end = _blocked_window(period, now)
-    sql = _BLOCKED.format(total=", count(*) over () as total") + " limit $3 offset $4"
-    rows = await _fetch(pool, sql, start, end, paging.per_page, (paging.page - 1) * paging.per_page)
-    if rows:
-        total = int(rows[0]["total"])
-    else:
-        counted = await _fetch(
-            pool,
-            "select count(*) as n from usage_records where status = 'blocked' and created_at >= $1 and created_at < $2",
-            start,
-            end,
-        )
-        total = int(counted[0]["n"])
-    return {
-        "object": "list",
-        "period": period,
-        "data": [_jsonable({k: v for k, v in r.items() if k != "total"}) for r in rows],
-        "total": total,
-        "page": paging.page,
-        "pages": max(-(-total // paging.per_page), 1),
-        "per_page": paging.per_page,
-    }
-
-
-async def blocked_rows(pool: asyncpg.Pool, period: str, now: datetime) -> AsyncIterator[dict[str, Any]]:
-    """Every request refused in the window, newest first, through a cursor: a user hammering the proxy
-    while blocked leaves hundreds of thousands of them, which the CSV streams instead of holding."""
-    start, end = _blocked_window(period, now)
-    async with reading(pool) as conn:
-        async for row in conn.cursor(_BLOCKED.format(total=""), start, end, prefetch=1000):
-            yield _jsonable(row)
-
-
-async def changes(
-    pool: asyncpg.Pool, subject_type: str | None, subject: str | None, paging: Paging | None
-) -> dict[str, Any]:
-    """Budget changes newest first: one subject's, or everyone's."""
-    where, args = "", []
-    if subject_type is not None and subject is not None:
-        where, args = "where subject_type = $1 and subject = $2", [subject_type, subject]
-    fields = "id, subject_type, subject, model, changed_by, changed_at, source, before, after, reason"
-    order = "order by changed_at desc, id desc"
-    if paging is None:
-        rows = await _fetch(pool, f"select {fields} from budget_changes {where} {order}", *args)
-        return {"object": "list", "data": [_change(r) for r in rows]}
-    n = len(args)
-    rows = await _fetch(
-        pool,
-        f"select {fields}, count(*) over () as total from budget_changes {where} {order}"
-        f" limit ${n + 1} offset ${n + 2}",
-        *args,
-        paging.per_page,
-        (paging.page - 1) * paging.per_page,
-    )
-    total = int(rows[0]["total"]) if rows else 0
-    return {
-        "object": "list",
-        "data": [_change({k: v for k, v in r.items() if k != "total"}) for r in rows],
-        "total": total,
-        "page": paging.page,
-        "pages": max(-(-total // paging.per_page), 1),
-        "per_page": paging.per_page,
-    }
-
-
-def _change(record: Mapping[str, Any]) -> dict[str, Any]:
-    row = _jsonable(record)
-    for key in ("before", "after"):  # asyncpg hands jsonb over as its text
-        if isinstance(row[key], str):
-            row[key] = orjson.loads(row[key])
-    return row
+    rows = await fetch(pool, sql, now, span.first_day, span.last_day)
+    return {"object": "list", "period": period, "data": [jsonable(r) for r in rows]}
 
 
 async def user_budget(pool: asyncpg.Pool, user: str, now: datetime) -> dict[str, Any] | None:
     """One user's row of the users page (None: neither in the ledger nor with a budget row)."""
     sql = _USERS.format(where="where u.user_id = $2")
-    rows = await _fetch(pool, f"select * from ({sql}) s", now, user)
-    return _jsonable(rows[0]) if rows else None
+    rows = await fetch(pool, f"select * from ({sql}) s", now, user)
+    return jsonable(rows[0]) if rows else None

@@ -33,12 +33,13 @@ from .forward import Upstream
 from .host_metrics import HostMetrics
 from .ledger import FLUSH_SECONDS, Ledger
 from .lifecycle import Gate, Lifecycle
+from .links import StatementLinks
 from .logs import configure_logging
 from .pages import Pages
 from .redis_batch import CommandSender, command_sender, connect
 from .relay import Relay
 from .sessions import AdminSessions
-from .statement import StatementLinks, StatementPages
+from .statement_pages import StatementPages
 from .tokens import Tokenizer
 from .usage_history import usage_history
 from .writer import WriterProcess, start_notifier

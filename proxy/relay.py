@@ -28,9 +28,9 @@ from .errors import (
 from .flight import Flight, RecordDraft, client_request_id, new_request_id
 from .forward import StreamThrough, Upstream, Upstreamed
 from .ledger import Ledger, UsageRecord
+from .links import StatementLinks
 from .redis_batch import CommandSender
 from .sse import StreamMeter, answer_text, usage_totals
-from .statement import StatementLinks
 from .tokens import Tokenizer
 
 log = structlog.get_logger("proxy.relay")

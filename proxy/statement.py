@@ -1,61 +1,27 @@
-"""The statement `/me`: a user's budget and usage on one page, reached from the chat by a signed link.
+"""The statement: what a user's page `/me` shows of their budget and usage (its routes: statement_pages.py).
 
-How a reader is known, in order: a statement link (`/me?s=...`, signed by the proxy, read-only, short-lived,
-naming the user), traded at once for an HttpOnly cookie so the link leaves the address bar and the history;
-an `Authorization: Bearer` token; the cookie; else a sign-in form that takes an API token (POSTed, never in
-a URL). The page reads through the same functions as /v1/usage and /v1/quota (usage_history.py and
-`BudgetEngine.snapshot`), and shows the history when Redis is down (and says so).
+It reads through the same functions as /v1/usage and /v1/quota (usage_history.py and `BudgetEngine.snapshot`),
+and shows the history when Redis is down (and says so). The admin's user page shows it too.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import asyncpg
-from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
 
 from . import charts, i18n
-from .auth import Authenticator, Identity, charged_identity, token_expiry
+from .auth import Authenticator, Identity
 from .budget import BudgetEngine
 from .budget.quota import Quota
 from .budget.rows import BudgetBook, period_bounds
-from .config import Settings
 from .errors import ProxyError
-from .pages import SECURITY_HEADERS, Pages, locale_of
-from .signing import BadSignature, Expired, Signer, pages_secret
 from .usage_history import daily_usage, history_params, period_totals, usage_history
 
-COOKIE = "quota_statement"
-SIGN_IN_SECONDS = 12 * 3600  # a statement opened with a pasted token stays open this long
 RECENT = 50
 PREVIOUS = {"day": 7, "week": 8, "month": 6, "total": 0}  # how many earlier periods' totals the page lists
-_MAX_TOKEN = 8192  # longer is no token this proxy made, nor an API token worth reading
-CSV_FIELDS = (
-    "created_at",
-    "request_id",
-    "client_request_id",
-    "model",
-    "served_model",
-    "endpoint",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cost_usd",
-    "status",
-    "http_status",
-    "stream",
-    "estimated",
-    "latency_ms",
-)
 
 
 class Sources(Protocol):
@@ -69,49 +35,6 @@ class Sources(Protocol):
     def book(self) -> BudgetBook: ...
     @property
     def auth(self) -> Authenticator: ...
-
-
-class StatementLinks:
-    """Signs and reads the statement links (and the cookie a link or a sign-in is traded for)."""
-
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
-        self.settings = settings
-        self.signer = Signer(pages_secret(settings), "statement", clock)
-        self.ttl = settings.statement_link_ttl_days * 86400
-        self._clock = clock
-
-    def token(self, identity: Identity, ttl: float) -> str:
-        data: dict[str, Any] = {"u": identity.user}
-        if identity.tenant:
-            data["t"] = identity.tenant
-        if identity.groups:
-            data["g"] = list(identity.groups)
-        return self.signer.sign(data, ttl)
-
-    def read(self, token: str) -> tuple[Identity, int]:
-        """The identity a token names and when it expires; BadSignature (or Expired) otherwise."""
-        if len(token) > _MAX_TOKEN:
-            raise BadSignature("too long")
-        data = self.signer.verify(token)
-        user, tenant, groups = data.get("u"), data.get("t"), data.get("g", [])
-        if not isinstance(user, str) or not isinstance(tenant, str | None) or not isinstance(groups, list):
-            raise BadSignature("malformed")
-        return Identity(user, tenant, groups=tuple(str(g) for g in groups)), int(data["exp"])
-
-    def base(self, request: Request) -> str:
-        """Where people reach the proxy: PUBLIC_URL, else the address this request came to."""
-        if self.settings.public_url:
-            return self.settings.public_url.rstrip("/")
-        return str(request.base_url).rstrip("/")
-
-    def url(self, identity: Identity, base: str) -> str | None:
-        """The statement link for `identity`, or None when links are off (STATEMENT_LINK_TTL_DAYS=0)."""
-        if self.ttl <= 0:
-            return None
-        return f"{base}/me?s={self.token(identity, self.ttl)}"
-
-    def remaining(self, expires: int) -> int:
-        return max(int(expires - self._clock()), 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,13 +91,6 @@ def _days(start: datetime, end: datetime) -> list[datetime]:
         out.append(day)
         day += timedelta(days=1)
     return out
-
-
-def safe_cell(value: object) -> object:
-    """A CSV cell a spreadsheet will not run: text starting like a formula gets a leading quote."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
 
 
 def status_key(record: dict[str, Any]) -> str:
@@ -310,195 +226,3 @@ def _by_model(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["cost_usd"] is not None:
             m["cost_usd"] = m.get("cost_usd", 0.0) + r["cost_usd"]
     return sorted(models.values(), key=lambda m: (-m["total_tokens"], m["model"]))
-
-
-class StatementPages:
-    """The routes of `/me`."""
-
-    def __init__(self, pages: Pages, links: StatementLinks, sources: Callable[[Request], Sources]) -> None:
-        self.pages = pages
-        self.links = links
-        self.sources = sources
-
-    def routes(self) -> list[BaseRoute]:
-        return [
-            Route("/me", self.me, methods=["GET"]),
-            Route("/me/sign-in", self.sign_in, methods=["POST"]),
-            Route("/me/sign-out", self.sign_out, methods=["POST"]),
-            Route("/me/usage.csv", self.csv, methods=["GET"]),
-        ]
-
-    # Who is reading -------------------------------------------------------------------------------------------
-
-    def _cookie_path(self) -> str:
-        return f"{self.pages.base}/me"
-
-    def _with_cookie(self, response: Response, request: Request, token: str, max_age: int) -> Response:
-        secure = self.links.settings.public_url.startswith("https://") or request.url.scheme == "https"
-        response.set_cookie(
-            COOKIE, token, max_age=max_age, path=self._cookie_path(), httponly=True, samesite="lax", secure=secure
-        )
-        return response
-
-    def _home(self) -> str:
-        return f"{self.pages.base}/me"
-
-    async def _reader(self, request: Request) -> Identity | None:
-        """The identity a Bearer token or the cookie names; None: nobody (the sign-in form)."""
-        if request.headers.get("authorization"):
-            sources = self.sources(request)
-            principal = await sources.auth.authenticate(request.headers.get("authorization"))
-            identity = charged_identity(principal, request.headers, required=False)
-            await sources.budget.check_tenant(identity, bind=False)
-            return identity
-        cookie = request.cookies.get(COOKIE)
-        if cookie:
-            try:
-                return self.links.read(cookie)[0]
-            except BadSignature:
-                return None
-        return None
-
-    def _link_refused(self, request: Request, exc: BadSignature) -> Response:
-        locale = locale_of(request)
-        expired = isinstance(exc, Expired)
-        kind = "expired" if expired else "forged"
-        return self.pages.render(
-            request,
-            "signin.html",
-            {
-                "title": i18n.text(locale, f"link.{kind}_title"),
-                "text": i18n.text(locale, f"link.{kind}"),
-                "error": None,
-                "kind": kind,
-            },
-            status=410 if expired else 403,
-        )
-
-    def _sign_in_form(self, request: Request, *, error: str | None = None, status: int = 200) -> Response:
-        locale = locale_of(request)
-        context = {
-            "title": i18n.text(locale, "signin.title"),
-            "text": i18n.text(locale, "signin.intro"),
-            "error": error,
-            "kind": "signin",
-        }
-        response = self.pages.render(request, "signin.html", context, status=status)
-        if request.cookies.get(COOKIE):
-            response.delete_cookie(COOKIE, path=self._cookie_path())
-        return response
-
-    def _same_origin(self, request: Request) -> bool:
-        """A form posted from another site is refused (a login CSRF would open someone else's statement)."""
-        if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-            return False
-        origin = request.headers.get("origin")
-        if origin is None or origin == "null":
-            return origin is None  # no Origin: not a browser's form (a script, curl), which CSRF cannot forge
-        allowed = {f"{request.url.scheme}://{request.headers.get('host', '')}"}
-        if self.links.settings.public_url:
-            parts = urlsplit(self.links.settings.public_url)
-            allowed.add(f"{parts.scheme}://{parts.netloc}")
-        return origin in allowed
-
-    # The routes ----------------------------------------------------------------------------------------------
-
-    async def me(self, request: Request) -> Response:
-        link = request.query_params.get("s")
-        if link is not None:
-            try:
-                identity, expires = self.links.read(link)
-            except BadSignature as exc:
-                return self._link_refused(request, exc)
-            # Traded for a cookie at once: the link leaves the address bar, the history and any Referer.
-            response = RedirectResponse(self._home(), status_code=303, headers=SECURITY_HEADERS)
-            return self._with_cookie(response, request, link, self.links.remaining(expires))
-        try:
-            identity_or_none = await self._reader(request)
-        except ProxyError as exc:
-            if exc.status in (401, 403):
-                return self._sign_in_form(
-                    request,
-                    error=i18n.text(locale_of(request), "signin.bad_token", reason=exc.message),
-                    status=exc.status,
-                )
-            raise
-        if identity_or_none is None:
-            return self._sign_in_form(request)
-        locale = locale_of(request)
-        st = await statement(self.sources(request), identity_or_none, locale, datetime.now(UTC))
-        return self.pages.render(
-            request, "statement.html", {"st": st, "signed_in": "authorization" not in request.headers}, locale=locale
-        )
-
-    async def sign_in(self, request: Request) -> Response:
-        locale = locale_of(request)
-        if not self._same_origin(request):
-            return self._sign_in_form(
-                request, error=i18n.text(locale, "signin.bad_token", reason="cross-site form"), status=403
-            )
-        form = await request.form(max_files=0, max_fields=4, max_part_size=_MAX_TOKEN)
-        raw = form.get("token")
-        token = raw.strip() if isinstance(raw, str) else ""
-        token = token.removeprefix("Bearer ").strip()
-        if not token or len(token) > _MAX_TOKEN:
-            return self._sign_in_form(request, error=i18n.text(locale, "signin.bad_token", reason="empty"), status=400)
-        sources = self.sources(request)
-        try:
-            principal = await sources.auth.authenticate(f"Bearer {token}")
-            await sources.budget.check_tenant(principal.identity, bind=False)
-        except ProxyError as exc:
-            status = exc.status if exc.status in (401, 403) else 503
-            return self._sign_in_form(
-                request, error=i18n.text(locale, "signin.bad_token", reason=exc.message), status=status
-            )
-        # Open SIGN_IN_SECONDS, and never after the token it was opened with.
-        expires = token_expiry(token)
-        ttl = SIGN_IN_SECONDS if expires is None else min(SIGN_IN_SECONDS, max(self.links.remaining(int(expires)), 1))
-        session = self.links.token(principal.identity, ttl)
-        response = RedirectResponse(self._home(), status_code=303, headers=SECURITY_HEADERS)
-        return self._with_cookie(response, request, session, ttl)
-
-    async def sign_out(self, request: Request) -> Response:
-        response = RedirectResponse(self._home(), status_code=303, headers=SECURITY_HEADERS)
-        if self._same_origin(request):
-            response.delete_cookie(COOKIE, path=self._cookie_path())
-        return response
-
-    async def csv(self, request: Request) -> Response:
-        try:
-            identity = await self._reader(request)
-        except ProxyError as exc:
-            if exc.status in (401, 403):
-                return self._sign_in_form(request, error=exc.message, status=exc.status)
-            raise
-        if identity is None:
-            return self._sign_in_form(request, status=401)
-        return await usage_csv(self.sources(request), identity, datetime.now(UTC))
-
-
-async def usage_csv(sources: Sources, identity: Identity, now: datetime) -> StreamingResponse:
-    """Every record of the user's current period, newest first, as CSV (the statement's and the admin's)."""
-    limit = sources.book.user(identity.user, identity.groups)
-    start, _ = period_bounds(limit.period, now.timestamp())
-    first = await usage_history(sources.pool, identity.user, history_params(start, now, 1000), now)
-
-    async def rows() -> AsyncIterator[str]:
-        page: dict[str, Any] = first
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(CSV_FIELDS)
-        while True:
-            for r in page["data"]:
-                writer.writerow([safe_cell(r[f]) for f in CSV_FIELDS])
-            yield out.getvalue()
-            out.seek(0)
-            out.truncate()
-            if not page["has_more"]:
-                return
-            params = history_params(start, now, 1000, page["next_cursor"])
-            page = await usage_history(sources.pool, identity.user, params, now)
-
-    name = f"usage-{start:%Y-%m-%d}-to-{now:%Y-%m-%d}.csv"
-    headers = {**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}"'}
-    return StreamingResponse(rows(), media_type="text/csv; charset=utf-8", headers=headers)

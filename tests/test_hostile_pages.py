@@ -22,7 +22,7 @@ from proxy.app import create_app
 from proxy.config import Settings
 from proxy.notifier import Notifier, slack_body
 from proxy.sessions import COOKIE, NONCE_COOKIE
-from proxy.statement import COOKIE as STATEMENT_COOKIE
+from proxy.statement_pages import COOKIE as STATEMENT_COOKIE
 
 from .devstack import free_port
 from .helpers import serve, token, uid

@@ -26,8 +26,11 @@ from proxy.auth import Identity
 from proxy.budget.quota import Quota
 from proxy.budget.rows import Limit
 from proxy.config import Settings
+from proxy.csv_export import safe_cell
+from proxy.links import StatementLinks
 from proxy.signing import BadSignature, Expired, Signer, pages_secret
-from proxy.statement import CSV_FIELDS, StatementLinks, forecast, safe_cell
+from proxy.statement import forecast
+from proxy.statement_pages import CSV_FIELDS
 
 from .browser import DESKTOP, no_horizontal_scroll, shoot
 from .fake_upstream import FakeUpstream
