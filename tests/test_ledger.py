@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.db import migrate, migration_files
-from proxy.ledger import GROUP, TRIM_CHUNK, Ledger, UsageRecord, insert_records
+from proxy.ledger import GROUP, READ_CHUNK, TRIM_CHUNK, Ledger, UsageRecord, insert_records
 
 from .helpers import uid
 
@@ -95,6 +95,41 @@ async def test_a_batch_larger_than_a_trim_chunk_is_acknowledged_and_deleted_whol
     assert await ledger.drain_once(block=False) == TRIM_CHUNK * 2 + 1
     assert await pg_pool.fetchval("select count(*) from usage_records where user_id = $1", user) == TRIM_CHUNK * 2 + 1
     assert await ledger.backlog() == 0
+    assert (await redis_client.xpending(ledger.stream, GROUP))["pending"] == 0
+
+
+async def test_a_batch_is_read_in_chunks_and_written_in_one_copy(redis_client, pg_pool, monkeypatch) -> None:
+    """No read asks Redis for more than READ_CHUNK entries (a big read stalls every proxy's commands),
+    yet a batch is whole: one COPY; and paging through pending entries neither repeats nor skips one."""
+    ledger = Ledger(redis_client, pg_pool, stream=f"test:ledger:{uid()}", consumer="test-writer", batch_size=1000)
+    await ledger.ensure_group()
+    user = uid()
+    total = READ_CHUNK * 3 + 7
+    await enqueue(redis_client, ledger, [record(user) for _ in range(total)])
+    asked: list[int] = []
+    read = ledger._reader.xreadgroup
+
+    async def counting(*args, **kwargs):
+        asked.append(kwargs["count"])
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(ledger._reader, "xreadgroup", counting)
+    copies: list[int] = []
+    real_insert = insert_records
+
+    async def counting_insert(conn, records, months):
+        copies.append(len(records))
+        return await real_insert(conn, records, months)
+
+    monkeypatch.setattr("proxy.ledger.insert_records", counting_insert)
+    # Delivered to this consumer and never acknowledged (a crash), some deleted meanwhile: the pending
+    # pass pages through all of them, READ_CHUNK at a time.
+    delivered = await redis_client.xreadgroup(GROUP, "test-writer", {ledger.stream: ">"}, count=total)
+    await redis_client.xdel(ledger.stream, delivered[0][1][READ_CHUNK][0])
+    assert await ledger.drain_once(pending=True) == total - 1
+    assert copies == [total - 1] and max(asked) <= READ_CHUNK and len(asked) == 4
+    assert await ledger.drain_once(pending=True) == 0
+    assert await pg_pool.fetchval("select count(*) from usage_records where user_id = $1", user) == total - 1
     assert (await redis_client.xpending(ledger.stream, GROUP))["pending"] == 0
 
 
