@@ -8,6 +8,7 @@ import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import orjson
@@ -20,6 +21,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from . import admin, metrics, probes
 from .admin_pages import AdminPages
@@ -138,6 +140,46 @@ class Services:
         return identity
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class ProxyApp(Starlette):
+    """Starlette, with the completion routes taken before its router and middleware stack.
+
+    Those layers (the error middleware, the drain gate, the exception middleware, the router, the route's
+    wrapper) each add a frame to every resumption of the request and a wrapper around `send`: ~13 µs of the
+    proxy's ~220 µs per request at concurrency 16 (#19). The completion routes take the same exception
+    handlers here; every other route, and every request once the process drains, goes through Starlette."""
+
+    def __init__(self, *, fast: dict[str, Endpoint], lifecycle: Lifecycle, **options: Any) -> None:
+        super().__init__(**options)
+        self._fast = fast
+        self._lifecycle = lifecycle
+        self._handlers: dict[type[BaseException], Handler] = options["exception_handlers"]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self._fast.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        lifecycle = self._lifecycle
+        if endpoint is None or lifecycle.since is not None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        lifecycle.active += 1  # as the gate counts them: a stop waits for these too
+        try:
+            request = Request(scope, receive)
+            try:
+                response = await endpoint(request)
+            except Exception as exc:
+                response = await self._handler(exc)(request, exc)
+            await response(scope, receive, send)
+        finally:
+            lifecycle.active -= 1
+
+    def _handler(self, exc: Exception) -> Handler:
+        return next(self._handlers[cls] for cls in type(exc).__mro__ if cls in self._handlers)
+
+
 def create_app(settings: Settings | None = None, host_metrics: HostMetrics | None = None) -> Starlette:
     """The application; with `host_metrics` (a worker of several) its /metrics is the whole host's."""
     settings = settings or Settings.from_env()
@@ -168,7 +210,7 @@ def create_app(settings: Settings | None = None, host_metrics: HostMetrics | Non
     def services(request: Request) -> Services:
         return request.app.state.services  # type: ignore[no-any-return]
 
-    def completions(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
+    def completions(endpoint: str) -> Endpoint:
         async def handler(request: Request) -> Response:
             s = services(request)
             return await s.relay.completion(request, await s.caller(request), endpoint)
@@ -231,17 +273,18 @@ def create_app(settings: Settings | None = None, host_metrics: HostMetrics | Non
         body = await host_metrics.exposition() if host_metrics else generate_latest(metrics.REGISTRY)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    routes: list[BaseRoute] = []
-    for endpoint, path in (
-        ("chat", "/chat/completions"),
-        ("completions", "/completions"),
-        ("embeddings", "/embeddings"),
-    ):
-        # LibreChat and the SDKs put /v1 in the base URL; some clients do not.
-        routes += [
-            Route(f"/v1{path}", completions(endpoint), methods=["POST"]),
-            Route(path, completions(endpoint), methods=["POST"]),
-        ]
+    # LibreChat and the SDKs put /v1 in the base URL; some clients do not.
+    fast = {
+        prefix + path: completions(endpoint)
+        for endpoint, path in (
+            ("chat", "/chat/completions"),
+            ("completions", "/completions"),
+            ("embeddings", "/embeddings"),
+        )
+        for prefix in ("/v1", "")
+    }
+    # Also routed by Starlette: the way in while draining, and a wrong method's 405.
+    routes: list[BaseRoute] = [Route(path, endpoint, methods=["POST"]) for path, endpoint in fast.items()]
     routes += [
         Route("/v1/models", models, methods=["GET"]),
         Route("/models", models, methods=["GET"]),
@@ -272,7 +315,9 @@ def create_app(settings: Settings | None = None, host_metrics: HostMetrics | Non
         log.exception("unhandled_error", path=request.url.path)
         return error_response(ProxyError("Internal error in the quota proxy; it has been logged."))
 
-    app = Starlette(
+    app = ProxyApp(
+        fast=fast,
+        lifecycle=lifecycle,
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(Gate, lifecycle=lifecycle)],

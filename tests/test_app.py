@@ -147,6 +147,27 @@ def test_unreachable_upstream_is_503_and_releases_the_reservation(base_settings:
         eventually(lambda: quota()["reserved"] == 0 and quota()["used"] == 0)
 
 
+def test_a_bug_on_the_completion_path_is_an_openai_shaped_500_and_is_logged(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The completion routes skip Starlette's middleware (proxy.app.ProxyApp): an error nobody expected
+    still takes the one crash handler, on both spellings of the path, and the next request is served."""
+    from proxy.relay import Relay
+
+    async def broken(self: Relay, *args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Relay, "_complete", broken)
+    with serve(create_app(base_settings)) as url, httpx.Client(base_url=url, timeout=10) as c:
+        for path in ("/v1/chat/completions", "/embeddings"):
+            r = c.post(path, headers=auth(), json=CHAT)
+            assert r.status_code == 500, r.text
+            assert r.json()["error"]["type"] == "server_error"
+            assert "Internal error in the quota proxy" in r.json()["error"]["message"]
+        assert c.get("/healthz").status_code == 200
+    assert capsys.readouterr().out.count("unhandled_error") == 2
+
+
 def test_health_and_metrics(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
