@@ -2,9 +2,11 @@
 
 Each notification has one row per channel in `alert_deliveries`, holding its state, attempts, next
 attempt and last error, so a restart carries on where it stopped and one failing channel never makes
-the others send again. A batch of due rows is claimed with `for update skip locked` and kept locked until
-their outcome is written, so two notifiers never send the same row. A crash between a receiver's answer
-and that write sends the row again, with the same idempotency key (docs/alerts.md).
+the others send again. A batch of due rows is claimed with `for update skip locked` and leased in the same
+statement (their next attempt moved past any send's end), so two notifiers never send the same row and
+no transaction stays open while receivers answer. A crash between a receiver's answer
+and the outcome's write sends the row again once the lease ends, with the same idempotency key
+(docs/alerts.md).
 """
 
 from __future__ import annotations
@@ -35,13 +37,21 @@ EVENT = "budget.threshold_crossed"
 BATCH = 50
 
 _CLAIM = """
+with due as (
+    select notification_id, channel, target from alert_deliveries
+    where state = 'pending' and next_attempt_at <= $1
+    order by next_attempt_at
+    limit $2
+    for update skip locked
+), leased as (
+    update alert_deliveries d set next_attempt_at = $3
+    from due
+    where d.notification_id = due.notification_id and d.channel = due.channel and d.target = due.target
+    returning d.notification_id, d.channel, d.target, d.attempts
+)
 select d.notification_id, d.channel, d.target, d.attempts, o.key, o.subject_type, o.subject, o.threshold,
        o.period, o.period_start, o.resets_at, o.token_limit, o.used, o.created_at
-from alert_deliveries d join alert_outbox o on o.id = d.notification_id
-where d.state = 'pending' and d.next_attempt_at <= $1
-order by d.next_attempt_at
-limit $2
-for update of d skip locked
+from leased d join alert_outbox o on o.id = d.notification_id
 """
 _SENT = """
 update alert_deliveries set state = 'sent', attempts = attempts + 1, sent_at = $4, last_error = null
@@ -170,11 +180,15 @@ class Notifier:
         """Claim the deliveries due now, send them, and write down each outcome; returns how many were tried."""
         s, now = self._settings, self._clock()
         at = datetime.fromtimestamp(now, UTC)
-        async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_CLAIM, at, BATCH)
-            if not rows:
-                return 0
-            errors = await asyncio.gather(*(self._deliver(row, now) for row in rows))
+        # Claimed and leased in one statement, committed before anything is sent: a slow receiver holds
+        # no transaction and no connection. Every send ends within ALERT_TIMEOUT_SECONDS, well inside the
+        # lease; a notifier that dies mid-send leaves its rows to be sent again when the lease ends.
+        lease = at + timedelta(seconds=2 * s.alert_timeout_seconds + 60)
+        rows = await self._pool.fetch(_CLAIM, at, BATCH, lease)
+        if not rows:
+            return 0
+        errors = await asyncio.gather(*(self._deliver(row, now) for row in rows))
+        async with self._pool.acquire() as conn:
             for row, error in zip(rows, errors, strict=True):
                 pk = (row["notification_id"], row["channel"], row["target"])
                 if error is None:
@@ -205,7 +219,11 @@ class Notifier:
             return "not configured any more"
         data = payload(row)
         try:
-            response = await self._post(channel, data, now)
+            # httpx's timeout bounds each phase (connect, write, read); this bounds the attempt, inside the lease.
+            async with asyncio.timeout(self._settings.alert_timeout_seconds):
+                response = await self._post(channel, data, now)
+        except TimeoutError:
+            return f"no answer within {self._settings.alert_timeout_seconds:g} s"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError: a URL httpx cannot parse
             return f"{exc.__class__.__name__}: {exc}".rstrip(": ")
         if response.is_success:

@@ -315,6 +315,77 @@ async def test_two_notifiers_at_once_send_each_delivery_once(
     assert sorted(h["subject"] for h in rec.bodies("webhook")) == sorted(users)
 
 
+async def test_a_slow_receiver_holds_no_transaction_and_a_notifier_dying_mid_send_is_replaced_after_its_lease(
+    base_settings: Settings,
+    redis_client: aioredis.Redis,
+    pg_pool: asyncpg.Pool,
+    receiver: Any,
+    clean: None,
+    http: httpx.AsyncClient,
+) -> None:
+    rec, url = receiver
+    rec.delay = 1.0
+    settings = alert_settings(base_settings, url, alert_thresholds=("1.0",), alert_timeout_seconds=5.0)
+    clock = Clock(time.time())
+    writer = Writer(redis_client, pg_pool, settings, clock)
+    user = uid()
+    await budget(pg_pool, user, 10)
+    await writer.write(usage(user, 10, clock.now))
+    async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) as other_pool:
+        first, second = (
+            Notifier(pg_pool, settings, clock=clock, client=http),
+            Notifier(other_pool, settings, clock=clock, client=http),
+        )
+        sending = asyncio.create_task(first.send_due())
+        await asyncio.sleep(0.4)  # the receivers are still thinking
+        open_transactions = await other_pool.fetchval(
+            "select count(*) from pg_stat_activity where datname = current_database()"
+            " and state like 'idle in transaction%'"
+        )
+        assert open_transactions == 0
+        assert await second.send_due() == 0  # leased: not sent twice meanwhile
+        sending.cancel()  # the notifier dies mid-send: nothing about these rows is written
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        clock.now += 60
+        assert await second.send_due() == 0  # still inside the lease (2 x ALERT_TIMEOUT_SECONDS + 60 s)
+        clock.now += 11
+        rec.delay = 0.0
+        assert await second.send_due() == 2
+    history = await rows(pg_pool, user)
+    sent = [("slack", "sent", 1), ("webhook", "sent", 1)]
+    assert [(r["channel"], r["state"], r["attempts"]) for r in history] == sent
+    # At least once: the receivers that were answering when the first died got it again, with the same key.
+    keys = [h["idempotency-key"] for n, h, _ in rec.received if n == "webhook"]
+    assert len(set(keys)) == 1 and 1 <= len(keys) <= 2
+
+
+async def test_an_attempt_is_bounded_by_the_alert_timeout(
+    base_settings: Settings,
+    redis_client: aioredis.Redis,
+    pg_pool: asyncpg.Pool,
+    receiver: Any,
+    clean: None,
+    http: httpx.AsyncClient,
+) -> None:
+    rec, url = receiver
+    rec.delay = 3.0  # slower than the attempt may take, though each phase of httpx's own timeout (5 s) allows it
+    settings = alert_settings(base_settings, url, alert_thresholds=("1.0",), alert_timeout_seconds=0.5)
+    clock = Clock(time.time())
+    writer = Writer(redis_client, pg_pool, settings, clock)
+    user = uid()
+    await budget(pg_pool, user, 10)
+    await writer.write(usage(user, 10, clock.now))
+    started = time.monotonic()
+    assert await Notifier(pg_pool, settings, clock=clock, client=http).send_due() == 2
+    assert time.monotonic() - started < 2.0
+    history = await rows(pg_pool, user)
+    assert [(r["state"], r["attempts"], r["last_error"]) for r in history] == [
+        ("pending", 1, "no answer within 0.5 s"),
+        ("pending", 1, "no answer within 0.5 s"),
+    ]
+
+
 async def test_a_crossing_seen_again_makes_no_second_row(
     base_settings: Settings, redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, clean: None
 ) -> None:
