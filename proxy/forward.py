@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from .errors import ProxyError, UpstreamError, openai_error, upstream_failed
+from .errors import ProxyError, UpstreamError, openai_error, shutting_down, upstream_failed
 from .sse import StreamMeter
 
 # Upstream response headers a client may see. LiteLLM's own (x-litellm-key-spend is the master key's
@@ -209,6 +209,7 @@ class StreamThrough:
         self._meter = meter
         self._on_end = on_end
         self._first_byte: float | None = None
+        self._started = False  # the response's start is sent
         self._ended = False
 
     def _end(self, outcome: str) -> None:
@@ -226,14 +227,30 @@ class StreamThrough:
                 outcome = pump.result()
             elif self._meter.done:
                 outcome = "ok"  # clients hang up once they read [DONE], sometimes before the body's end
+        except asyncio.CancelledError:
+            # The server's stop cut the stream (past SHUTDOWN_GRACE_SECONDS): the client is told why, in
+            # the stream, rather than seeing it end mid-answer. The stop asked for this task to end, and
+            # it ends here, so uvicorn has no cancelled task to log.
+            for task in (pump, watch):
+                task.cancel()
+            if not self._meter.done and not watch.done():
+                await self._cut(send)
         finally:
             for task in (pump, watch):
                 task.cancel()
             self._upstream.close()
             self._end(outcome)
 
+    async def _cut(self, send: Send) -> None:
+        if not self._started:
+            await send({"type": "http.response.start", "status": self._status, "headers": self._headers})
+        event = stream_error_event(shutting_down())
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _pump(self, send: Send) -> str:
         await send({"type": "http.response.start", "status": self._status, "headers": self._headers})
+        self._started = True
         meter, secret = self._meter, self._secret
         outcome = "ok"
         try:

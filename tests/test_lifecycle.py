@@ -146,6 +146,11 @@ def test_a_stream_past_the_grace_is_cut_and_settled_as_estimated(
             assert proc.wait(timeout=30) == 0
             answer = stream.result(timeout=10)
         assert "part0" in answer and "[DONE]" not in answer
+        # Told why, in the stream (the SDKs raise it as an APIError), and nothing in the log but the stop.
+        last = orjson.loads(answer.strip().rsplit("data: ", 1)[1])
+        assert last["error"]["code"] == "shutting_down", answer
+        log = (tmp_path / "proxy.log").read_text()
+        assert "Traceback" not in log and "Exception in ASGI application" not in log, log
         row = pg_row(
             base_settings.database_url,
             "select status, estimated, completion_tokens from usage_records where client_request_id = $1",
