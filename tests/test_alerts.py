@@ -149,6 +149,15 @@ def counter(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+async def crossed(client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings, limit: int) -> tuple[Clock, str]:
+    """A new user with a budget of `limit` tokens who has just used all of it, recorded by a writer: the clock
+    the writer saw it by, and the user."""
+    clock, user = Clock(time.time()), uid()
+    await budget(pool, user, limit)
+    await Writer(client, pool, settings, clock).write(usage(user, limit, clock.now))
+    return clock, user
+
+
 async def test_crossing_80_then_100_percent_sends_two_signed_notifications_to_each_channel(
     base_settings: Settings,
     redis_client: aioredis.Redis,
@@ -257,11 +266,7 @@ async def test_a_notifier_restarted_mid_retry_sends_once(
 ) -> None:
     rec, url = receiver
     settings = alert_settings(base_settings, url, alert_thresholds=("1.0",))
-    clock = Clock(time.time())
-    writer = Writer(redis_client, pg_pool, settings, clock)
-    user = uid()
-    await budget(pg_pool, user, 100)
-    await writer.write(usage(user, 100, clock.now))
+    clock, user = await crossed(redis_client, pg_pool, settings, 100)
     rec.status = 503  # the receiver refuses the first attempts
     first = Notifier(pg_pool, settings, clock=clock, client=http)
     assert await first.send_due() == 2
@@ -326,11 +331,7 @@ async def test_a_slow_receiver_holds_no_transaction_and_a_notifier_dying_mid_sen
     rec, url = receiver
     rec.delay = 1.0
     settings = alert_settings(base_settings, url, alert_thresholds=("1.0",), alert_timeout_seconds=5.0)
-    clock = Clock(time.time())
-    writer = Writer(redis_client, pg_pool, settings, clock)
-    user = uid()
-    await budget(pg_pool, user, 10)
-    await writer.write(usage(user, 10, clock.now))
+    clock, user = await crossed(redis_client, pg_pool, settings, 10)
     async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) as other_pool:
         first, second = (
             Notifier(pg_pool, settings, clock=clock, client=http),
@@ -371,11 +372,7 @@ async def test_an_attempt_is_bounded_by_the_alert_timeout(
     rec, url = receiver
     rec.delay = 3.0  # slower than the attempt may take, though each phase of httpx's own timeout (5 s) allows it
     settings = alert_settings(base_settings, url, alert_thresholds=("1.0",), alert_timeout_seconds=0.5)
-    clock = Clock(time.time())
-    writer = Writer(redis_client, pg_pool, settings, clock)
-    user = uid()
-    await budget(pg_pool, user, 10)
-    await writer.write(usage(user, 10, clock.now))
+    clock, user = await crossed(redis_client, pg_pool, settings, 10)
     started = time.monotonic()
     assert await Notifier(pg_pool, settings, clock=clock, client=http).send_due() == 2
     assert time.monotonic() - started < 2.0
