@@ -229,11 +229,14 @@ class Ledger:
     async def drain_once(self, *, pending: bool = False, block: bool = True) -> int:
         """Move one batch to PostgreSQL. `pending` re-reads entries delivered to us but not acknowledged."""
         assert self._pool is not None, "the writer needs PostgreSQL"
-        read = await self._read(pending, block)
-        entries = [entry for entry in read if entry[1]]
-        if not entries:
+        while True:
+            read = await self._read(pending, block)
+            entries = [entry for entry in read if entry[1]]
+            if entries:
+                break
             await self._acknowledge([eid for eid, _ in read])  # deleted since delivered: only the PEL holds them
-            return 0
+            if not (pending and read):  # a batch of only those: the pending entries after them are read next
+                return 0
         started = time.perf_counter()
         async with self._pool.acquire() as conn:
             try:

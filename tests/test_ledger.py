@@ -133,6 +133,24 @@ async def test_a_batch_is_read_in_chunks_and_written_in_one_copy(redis_client, p
     assert (await redis_client.xpending(ledger.stream, GROUP))["pending"] == 0
 
 
+async def test_a_whole_batch_of_deleted_pending_entries_does_not_hide_the_live_ones_after_it(
+    redis_client, pg_pool
+) -> None:
+    """Pending entries deleted since delivery (an XTRIM, an XDEL by hand) filling a whole batch: the pass over
+    pending entries goes on past them, so a shutdown's flush moves the live ones behind them, not leaves them."""
+    batch = READ_CHUNK
+    ledger = Ledger(redis_client, pg_pool, stream=f"test:ledger:{uid()}", consumer="test-writer", batch_size=batch)
+    await ledger.ensure_group()
+    user = uid()
+    await enqueue(redis_client, ledger, [record(user) for _ in range(batch + 5)])
+    delivered = await redis_client.xreadgroup(GROUP, "test-writer", {ledger.stream: ">"}, count=batch + 5)
+    await redis_client.xdel(ledger.stream, *[eid for eid, _ in delivered[0][1][:batch]])  # then the writer dies
+    assert await ledger.flush(5) == 5
+    assert await pg_pool.fetchval("select count(*) from usage_records where user_id = $1", user) == 5
+    assert (await redis_client.xpending(ledger.stream, GROUP))["pending"] == 0
+    assert await ledger.backlog() == 0
+
+
 async def test_a_batch_is_all_or_nothing_and_counts_only_new_rows(pg_pool) -> None:
     user = uid()
     first, second, third = (record(user, tokens) for tokens in (10, 20, 30))
