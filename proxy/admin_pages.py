@@ -105,7 +105,7 @@ class AdminPages:
             if not principal.admin:
                 raise Forbidden("This needs an admin token.")
             return Viewer(principal.identity.user, None)
-        session = self.sessions.read(request)
+        session = await self.sessions.current(request, self.sources(request).redis)
         return Viewer(session.admin, session) if session else None
 
     def _html(
@@ -328,7 +328,7 @@ class AdminPages:
         """The user page's form: their budget row, in force at once (this process reloads its budgets now;
         other processes within BUDGET_REFRESH_SECONDS), and recorded in the history."""
         locale = locale_of(request)
-        session = self.sessions.read(request)
+        session = await self.sessions.current(request, self.sources(request).redis)
         if session is None:
             return self.signing_in.form(request, error=i18n.text(locale, "admin.session_expired"), status=401)
         form = await request.form(max_files=0, max_fields=16, max_part_size=MAX_FORM)

@@ -107,5 +107,6 @@ class AdminSignIn:
             return self.pages.message(
                 request, i18n.text(locale_of(request), "admin.refused"), "CSRF token missing or wrong.", status=403
             )
+        await self.sessions.end(session, self.redis(request))
         response = RedirectResponse(f"{self.pages.base}/admin/sign-in", status_code=303, headers=SECURITY_HEADERS)
         return self.sessions.clear_cookie(response)

@@ -5,7 +5,9 @@ PUBLIC_URL, scoped to /admin, and expires with the session (ADMIN_SESSION_TTL_SE
 the token it was opened with). Every form that changes something carries a CSRF token signed for the
 session's id; the sign-in form carries one tied to a nonce cookie. Links, sessions and CSRF tokens are
 signed each for its own purpose, so none can pass for another (nor for a statement link).
-A one-time link is remembered as used in Redis (SET NX until it expires): it opens one session only.
+A one-time link is remembered as used in Redis (SET NX until it expires): it opens one session only. A
+session signed out is remembered as ended in Redis until it would have expired, so a copy of its cookie
+is refused too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
+import structlog
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,7 +30,10 @@ from .config import Settings
 from .errors import Forbidden, ServiceUnavailable
 from .signing import BadSignature, Signer, pages_secret
 
+log = structlog.get_logger("proxy.sessions")
+
 COOKIE = "quota_admin"
+_ENDED = "quota:admin-session-ended:"
 NONCE_COOKIE = "quota_admin_nonce"
 NONCE_SECONDS = 3600  # the sign-in form works this long after it was shown
 _MAX = 8192  # longer is no token or cookie this proxy made
@@ -85,6 +91,26 @@ class AdminSessions:
         if not isinstance(admin, str) or not isinstance(sid, str) or via not in ("token", "link"):
             return None
         return Session(admin, sid, int(data["exp"]), str(via))
+
+    async def current(self, request: Request, client: redis.Redis) -> Session | None:
+        """The request's session (`read`), unless it was signed out. With Redis unreachable a signed-out
+        cookie is still taken until it expires: the dashboard is what admins need during an outage."""
+        session = self.read(request)
+        if session is None:
+            return None
+        try:
+            ended = await client.exists(_ENDED + session.sid)
+        except RedisError as exc:
+            log.warning("admin_session_unchecked", error=str(exc) or exc.__class__.__name__)
+            return session
+        return None if ended else session
+
+    async def end(self, session: Session, client: redis.Redis) -> None:
+        """Sign the session out: refused from now on, wherever its cookie was copied to."""
+        try:
+            await client.set(_ENDED + session.sid, "1", exat=session.expires + 60)
+        except RedisError as exc:  # the browser's cookie is cleared all the same
+            log.warning("admin_session_not_ended", admin=session.admin, error=str(exc) or exc.__class__.__name__)
 
     async def sign_in_with_token(self, token: str) -> tuple[str, Session]:
         """A session for the holder of an admin token (Unauthorized for a bad token, Forbidden for another)."""

@@ -17,12 +17,14 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
+from starlette.requests import Request
 
 from proxy.app import create_app
 from proxy.auth import Authenticator
 from proxy.cli import main
 from proxy.config import Settings
-from proxy.sessions import COOKIE, AdminSessions
+from proxy.sessions import COOKIE, AdminSessions, Session
 
 from .helpers import serve, token, uid
 
@@ -270,6 +272,38 @@ def test_a_budget_form_without_or_with_a_wrong_csrf_token_is_refused(url: str, s
     r = client.post("/admin/sign-out", data={"csrf": csrf_of(client, "/admin")})
     assert r.status_code == 303
     assert client.get("/admin").status_code == 401
+
+
+def test_a_signed_out_session_is_refused_wherever_its_cookie_was_copied(url: str, settings: Settings) -> None:
+    client, other = signed_in(url), signed_in(url)  # the same admin, two sessions
+    csrf = csrf_of(client, "/admin")
+    copy = new_client(url)
+    copy.cookies.set(COOKIE, client.cookies[COOKIE], path="/admin")
+    assert copy.get("/admin").status_code == 200
+    assert client.post("/admin/sign-out", data={"csrf": csrf}).status_code == 303
+    assert copy.get("/admin").status_code == 401
+    user = uid()
+    fields = {"id": user, "tokens": "1", "period": "month", "csrf": csrf}
+    assert copy.post("/admin/user/budget", data=fields).status_code == 401
+    assert not sql(settings.database_url, "select 1 from budgets where subject = $1", user)
+    assert other.get("/admin").status_code == 200  # only that session ended
+
+
+def test_sessions_are_taken_while_redis_is_unreachable_and_signing_out_still_works(settings: Settings) -> None:
+    """The dashboard is what admins need in an outage: a session is not refused because its sign-out
+    record cannot be looked up, and signing out clears the cookie though it cannot be remembered."""
+    sessions = AdminSessions(settings, Authenticator(settings))
+    value, session = sessions.open("ops", "token", 3600)
+    request = Request({"type": "http", "headers": [(b"cookie", f"{COOKIE}={value}".encode())]})
+
+    async def check() -> tuple[Session | None, None]:
+        down = aioredis.Redis(port=1, socket_connect_timeout=0.5)
+        try:
+            return await sessions.current(request, down), await sessions.end(session, down)
+        finally:
+            await down.aclose()
+
+    assert asyncio.run(check()) == (session, None)
 
 
 def test_the_budget_form_says_which_field_is_wrong(url: str) -> None:
