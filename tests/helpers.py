@@ -35,7 +35,17 @@ def token(sub: str, *, tenant: str | None = None, ttl: int = 3600, secret: str =
 def serve(app: Any, port: int | None = None) -> Iterator[str]:
     """Run an ASGI app with uvicorn in a thread; yields its base URL."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", access_log=False)
+    # A request still running at the end (a stream a test left open) is cancelled after 5 s, and uvicorn
+    # logs it, where the thread's join below gave up after 20 s and left the server running.
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()

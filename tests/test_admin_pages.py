@@ -17,13 +17,13 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from proxy.app import create_app
 from proxy.auth import Authenticator
 from proxy.cli import main
 from proxy.config import Settings
+from proxy.redis_batch import connect
 from proxy.sessions import COOKIE, AdminSessions, Session
 
 from .helpers import serve, token, uid
@@ -297,7 +297,7 @@ def test_sessions_are_taken_while_redis_is_unreachable_and_signing_out_still_wor
     request = Request({"type": "http", "headers": [(b"cookie", f"{COOKIE}={value}".encode())]})
 
     async def check() -> tuple[Session | None, None]:
-        down = aioredis.Redis(port=1, socket_connect_timeout=0.5)
+        down = connect("redis://127.0.0.1:1/0", 0.5)  # the proxy's own client, to a port nothing listens on
         try:
             return await sessions.current(request, down), await sessions.end(session, down)
         finally:
