@@ -36,8 +36,22 @@ def proxy_url(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
         yield url
 
 
+# The SDK clients a test made, closed when it ends: left to the garbage collector, a pooled socket could be
+# finalised first and warn (an error here) in whichever later test happened to collect it.
+_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def client_for(proxy_url: str, user: str, **kw: object) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=token(user), **kw)  # type: ignore[arg-type]
+    client = openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=token(user), **kw)  # type: ignore[arg-type]
+    _CLIENTS.append(client)
+    return client
 
 
 def quota(proxy_url: str, user: str) -> dict:
@@ -228,12 +242,14 @@ LIBRECHAT_HEADERS = {
 
 def librechat_client(proxy_url: str, api_key: str, headers: dict[str, str] | None = None) -> openai.OpenAI:
     # LibreChat runs its client with maxRetries 0 and sends the yaml `headers` on every call.
-    return openai.OpenAI(
+    client = openai.OpenAI(
         base_url=f"{proxy_url}/v1",
         api_key=api_key,
         max_retries=0,
         default_headers={**LIBRECHAT_HEADERS, **(headers or {})},
     )
+    _CLIENTS.append(client)
+    return client
 
 
 def librechat_chat(client: openai.OpenAI, request_id: str) -> str:

@@ -148,11 +148,11 @@ def set_budget(url: str, user: str, tokens: int) -> None:
 
 def chat(url: str, user: str, model: str) -> tuple[str, str]:
     """One streamed chat turn as LibreChat sends it; (the answer's text, the request id)."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=token(user), max_retries=0)
-    raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": "hello"}], stream=True, user=user
-    )
-    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=token(user), max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "hello"}], stream=True, user=user
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     return text, raw.headers["x-request-id"]
 
 
@@ -183,8 +183,10 @@ def near_limit(proxy_url: str, env: dict[str, str]) -> dict[str, str]:
 
 def test_the_429_carries_the_link_after_the_sentence_within_librechats_512(proxy_url: str, env: dict[str, str]) -> None:
     user = bring_near_limit(proxy_url, env)["user"]
-    client = openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=token(user), max_retries=0)
-    with pytest.raises(openai.RateLimitError) as info:
+    with (
+        openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=token(user), max_retries=0) as client,
+        pytest.raises(openai.RateLimitError) as info,
+    ):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hello " * 20}])
     message = info.value.body["message"]  # type: ignore[index]
     assert message.startswith("Monthly token budget is nearly used up: 48 of 50 tokens used")
