@@ -233,6 +233,8 @@ class StreamThrough:
             # it ends here, so uvicorn has no cancelled task to log.
             for task in (pump, watch):
                 task.cancel()
+            self._upstream.close()
+            self._end(outcome)  # accounted first, while the stop still waits for it: the cut may not get through
             if not self._meter.done and not watch.done():
                 await self._cut(send)
         finally:
@@ -242,11 +244,19 @@ class StreamThrough:
             self._end(outcome)
 
     async def _cut(self, send: Send) -> None:
-        if not self._started:
-            await send({"type": "http.response.start", "status": self._status, "headers": self._headers})
-        event = stream_error_event(shutting_down())
-        await send({"type": "http.response.body", "body": event, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()  # the cancellation is taken: this task ends once the event is out
+        try:
+            # A client that stopped reading would hold the send: it gets a second, then nothing.
+            async with asyncio.timeout(1.0):
+                if not self._started:
+                    await send({"type": "http.response.start", "status": self._status, "headers": self._headers})
+                event = stream_error_event(shutting_down())
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (TimeoutError, OSError):
+            pass
 
     async def _pump(self, send: Send) -> str:
         await send({"type": "http.response.start", "status": self._status, "headers": self._headers})
