@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -405,3 +406,67 @@ async def test_an_unreachable_model_server_is_a_503() -> None:
     finally:
         await upstream.close()
     assert caught.value.message == "The model server is unreachable (ClientConnectorError)."
+
+
+# StreamThrough cut by the stop
+
+
+class FakeStream:
+    """An upstream SSE body, for StreamThrough: its chunks, then its end."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.status = 200
+        self.headers = CIMultiDict({"content-type": "text/event-stream"})
+        self.content_type = "text/event-stream"
+        self.content = self
+        self._chunks = chunks
+        self.closed = 0
+
+    async def iter_any(self) -> Any:
+        for chunk in self._chunks:
+            yield chunk
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+async def test_a_stream_that_ended_as_the_stop_cancelled_it_keeps_its_outcome_and_sends_nothing_after_its_end() -> None:
+    """The pump finished (an answer without [DONE]) in the loop turn where uvicorn's stop cancelled the task:
+    the response is complete, so no cut may follow it (uvicorn raises on a body after the end), and its
+    outcome is the pump's, not `cancelled`."""
+    from proxy.forward import StreamThrough
+    from proxy.sse import StreamMeter
+
+    ended: list[str] = []
+    sent: list[dict[str, Any]] = []
+    complete = False
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal complete
+        if complete:  # as uvicorn does
+            raise RuntimeError("Unexpected ASGI message 'http.response.body' sent, after response already completed.")
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            complete = True
+            task.cancel()  # the stop's cancellation, in the same turn as the pump's end
+
+    async def recorded() -> None:
+        pass
+
+    chunk = b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    stream = StreamThrough(
+        upstreamed(FakeStream([chunk])),  # type: ignore[arg-type]
+        {"content-type": "text/event-stream"},
+        StreamMeter(False),
+        lambda outcome, first: ended.append(outcome),
+        recorded,
+    )
+    task = asyncio.ensure_future(stream({"type": "http"}, receive, send))  # type: ignore[arg-type]
+    await asyncio.wait([task])
+    assert task.exception() is None
+    assert ended == ["ok"]
+    assert [m.get("body") for m in sent[1:]] == [chunk, b""]
