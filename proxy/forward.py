@@ -231,6 +231,10 @@ class StreamThrough:
             # The server's stop cut the stream (past SHUTDOWN_GRACE_SECONDS): the client is told why, in
             # the stream, rather than seeing it end mid-answer. The stop asked for this task to end, and
             # it ends here, so uvicorn has no cancelled task to log.
+            if pump.done() and not pump.cancelled() and pump.exception() is None:
+                # The pump ended in the turn the stop cancelled this task: the response is complete, with its outcome.
+                outcome = pump.result()
+                return
             for task in (pump, watch):
                 task.cancel()
             self._upstream.close()
