@@ -641,3 +641,38 @@ def metric(url: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+async def test_an_outcome_written_after_the_lease_ended_does_not_undo_the_next_notifiers(
+    base_settings: Settings,
+    redis_client: aioredis.Redis,
+    pg_pool: asyncpg.Pool,
+    receiver: Any,
+    clean: None,
+    http: httpx.AsyncClient,
+) -> None:
+    """A notifier whose outcome write comes after its lease (its pool or PostgreSQL stalled) must not overwrite
+    what the notifier that leased the rows next wrote: a delivery sent stays sent, not pending again."""
+    rec, url = receiver
+    settings = alert_settings(base_settings, url, alert_thresholds=("1.0",), alert_timeout_seconds=1.0)
+    clock, user = await crossed(redis_client, pg_pool, settings, 10)
+    first, second = (
+        Notifier(pg_pool, settings, clock=clock, client=http),
+        Notifier(pg_pool, settings, clock=clock, client=http),
+    )
+    answered = asyncio.Event()
+
+    async def late(row: Any, now: float) -> str | None:
+        await answered.wait()
+        return "HTTP 500: busy"
+
+    first._deliver = late  # type: ignore[method-assign]
+    sending = asyncio.create_task(first.send_due())
+    await asyncio.sleep(0.2)
+    clock.now += 2 * 1.0 + 61  # the first one's lease is over
+    assert await second.send_due() == 2
+    answered.set()
+    assert await sending == 2
+    history = await rows(pg_pool, user)
+    sent = [("slack", "sent", 1), ("webhook", "sent", 1)]
+    assert [(r["channel"], r["state"], r["attempts"]) for r in history] == sent
