@@ -55,11 +55,11 @@ from leased d join alert_outbox o on o.id = d.notification_id
 """
 _SENT = """
 update alert_deliveries set state = 'sent', attempts = attempts + 1, sent_at = $4, last_error = null
-where notification_id = $1 and channel = $2 and target = $3
+where notification_id = $1 and channel = $2 and target = $3 and next_attempt_at = $5
 """
 _FAILED = """
 update alert_deliveries set state = $4, attempts = attempts + 1, next_attempt_at = $5, last_error = $6
-where notification_id = $1 and channel = $2 and target = $3
+where notification_id = $1 and channel = $2 and target = $3 and next_attempt_at = $7
 """
 
 
@@ -190,17 +190,19 @@ class Notifier:
         errors = await asyncio.gather(*(self._deliver(row, now) for row in rows))
         async with self._pool.acquire() as conn:
             for row, error in zip(rows, errors, strict=True):
+                # Written only while the lease is still this notifier's: once it ended, another may have
+                # leased the row again, and its outcome is the one to keep.
                 pk = (row["notification_id"], row["channel"], row["target"])
                 if error is None:
                     metrics.NOTIFICATIONS_SENT.labels(row["channel"]).inc()
-                    await conn.execute(_SENT, *pk, at)
+                    await conn.execute(_SENT, *pk, at, lease)
                     continue
                 metrics.NOTIFICATIONS_FAILED.labels(row["channel"]).inc()
                 attempts = row["attempts"] + 1
                 delay = min(s.alert_retry_seconds * 2 ** min(attempts - 1, 30), s.alert_retry_max_seconds)
                 give_up = (at - row["created_at"]).total_seconds() >= s.alert_give_up_seconds
                 state = "failed" if give_up or error.startswith("not configured") else "pending"
-                await conn.execute(_FAILED, *pk, state, at + timedelta(seconds=delay), error[:1000])
+                await conn.execute(_FAILED, *pk, state, at + timedelta(seconds=delay), error[:1000], lease)
                 log.warning(
                     "alert_delivery_failed",
                     key=row["key"],
