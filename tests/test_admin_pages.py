@@ -306,6 +306,25 @@ def test_sessions_are_taken_while_redis_is_unreachable_and_signing_out_still_wor
     assert asyncio.run(check()) == (session, None)
 
 
+def test_a_sign_out_is_remembered_though_the_proxys_clock_is_behind_redises(settings: Settings) -> None:
+    """The record of a sign-out lasts as long as the session has left by the proxy's clock: with that clock
+    two hours behind Redis's, an absolute expiry (EXAT) was already past for Redis, so nothing was kept
+    and a copy of the cookie still worked."""
+    behind = AdminSessions(settings, Authenticator(settings), clock=lambda: datetime.now(UTC).timestamp() - 7200)
+    value, session = behind.open("ops", "token", 3600)
+    request = Request({"type": "http", "headers": [(b"cookie", f"{COOKIE}={value}".encode())]})
+
+    async def check() -> Session | None:
+        client = connect(settings.redis_url, 2.0)
+        try:
+            await behind.end(session, client)
+            return await behind.current(request, client)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(check()) is None
+
+
 def test_the_budget_form_says_which_field_is_wrong(url: str) -> None:
     client = signed_in(url)
     csrf = csrf_of(client, "/admin")
