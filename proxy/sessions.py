@@ -108,7 +108,8 @@ class AdminSessions:
     async def end(self, session: Session, client: redis.Redis) -> None:
         """Sign the session out: refused from now on, wherever its cookie was copied to."""
         try:
-            await client.set(_ENDED + session.sid, "1", exat=session.expires + 60)
+            # For what the session has left by this process's clock (Redis's may differ), and a minute more.
+            await client.set(_ENDED + session.sid, "1", ex=max(session.expires - int(self._clock()), 0) + 60)
         except RedisError as exc:  # the browser's cookie is cleared all the same
             log.warning("admin_session_not_ended", admin=session.admin, error=str(exc) or exc.__class__.__name__)
 
