@@ -190,3 +190,6 @@ class Settings:
             raise ValueError("ALERT_WEBHOOK_SECRET must be set when ALERT_WEBHOOK_URLS is: receivers verify with it")
         if min(self.alert_timeout_seconds, self.alert_retry_seconds, self.alert_poll_seconds) <= 0:
             raise ValueError("ALERT_TIMEOUT_SECONDS, ALERT_RETRY_SECONDS and ALERT_POLL_SECONDS must be above 0")
+        # A delivery's lease is twice this: nan, inf or a huge value would make it no date at all.
+        if not 0 < self.alert_timeout_seconds <= 600:
+            raise ValueError("ALERT_TIMEOUT_SECONDS must be above 0 and at most 600")

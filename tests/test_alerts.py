@@ -512,6 +512,9 @@ def test_signature_format_and_replay_window() -> None:
         ({"ALERT_WEBHOOK_URLS": "https://hooks.example/a"}, "ALERT_WEBHOOK_SECRET"),
         ({"ALERT_SLACK_WEBHOOK_URL": "hooks.slack.com/services/T0/B0/s3cr3t"}, "ALERT_SLACK_WEBHOOK_URL"),
         ({"ALERT_WEBHOOK_URLS": "https://a.example/h, b.example/s3cr3t", "ALERT_WEBHOOK_SECRET": "x"}, "number 2"),
+        ({"ALERT_TIMEOUT_SECONDS": "inf"}, "at most 600"),
+        ({"ALERT_TIMEOUT_SECONDS": "nan"}, "ALERT_TIMEOUT_SECONDS"),
+        ({"ALERT_TIMEOUT_SECONDS": "3600"}, "at most 600"),
     ],
 )
 def test_settings_refuse_wrong_alert_values(env: dict[str, str], error: str) -> None:
