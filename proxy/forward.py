@@ -210,6 +210,7 @@ class StreamThrough:
         self._on_end = on_end
         self._first_byte: float | None = None
         self._started = False  # the response's start is sent
+        self._held: bytes | None = None  # the last events, waiting for their record to reach Redis
         self._ended = False
 
     def _end(self, outcome: str) -> None:
@@ -239,25 +240,29 @@ class StreamThrough:
                 task.cancel()
             self._upstream.close()
             self._end(outcome)  # accounted first, while the stop still waits for it: the cut may not get through
-            if not self._meter.done and not watch.done():
-                await self._cut(send)
+            if watch.done():
+                pass  # the client is gone
+            elif self._held is not None:  # complete and recorded, its last events not yet out: they go now
+                await self._last_words(send, self._held)
+            elif not self._meter.done:
+                await self._last_words(send, stream_error_event(shutting_down()))
         finally:
             for task in (pump, watch):
                 task.cancel()
             self._upstream.close()
             self._end(outcome)
 
-    async def _cut(self, send: Send) -> None:
+    async def _last_words(self, send: Send, body: bytes) -> None:
+        """`body`, then the end of the response, from a task the stop cancelled."""
         current = asyncio.current_task()
         if current is not None:
-            current.uncancel()  # the cancellation is taken: this task ends once the event is out
+            current.uncancel()  # the cancellation is taken: this task ends once these are out
         try:
             # A client that stopped reading would hold the send: it gets a second, then nothing.
             async with asyncio.timeout(1.0):
                 if not self._started:
                     await send({"type": "http.response.start", "status": self._status, "headers": self._headers})
-                event = stream_error_event(shutting_down())
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+                await send({"type": "http.response.body", "body": body, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (TimeoutError, OSError):
             pass
@@ -277,7 +282,9 @@ class StreamThrough:
                         self._first_byte = time.perf_counter()
                     if meter.done and not self._ended:
                         self._end("ok")  # recorded before the client has [DONE]: a crash from here on loses nothing
+                        self._held = out  # should the stop cut the stream while it waits, these still go out
                         await self._recorded()
+                        self._held = None
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = meter.flush()
             if tail.strip():

@@ -470,3 +470,42 @@ async def test_a_stream_that_ended_as_the_stop_cancelled_it_keeps_its_outcome_an
     assert task.exception() is None
     assert ended == ["ok"]
     assert [m.get("body") for m in sent[1:]] == [chunk, b""]
+
+
+async def test_a_stream_cut_while_its_record_is_written_still_gets_its_last_events() -> None:
+    """The answer is complete and recorded; its last events ([DONE]) wait for the record to reach Redis's
+    socket when the stop cancels the task: they still go out, then the end, and it stays `ok`."""
+    from proxy.forward import StreamThrough
+    from proxy.sse import StreamMeter
+
+    ended: list[str] = []
+    sent: list[dict[str, Any]] = []
+    waiting = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def recorded() -> None:
+        waiting.set()
+        await asyncio.Event().wait()  # the write never comes before the stop
+
+    chunk = b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    stream = StreamThrough(
+        upstreamed(FakeStream([chunk])),  # type: ignore[arg-type]
+        {"content-type": "text/event-stream"},
+        StreamMeter(False),
+        lambda outcome, first: ended.append(outcome),
+        recorded,
+    )
+    task = asyncio.ensure_future(stream({"type": "http"}, receive, send))  # type: ignore[arg-type]
+    await waiting.wait()
+    task.cancel()  # the stop, past its grace
+    await asyncio.wait([task])
+    assert task.exception() is None
+    assert ended == ["ok"]
+    bodies = [m.get("body") for m in sent[1:]]
+    assert bodies[-1] == b"" and bodies[-2].endswith(b"data: [DONE]\n\n") and b"shutting_down" not in b"".join(bodies)
