@@ -221,34 +221,16 @@ class AdminPages:
 
     # The pages ---------------------------------------------------------------------------------------------
 
-    def _chart(self, daily: list[dict[str, Any]], first: date, last: date, locale: str) -> tuple[str, str]:
-        """Daily tokens stacked by model (the seven largest and the rest), and its legend."""
+    @staticmethod
+    def _chart(daily: list[dict[str, Any]], first: date, last: date, locale: str) -> tuple[str, str]:
         days = [first + timedelta(days=i) for i in range(max((last - first).days, 0))]
-        if not days:
-            return "", ""
         index = {d: i for i, d in enumerate(days)}
         per_model: dict[str, list[int]] = {}
         for r in daily:
             i = index.get(date.fromisoformat(r["day"]))
             if i is not None:
                 per_model.setdefault(r["model"] or "—", [0] * len(days))[i] += int(r["tokens"])
-        series = charts.top_series(list(per_model.items()), 7, i18n.text(locale, "chart.other"))
-        total = sum(sum(v) for _, v in series)
-        if not total:
-            return "", ""
-
-        def num(value: float) -> str:
-            return i18n.number(value, locale)
-
-        svg = charts.daily_bars(
-            days,
-            series,
-            title=i18n.text(locale, "chart.daily_title"),
-            desc=i18n.text(locale, "chart.daily_desc", total=num(total)),
-            fmt=num,
-            day_label=lambda d: i18n.short_date(datetime(d.year, d.month, d.day), locale),
-        )
-        return svg, charts.legend([name for name, _ in series])
+        return charts.tokens_by_model(days, per_model, locale)
 
     async def overview(self, request: Request, viewer: Viewer) -> Response:
         data = await self._overview_data(request)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
-from datetime import date
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date, datetime
 from html import escape
+
+from . import i18n
 
 # Colours with at least 3:1 contrast on white, told apart by people with the common colour blindnesses.
 PALETTE = ("#1f77b4", "#d95f02", "#1b9e77", "#7570b3", "#c2185b", "#66a61e", "#a6761d", "#5f6b7a")
@@ -164,3 +166,25 @@ def legend(names: Sequence[str]) -> str:
         for i, name in enumerate(names)
     )
     return f'<ul class="legend">{items}</ul>'
+
+
+def tokens_by_model(days: Sequence[date], per_model: Mapping[str, Sequence[int]], locale: str) -> tuple[str, str]:
+    """The statement's and the dashboard's chart: tokens per day stacked by model (the seven largest and the
+    rest), and its legend; ("", "") when there are no tokens to show."""
+    series = top_series(list(per_model.items()), 7, i18n.text(locale, "chart.other"))
+    total = sum(sum(values) for _, values in series)
+    if not total:
+        return "", ""
+
+    def num(value: float) -> str:
+        return i18n.number(value, locale)
+
+    svg = daily_bars(
+        days,
+        series,
+        title=i18n.text(locale, "chart.daily_title"),
+        desc=i18n.text(locale, "chart.daily_desc", total=num(total)),
+        fmt=num,
+        day_label=lambda d: i18n.short_date(datetime(d.year, d.month, d.day), locale),
+    )
+    return svg, legend([name for name, _ in series])

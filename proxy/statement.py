@@ -184,21 +184,10 @@ async def statement(sources: Sources, identity: Identity, locale: str, now: date
         i = index.get(r["day"].astimezone(UTC).date())
         if i is not None:
             per_model[r["model"]][i] += int(r["total_tokens"])
-    series = charts.top_series([(m or "—", v) for m, v in per_model.items()], 7, t("chart.other"))
-    total = sum(sum(v) for _, v in series)
-    st["chart"] = (
-        charts.daily_bars(
-            [d.date() for d in days],
-            series,
-            title=t("chart.daily_title"),
-            desc=t("chart.daily_desc", total=num(total)),
-            fmt=num,
-            day_label=lambda d: i18n.short_date(datetime(d.year, d.month, d.day), locale),
-        )
-        if total
-        else None
+    chart, st["legend"] = charts.tokens_by_model(
+        [d.date() for d in days], {m or "—": v for m, v in per_model.items()}, locale
     )
-    st["legend"] = charts.legend([name for name, _ in series]) if total else ""
+    st["chart"] = chart or None
     return st
 
 
