@@ -29,6 +29,22 @@ TOP_USERS = 10
 # left out, as the budgets do), the period's grants and the carry from last period. Groups' tiers depend on the
 # token a user sends, which PostgreSQL does not know: a user on a group tier shows the default here.
 # $1 is now; the filters are added where {where} is.
+# The tokens added to a subject's limit this period: its grants in force and what rolled over into it.
+# `lim` is the query's CTE of the subjects (`{key}`) with their period's start.
+_ADDED = """added as (
+    select a.{key}, sum(a.tokens)::bigint as tokens
+    from (
+        select g.subject as {key}, g.tokens
+        from budget_grants g join lim on lim.{key} = g.subject and g.period_start = lim.period_start
+        where g.subject_type = '{kind}' and g.revoked_at is null
+        union all
+        select c.subject, c.carried from budget_rollover c where c.subject_type = '{kind}'
+    ) a
+    group by a.{key}
+),"""
+_USER_ADDED = _ADDED.format(key="user_id", kind="user")
+_TENANT_ADDED = _ADDED.format(key="tenant_id", kind="tenant")
+
 _USERS = """
 with u as (
     select user_id, tenant_id from usage_users
@@ -73,17 +89,7 @@ used as (
     ) x
     group by x.user_id
 ),
-added as (
-    select a.user_id, sum(a.tokens)::bigint as tokens
-    from (
-        select g.subject as user_id, g.tokens
-        from budget_grants g join lim on lim.user_id = g.subject and g.period_start = lim.period_start
-        where g.subject_type = 'user' and g.revoked_at is null
-        union all
-        select c.subject, c.carried from budget_rollover c where c.subject_type = 'user'
-    ) a
-    group by a.user_id
-),
+{added}
 rows as (
     select lim.*, coalesce(used.used, 0) as used, coalesce(used.requests, 0) as requests,
            coalesce(used.blocked, 0) as blocked, used.cost_usd,
@@ -136,7 +142,7 @@ def _users_sql(query: UserQuery) -> tuple[str, list[Any]]:
     if query.tenant:
         args.append(query.tenant)
         where.append(f"u.tenant_id = ${len(args) + 1}")
-    sql = _USERS.format(where=("where " + " and ".join(where)) if where else "")
+    sql = _USERS.format(where=("where " + " and ".join(where)) if where else "", added=_USER_ADDED)
     return sql, args
 
 
@@ -308,17 +314,7 @@ spent as (
     from {table} r where r.tenant_id <> '' and r.{column} >= $2 and r.{column} < $3
     group by r.tenant_id
 ),
-added as (
-    select a.tenant_id, sum(a.tokens)::bigint as tokens
-    from (
-        select g.subject as tenant_id, g.tokens
-        from budget_grants g join lim on lim.tenant_id = g.subject and g.period_start = lim.period_start
-        where g.subject_type = 'tenant' and g.revoked_at is null
-        union all
-        select c.subject, c.carried from budget_rollover c where c.subject_type = 'tenant'
-    ) a
-    group by a.tenant_id
-),
+{added}
 rows as (
     select lim.*, coalesce(used.used, 0) as used, coalesce(spent.requests, 0) as requests,
            coalesce(spent.tokens, 0) as tokens, spent.cost_usd, coalesce(spent.active_users, 0) as active_users,
@@ -344,15 +340,15 @@ async def tenants(pool: asyncpg.Pool, period: str, now: datetime) -> dict[str, A
     """Every tenant with its members, its use in the window of `period` and its budget's state."""
     span = window(period, now)
     if period in ("month", "total"):
-        sql = _TENANTS.format(table="usage_user_month", column="month")
+        sql = _TENANTS.format(table="usage_user_month", column="month", added=_TENANT_ADDED)
     else:
-        sql = _TENANTS.format(table="usage_user_day", column="day")
+        sql = _TENANTS.format(table="usage_user_day", column="day", added=_TENANT_ADDED)
     rows = await fetch(pool, sql, now, span.first_day, span.last_day)
     return {"object": "list", "period": period, "data": [jsonable(r) for r in rows]}
 
 
 async def user_budget(pool: asyncpg.Pool, user: str, now: datetime) -> dict[str, Any] | None:
     """One user's row of the users page (None: neither in the ledger nor with a budget row)."""
-    sql = _USERS.format(where="where u.user_id = $2")
+    sql = _USERS.format(where="where u.user_id = $2", added=_USER_ADDED)
     rows = await fetch(pool, f"select * from ({sql}) s", now, user)
     return jsonable(rows[0]) if rows else None
