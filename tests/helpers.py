@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import jwt
 import uvicorn
@@ -29,6 +30,28 @@ def token(sub: str, *, tenant: str | None = None, ttl: int = 3600, secret: str =
     if tenant:
         body["tenant"] = tenant
     return jwt.encode(body, secret, algorithm="HS256")
+
+
+def admin_token(name: str = "") -> str:
+    return token(name or uid("admin"), quota_admin=True)
+
+
+# The columns the dashboard's tests seed usage_records with: (request_id, created_at, user_id, tenant_id,
+# model, endpoint, total_tokens, status).
+SEED_COLUMNS = ["request_id", "created_at", "user_id", "tenant_id", "model", "endpoint", "total_tokens", "status"]
+
+
+def copy_usage(dsn: str, rows: list[tuple[Any, ...]]) -> None:
+    """Usage records straight into PostgreSQL (COPY), in SEED_COLUMNS, as the ledger writer would leave them."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.copy_records_to_table("usage_records", records=rows, columns=SEED_COLUMNS)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
 
 
 @contextmanager

@@ -7,12 +7,10 @@ The data is written before the browser starts (see tests/browser.py: no asyncio.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page
@@ -23,7 +21,7 @@ from proxy.config import Settings
 from proxy.sessions import AdminSessions
 
 from .browser import DESKTOP, no_horizontal_scroll, shoot
-from .helpers import serve, token, uid
+from .helpers import copy_usage, serve, token, uid
 
 TEAM = uid("acme")
 USERS = [f"{TEAM}-{name}" for name in ("ana", "bruno", "carla", "davi")]
@@ -48,27 +46,7 @@ def seeded(settings: Settings) -> None:
                 )
     rows.append((uid("r"), now, USERS[3], TEAM, MODELS[0], "chat", 0, "blocked"))
 
-    async def run() -> None:
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            await conn.copy_records_to_table(
-                "usage_records",
-                records=rows,
-                columns=[
-                    "request_id",
-                    "created_at",
-                    "user_id",
-                    "tenant_id",
-                    "model",
-                    "endpoint",
-                    "total_tokens",
-                    "status",
-                ],
-            )
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
+    copy_usage(settings.database_url, rows)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from proxy.config import Settings
 from proxy.redis_batch import connect
 from proxy.sessions import COOKIE, AdminSessions, Session
 
-from .helpers import serve, token, uid
+from .helpers import admin_token, copy_usage, serve, token, uid
 
 XSS_USER = '<script>alert("u")</script>'
 XSS_MODEL = "<img src=x onerror=alert(1)>"
@@ -60,27 +60,7 @@ def add_records(dsn: str, user: str, n: int, *, tokens: int = 100, model: str = 
         for _ in range(n)
     ]
 
-    async def run() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.copy_records_to_table(
-                "usage_records",
-                records=rows,
-                columns=[
-                    "request_id",
-                    "created_at",
-                    "user_id",
-                    "tenant_id",
-                    "model",
-                    "endpoint",
-                    "total_tokens",
-                    "status",
-                ],
-            )
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
+    copy_usage(dsn, rows)
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +72,6 @@ def settings(base_settings: Settings) -> Settings:
 def url(settings: Settings) -> Iterator[str]:
     with serve(create_app(settings)) as base:
         yield base
-
-
-def admin_token(name: str = "") -> str:
-    return token(name or uid("admin"), quota_admin=True)
 
 
 _OPEN: list[httpx.Client] = []

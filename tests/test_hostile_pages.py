@@ -25,7 +25,7 @@ from proxy.sessions import COOKIE, NONCE_COOKIE
 from proxy.statement_pages import COOKIE as STATEMENT_COOKIE
 
 from .devstack import free_port
-from .helpers import serve, token, uid
+from .helpers import admin_token, serve, token, uid
 from .test_alerts import Clock, Receiver, Writer, alert_settings, budget, rows, usage
 
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -40,10 +40,6 @@ def settings(base_settings: Settings) -> Settings:
 def url(settings: Settings) -> Iterator[str]:
     with serve(create_app(settings)) as base:
         yield base
-
-
-def admin_token(name: str = "") -> str:
-    return token(name or uid("admin"), quota_admin=True)
 
 
 @contextmanager
