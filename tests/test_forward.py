@@ -430,20 +430,37 @@ class FakeStream:
         self.closed += 1
 
 
+CHUNK = b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+
+async def _never() -> dict[str, Any]:
+    """A client that neither sends nor leaves."""
+    await asyncio.Event().wait()
+    return {}
+
+
+def stream_task(chunks: list[bytes], send: Any, recorded: Any, ended: list[str]) -> asyncio.Future[None]:
+    """A StreamThrough of `chunks` running as the server's task; `ended` gets its outcome."""
+    from proxy.forward import StreamThrough
+    from proxy.sse import StreamMeter
+
+    stream = StreamThrough(
+        upstreamed(FakeStream(chunks)),  # type: ignore[arg-type]
+        {"content-type": "text/event-stream"},
+        StreamMeter(False),
+        lambda outcome, first: ended.append(outcome),
+        recorded,
+    )
+    return asyncio.ensure_future(stream({"type": "http"}, _never, send))  # type: ignore[arg-type]
+
+
 async def test_a_stream_that_ended_as_the_stop_cancelled_it_keeps_its_outcome_and_sends_nothing_after_its_end() -> None:
     """The pump finished (an answer without [DONE]) in the loop turn where uvicorn's stop cancelled the task:
     the response is complete, so no cut may follow it (uvicorn raises on a body after the end), and its
     outcome is the pump's, not `cancelled`."""
-    from proxy.forward import StreamThrough
-    from proxy.sse import StreamMeter
-
     ended: list[str] = []
     sent: list[dict[str, Any]] = []
     complete = False
-
-    async def receive() -> dict[str, Any]:
-        await asyncio.Event().wait()
-        return {}
 
     async def send(message: dict[str, Any]) -> None:
         nonlocal complete
@@ -457,34 +474,19 @@ async def test_a_stream_that_ended_as_the_stop_cancelled_it_keeps_its_outcome_an
     async def recorded() -> None:
         pass
 
-    chunk = b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-    stream = StreamThrough(
-        upstreamed(FakeStream([chunk])),  # type: ignore[arg-type]
-        {"content-type": "text/event-stream"},
-        StreamMeter(False),
-        lambda outcome, first: ended.append(outcome),
-        recorded,
-    )
-    task = asyncio.ensure_future(stream({"type": "http"}, receive, send))  # type: ignore[arg-type]
+    task = stream_task([CHUNK], send, recorded, ended)
     await asyncio.wait([task])
     assert task.exception() is None
     assert ended == ["ok"]
-    assert [m.get("body") for m in sent[1:]] == [chunk, b""]
+    assert [m.get("body") for m in sent[1:]] == [CHUNK, b""]
 
 
 async def test_a_stream_cut_while_its_record_is_written_still_gets_its_last_events() -> None:
     """The answer is complete and recorded; its last events ([DONE]) wait for the record to reach Redis's
     socket when the stop cancels the task: they still go out, then the end, and it stays `ok`."""
-    from proxy.forward import StreamThrough
-    from proxy.sse import StreamMeter
-
     ended: list[str] = []
     sent: list[dict[str, Any]] = []
     waiting = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        await asyncio.Event().wait()
-        return {}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
@@ -493,15 +495,7 @@ async def test_a_stream_cut_while_its_record_is_written_still_gets_its_last_even
         waiting.set()
         await asyncio.Event().wait()  # the write never comes before the stop
 
-    chunk = b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-    stream = StreamThrough(
-        upstreamed(FakeStream([chunk])),  # type: ignore[arg-type]
-        {"content-type": "text/event-stream"},
-        StreamMeter(False),
-        lambda outcome, first: ended.append(outcome),
-        recorded,
-    )
-    task = asyncio.ensure_future(stream({"type": "http"}, receive, send))  # type: ignore[arg-type]
+    task = stream_task([CHUNK + b"data: [DONE]\n\n"], send, recorded, ended)
     await waiting.wait()
     task.cancel()  # the stop, past its grace
     await asyncio.wait([task])
