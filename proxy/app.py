@@ -100,7 +100,6 @@ class Services:
             read_timeout=s.upstream_read_timeout,
             max_connections=s.upstream_max_connections,
         )
-        await upstream.start()
         tokenizer = await asyncio.to_thread(Tokenizer.load, s.tokenizer_file)  # reading the file takes a while
         relay = Relay(s, budget, ledger, upstream, sender, tokenizer, links)
         tasks = [

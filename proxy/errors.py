@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import aiohttp
 import orjson
 from starlette.responses import Response
 
@@ -117,13 +116,13 @@ def shutting_down() -> ServiceUnavailable:
 
 
 def upstream_failed(exc: BaseException, *, answering: bool) -> ProxyError:
-    """The model server failed (an aiohttp error or a timeout): before its answer began, or during it."""
+    """The model server failed (http_wire's WireError, or the OS's): before its answer began, or during it."""
     name = exc.__class__.__name__
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"The model server did not {'finish its answer' if answering else 'answer'} in time.")
     if answering:
         return UpstreamError(f"The model server broke off its answer ({name}).")
-    if isinstance(exc, aiohttp.ClientConnectionError):
+    if isinstance(exc, ConnectionError):
         return ServiceUnavailable(f"The model server is unreachable ({name}).")
     return UpstreamError(f"The model server request failed ({name}).")
 

@@ -1,7 +1,8 @@
 """The upstream (LiteLLM) client, and the response that streams its answer through.
 
-aiohttp is the client because it was measured: a forwarder on httpx's default transport added
-several times the latency and served a tenth of the requests (docs/performance.md).
+The client is the proxy's own (http_wire.py) because it was measured: a forwarder on httpx's default
+transport served a tenth of the requests, and aiohttp's client cost more CPU than the rest of the
+proxy's work (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.types import Receive, Scope, Send
 
 from .errors import ProxyError, UpstreamError, openai_error, shutting_down, upstream_failed
+from .http_wire import Answer, HttpPool, WireError
 from .sse import StreamMeter
 
 # Upstream response headers a client may see. LiteLLM's own (x-litellm-key-spend is the master key's
@@ -77,7 +78,7 @@ class Upstreamed:
 
     __slots__ = ("response", "status", "_secret")
 
-    def __init__(self, response: aiohttp.ClientResponse, secret: str) -> None:
+    def __init__(self, response: Answer, secret: str) -> None:
         self.response = response
         self.status = response.status
         self._secret = secret
@@ -105,7 +106,7 @@ class Upstreamed:
         """The whole body: an error rebuilt (error_body), a success with the master key taken out."""
         try:
             body = await self.response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except WireError as exc:
             raise upstream_failed(exc, answering=True) from None
         finally:
             self.response.release()
@@ -127,44 +128,29 @@ class Upstream:
         read_timeout: float = 600.0,
         max_connections: int = 512,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
         self._secret = master_key
-        # Named here, so aiohttp adds no User-Agent of its own: its skip_auto_headers option
-        # rebuilds a header multidict on every request.
-        self._headers = {
-            "Authorization": f"Bearer {master_key}",
-            "Accept-Encoding": "identity",
-            "User-Agent": "quota-sidecar",
-        }
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300, keepalive_timeout=60)
-        # No cookie jar: one session serves every user, so a cookie the upstream set for one
-        # request must not ride along on the next user's.
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        self._pool = HttpPool(
+            base_url,
+            {"Authorization": f"Bearer {master_key}", "Accept-Encoding": "identity", "User-Agent": "quota-sidecar"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.close()
 
     async def send(
         self, method: str, path: str, *, body: bytes | None = None, query: str = "", request_id: str | None = None
     ) -> Upstreamed:
-        assert self._session is not None, "Upstream.start() was not awaited"
-        headers = self._headers.copy()
+        headers = {}
         if body is not None:
             headers["Content-Type"] = "application/json"
         if request_id:
             headers["X-Request-Id"] = request_id
-        url = f"{self.base_url}{path}?{query}" if query else f"{self.base_url}{path}"
         try:
-            response = await self._session.request(method, url, data=body, headers=headers)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            response = await self._pool.request(method, f"{path}?{query}" if query else path, headers, body)
+        except WireError as exc:
             raise upstream_failed(exc, answering=False) from None
         if response.status in (401, 403, 407):
             # The proxy's own key was refused: not the caller's fault, and not to be shown as theirs.
@@ -238,7 +224,7 @@ class StreamThrough:
                 return
             for task in (pump, watch):
                 task.cancel()
-            self._upstream.close()
+            self._upstream.release()
             self._end(outcome)  # accounted first, while the stop still waits for it: the cut may not get through
             if watch.done():
                 pass  # the client is gone
@@ -249,7 +235,7 @@ class StreamThrough:
         finally:
             for task in (pump, watch):
                 task.cancel()
-            self._upstream.close()
+            self._upstream.release()
             self._end(outcome)
 
     async def _last_words(self, send: Send, body: bytes) -> None:
@@ -273,7 +259,7 @@ class StreamThrough:
         meter, secret = self._meter, self._secret
         outcome = "ok"
         try:
-            async for chunk in self._upstream.content.iter_any():
+            async for chunk in self._upstream.chunks():
                 out = meter.feed(chunk)
                 if secret and secret in out:  # events arrive whole from the meter, so a key cannot straddle two
                     out = out.replace(secret, b"[redacted]")
@@ -289,7 +275,7 @@ class StreamThrough:
             tail = meter.flush()
             if tail.strip():
                 await send({"type": "http.response.body", "body": tail, "more_body": True})
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except WireError as exc:
             outcome = "upstream_error"
             event = stream_error_event(upstream_failed(exc, answering=True))
             await send({"type": "http.response.body", "body": event, "more_body": True})

@@ -170,7 +170,7 @@ class Relay:
                 return self._stream(upstream, completion, flight, link)  # the response owns the upstream from here
             return await self._answer(upstream, completion, flight)
         except BaseException:
-            upstream.response.close()
+            upstream.response.release()  # unread: its connection is closed
             raise
 
     async def _count_prompt(self, payload: dict[str, Any], size: int) -> int:

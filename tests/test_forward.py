@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from multidict import CIMultiDict
 
 from proxy.errors import ProxyError, ServiceUnavailable, UpstreamError, UpstreamTimeout, upstream_failed
 from proxy.forward import CLIENT_HEADERS, Upstream, Upstreamed, client_headers, error_body, redact, stream_error_event
+from proxy.http_wire import BadAnswer, ConnectFailed, Disconnected, TimedOut
 
 pytestmark = pytest.mark.anyio
 
@@ -187,36 +187,21 @@ def test_error_body_redacts_a_key_before_cutting_the_message() -> None:
 @pytest.mark.parametrize(
     "exc, answering, kind, status, message",
     [
-        (TimeoutError(), True, UpstreamTimeout, 504, "The model server did not finish its answer in time."),
+        (TimedOut("x"), True, UpstreamTimeout, 504, "The model server did not finish its answer in time."),
+        (TimedOut("x"), False, UpstreamTimeout, 504, "The model server did not answer in time."),
         (TimeoutError(), False, UpstreamTimeout, 504, "The model server did not answer in time."),
+        (Disconnected("x"), True, UpstreamError, 502, "The model server broke off its answer (Disconnected)."),
+        (BadAnswer("x"), True, UpstreamError, 502, "The model server broke off its answer (BadAnswer)."),
+        (ConnectFailed("x"), False, ServiceUnavailable, 503, "The model server is unreachable (ConnectFailed)."),
+        (Disconnected("x"), False, ServiceUnavailable, 503, "The model server is unreachable (Disconnected)."),
         (
-            aiohttp.ClientPayloadError("cut"),
-            True,
-            UpstreamError,
-            502,
-            "The model server broke off its answer (ClientPayloadError).",
-        ),
-        (
-            aiohttp.ServerDisconnectedError(),
-            True,
-            UpstreamError,
-            502,
-            "The model server broke off its answer (ServerDisconnectedError).",
-        ),
-        (
-            aiohttp.ClientConnectionError(),
+            ConnectionRefusedError(),
             False,
             ServiceUnavailable,
             503,
-            "The model server is unreachable (ClientConnectionError).",
+            "The model server is unreachable (ConnectionRefusedError).",
         ),
-        (
-            aiohttp.TooManyRedirects(None, ()),  # type: ignore[arg-type]
-            False,
-            UpstreamError,
-            502,
-            "The model server request failed (TooManyRedirects).",
-        ),
+        (BadAnswer("x"), False, UpstreamError, 502, "The model server request failed (BadAnswer)."),
     ],
 )
 def test_an_upstream_failure_says_whether_the_answer_had_begun(
@@ -236,7 +221,7 @@ def test_stream_error_event_is_one_openai_shaped_sse_event() -> None:
     assert orjson.loads(stream_error_event(UpstreamError("x"))[6:])["error"]["code"] == "upstream_error"
 
 
-# Upstreamed, over a stand-in for aiohttp's response
+# Upstreamed, over a stand-in for http_wire's Answer
 
 
 class FakeResponse:
@@ -249,7 +234,7 @@ class FakeResponse:
         fail: BaseException | None = None,
     ) -> None:
         self.status = status
-        self.headers = CIMultiDict(headers or {})
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
         self.content_type = content_type
         self._body = body
         self._fail = fail
@@ -296,12 +281,12 @@ async def test_an_error_is_read_rebuilt() -> None:
 
 
 async def test_a_read_that_fails_is_released_and_raised_as_an_upstream_failure() -> None:
-    response = FakeResponse(200, fail=aiohttp.ClientPayloadError("cut"))
+    response = FakeResponse(200, fail=Disconnected("cut"))
     with pytest.raises(UpstreamError) as caught:
         await upstreamed(response).read_for_client()
-    assert caught.value.message == "The model server broke off its answer (ClientPayloadError)."
+    assert caught.value.message == "The model server broke off its answer (Disconnected)."
     assert response.released == 1
-    response = FakeResponse(200, fail=TimeoutError())
+    response = FakeResponse(200, fail=TimedOut("slow"))
     with pytest.raises(UpstreamTimeout) as timed_out:
         await upstreamed(response).read_for_client()
     assert timed_out.value.message == "The model server did not finish its answer in time."
@@ -310,7 +295,7 @@ async def test_a_read_that_fails_is_released_and_raised_as_an_upstream_failure()
 
 def test_headers_for_client_are_the_allow_listed_ones() -> None:
     response = FakeResponse(200, headers={"Content-Type": "application/json", "x-litellm-key-spend": "9"})
-    assert upstreamed(response).headers_for_client() == {"Content-Type": "application/json"}
+    assert upstreamed(response).headers_for_client() == {"content-type": "application/json"}
 
 
 # Upstream.send, against a loopback aiohttp server
@@ -344,7 +329,6 @@ async def model_server() -> Any:
 async def test_send_carries_the_master_key_and_our_request_id_only(model_server: Any) -> None:
     url, seen = model_server
     upstream = Upstream(url + "/", MASTER)
-    await upstream.start()
     try:
         answer = await upstream.send("POST", "/v1/chat/completions", body=b'{"model":"m"}', request_id="r-42")
         assert (answer.status, await answer.read_for_client()) == (200, b'{"ok": true}')
@@ -371,7 +355,6 @@ async def test_the_proxys_own_key_refused_is_an_upstream_error_for_the_administr
 ) -> None:
     url, _ = model_server
     upstream = Upstream(url, MASTER)
-    await upstream.start()
     try:
         with pytest.raises(UpstreamError) as caught:
             await upstream.send("GET", "/v1/models", query=f"status={status}")
@@ -386,7 +369,6 @@ async def test_the_proxys_own_key_refused_is_an_upstream_error_for_the_administr
 async def test_other_error_statuses_are_handed_back_as_answers(model_server: Any) -> None:
     url, _ = model_server
     upstream = Upstream(url, MASTER)
-    await upstream.start()
     try:
         answer = await upstream.send("GET", "/x", query="status=429")
         assert answer.status == 429
@@ -399,13 +381,12 @@ async def test_an_unreachable_model_server_is_a_503() -> None:
     from .devstack import free_port
 
     upstream = Upstream(f"http://127.0.0.1:{free_port()}", MASTER, connect_timeout=2)
-    await upstream.start()
     try:
         with pytest.raises(ServiceUnavailable) as caught:
             await upstream.send("GET", "/v1/models")
     finally:
         await upstream.close()
-    assert caught.value.message == "The model server is unreachable (ClientConnectorError)."
+    assert caught.value.message == "The model server is unreachable (ConnectFailed)."
 
 
 # StreamThrough cut by the stop
@@ -416,18 +397,17 @@ class FakeStream:
 
     def __init__(self, chunks: list[bytes]) -> None:
         self.status = 200
-        self.headers = CIMultiDict({"content-type": "text/event-stream"})
+        self.headers = {"content-type": "text/event-stream"}
         self.content_type = "text/event-stream"
-        self.content = self
         self._chunks = chunks
-        self.closed = 0
+        self.released = 0
 
-    async def iter_any(self) -> Any:
+    async def chunks(self) -> Any:
         for chunk in self._chunks:
             yield chunk
 
-    def close(self) -> None:
-        self.closed += 1
+    def release(self) -> None:
+        self.released += 1
 
 
 CHUNK = b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'

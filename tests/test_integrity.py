@@ -31,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.errors import ServiceUnavailable, UpstreamError
-from proxy.forward import Upstreamed
+from proxy.forward import Upstream, Upstreamed
 from proxy.tokens import Tokenizer
 
 from .fake_upstream import ECHOED_SK_KEY, LEAKY_HEADERS, FakeUpstream
@@ -718,7 +718,9 @@ STEPS = {
         lambda p, mp: mp.setattr(p.budget, "reserve", _araise(ServiceUnavailable("injected"))), "unavailable"
     ),
     "reserve reply lost": Step(_reply_lost, "unavailable"),
-    "connect": Step(lambda p, mp: mp.setattr(p.services.upstream, "base_url", "http://127.0.0.1:9"), "unavailable"),
+    "connect": Step(
+        lambda p, mp: mp.setattr(p.services.upstream, "_pool", Upstream("http://127.0.0.1:9", "k")._pool), "unavailable"
+    ),
     "first byte": Step(lambda p, mp: None, "upstream_error", model="honest-slow"),  # slower than the read timeout
     "first byte of a stream": Step(lambda p, mp: None, "upstream_error", model="slow-first-byte", stream=True),
     "answer read": Step(
