@@ -1,6 +1,10 @@
 """The reference: a bare Starlette forwarder on aiohttp, with no auth, budget or ledger. Its garbage
 collections are timed as the proxy's are (the same quota_gc_pause_seconds at /metrics), so `make bench`
-can set the two side by side; nothing else of the proxy runs here."""
+can set the two side by side; nothing else of the proxy runs here.
+
+With FORWARDER_CLIENT=wire it forwards through the proxy's own client (proxy/http_wire.py) instead:
+the same forwarder, so what the proxy costs beyond forwarding stays in sight now that its client is
+cheaper than aiohttp's."""
 
 from __future__ import annotations
 
@@ -15,15 +19,20 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from proxy.http_wire import HttpPool
 from proxy.metrics import REGISTRY, watch_gc
 
 UPSTREAM = os.environ["UPSTREAM"]
+WIRE = os.environ.get("FORWARDER_CLIENT", "aiohttp") == "wire"
 session: aiohttp.ClientSession | None = None
+pool = HttpPool(UPSTREAM, {}, connect_timeout=5, read_timeout=600, max_connections=512)
 
 
 async def forward(request: Request) -> Response:
-    assert session is not None
     body = await request.body()
+    if WIRE:
+        return await forward_wire(body)
+    assert session is not None
     upstream = await session.post(
         f"{UPSTREAM}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
     )
@@ -40,6 +49,21 @@ async def forward(request: Request) -> Response:
     return Response(data, media_type="application/json")
 
 
+async def forward_wire(body: bytes) -> Response:
+    answer = await pool.request("POST", "/v1/chat/completions", {"Content-Type": "application/json"}, body)
+    if answer.content_type == "text/event-stream":
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            async for chunk in answer.chunks():
+                yield chunk
+            answer.release()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+    data = await answer.read()
+    answer.release()
+    return Response(data, media_type="application/json")
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     global session
@@ -47,6 +71,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     watch_gc()
     yield
     await session.close()
+    await pool.close()
 
 
 async def health(request: Request) -> Response:

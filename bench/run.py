@@ -1,7 +1,8 @@
 """`make bench`: the proxy's cost, measured against calling the upstream directly, in one run.
 
 Targets, interleaved at each concurrency: (a) the mock upstream directly, (b) a bare aiohttp
-forwarder (bench/forwarder.py), (c) the full proxy (JWT, Redis reserve/settle, ledger to
+forwarder (bench/forwarder.py), the reference, and the same forwarder on the proxy's own upstream
+client (`wire_forwarder`), (c) the full proxy (JWT, Redis reserve/settle, ledger to
 PostgreSQL), (d) LiteLLM's own proxy on a mock model when LiteLLM is installed, and any proxy
 variants asked for (`--variant NAME:ENV=VALUE;ENV=VALUE`, JSON only). The load generator runs in its
 own process. Each round also reads the proxy's and the forwarder's /metrics: their garbage
@@ -362,6 +363,14 @@ def http_benchmark(a: argparse.Namespace, with_litellm: bool) -> dict[str, Any]:
         fw = f"http://127.0.0.1:{fw_port}"
         forwarder = spawn([*UVICORN, "--port", str(fw_port), "forwarder:app"], {"UPSTREAM": upstream}, f"{fw}/health")
         procs.append(forwarder)
+        wire_port = free_port()
+        wf = f"http://127.0.0.1:{wire_port}"
+        wire_forwarder = spawn(
+            [*UVICORN, "--port", str(wire_port), "forwarder:app"],
+            {"UPSTREAM": upstream, "FORWARDER_CLIENT": "wire"},
+            f"{wf}/health",
+        )
+        procs.append(wire_forwarder)
         env = {
             "JWT_SECRET": secret,
             "LITELLM_BASE_URL": upstream,
@@ -382,6 +391,7 @@ def http_benchmark(a: argparse.Namespace, with_litellm: bool) -> dict[str, Any]:
         targets = {
             "direct": Target(f"{upstream}/v1/chat/completions"),
             "bare_forwarder": Target(f"{fw}/v1/chat/completions", proc=forwarder, metrics=f"{fw}/metrics"),
+            "wire_forwarder": Target(f"{wf}/v1/chat/completions", proc=wire_forwarder, metrics=f"{wf}/metrics"),
         }
         for name, overrides in [("proxy", {}), *(parse_variant(v) for v in a.variant)]:
             port = free_port()
