@@ -65,6 +65,7 @@ class Answer:
         self._body: list[bytes] = []
         self._buffered = 0
         self._paused = False
+        self._whole = False  # read() wants the body whole: reading never pauses
         self._headed = False
         self._complete = False
         self._reusable = False
@@ -76,7 +77,11 @@ class Answer:
         return self.headers.get("content-type", "").partition(";")[0].strip().lower()
 
     async def read(self) -> bytes:
-        """The whole body."""
+        """The whole body: no back-pressure, it is wanted whole."""
+        self._whole = True
+        if self._paused and self._link is not None:
+            self._paused = False
+            self._link.resume()
         while not self._complete:
             if self._error is not None:
                 raise self._error
@@ -154,7 +159,7 @@ class Answer:
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
         self._buffered += len(body)
-        if self._buffered > HIGH_WATER and not self._paused and self._link is not None:
+        if self._buffered > HIGH_WATER and not (self._paused or self._whole) and self._link is not None:
             self._paused = True
             self._link.pause()
         self._wake()

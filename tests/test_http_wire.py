@@ -308,6 +308,25 @@ async def test_a_slow_reader_stops_the_connection_reading_instead_of_buffering_t
         await asyncio.wait_for(drained.wait(), 2)
 
 
+async def test_an_answer_read_whole_is_read_whole_however_big(client: Any) -> None:
+    """read() is for answers wanted whole (JSON): past the back-pressure mark it keeps reading."""
+    size = 3 * http_wire.HIGH_WATER
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 4096):
+            writer.write(b"y" * 4096)
+            await writer.drain()
+        await reader.read()
+
+    async with Server(handler) as server:
+        got = await keep(client, server.url, read_timeout=2).request("GET", "/x", {})
+        await asyncio.sleep(0.2)  # more than the mark arrives before the read
+        assert len(await asyncio.wait_for(got.read(), 3)) == size
+        got.release()
+
+
 async def test_a_request_cancelled_while_waiting_closes_its_connection_and_frees_its_slot(client: Any) -> None:
     ends: list[bytes] = []
 
