@@ -330,7 +330,8 @@ class HttpPool:
         now = self.loop.time()
         while self._idle:
             link = self._idle.pop()  # the most recently used: the least likely to have gone away
-            if not link.closed and now < link.idle_until:
+            # is_closing: the server's end arrived, and connection_lost is still to come
+            if not link.closed and now < link.idle_until and not (link.transport and link.transport.is_closing()):
                 return link
             link.abort()
         return None

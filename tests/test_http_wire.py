@@ -408,6 +408,26 @@ async def test_an_idle_connection_is_not_reused_past_its_keepalive_or_once_its_s
     assert server.connections == 3
 
 
+async def test_an_idle_connection_closing_but_not_yet_lost_is_not_reused(client: Any) -> None:
+    """Between the server's end arriving and connection_lost (a later loop turn) the transport is closing:
+    a request in that window opens a new connection instead of writing into the closing one."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            writer.write(answer(await server.request(reader)))
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url)
+        for body in (b"1", b"2"):
+            got = await wire.request("POST", "/x", {}, body)
+            assert await got.read() == body
+            got.release()
+            transport = wire._idle[-1].transport
+            assert transport is not None
+            transport.close()  # connection_lost comes in a later turn; the next request is sent before it
+    assert server.connections == 2
+
+
 @pytest.mark.parametrize("extra", [b"HTTP/1.1 200 OK\r\n", b"garbage"])
 async def test_bytes_past_an_answer_retire_its_connection(client: Any, extra: bytes) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
