@@ -186,7 +186,8 @@ class FakeUpstream:
         if endpoint == "embeddings":
             value = body["input"]
             count = len(value) if isinstance(value, list) and isinstance(value[0], (str, list)) else 1
-            data = [{"object": "embedding", "index": i, "embedding": [0.0, 1.0]} for i in range(count)]
+            vector = [0.5] * body["dimensions"] if body.get("dimensions") else [0.0, 1.0]
+            data = [{"object": "embedding", "index": i, "embedding": vector} for i in range(count)]
             return JSONResponse({"object": "list", "data": data, "model": model, "usage": usage}, headers=headers)
         if endpoint == "completions":
             choices = [{"index": i, "text": content, "finish_reason": "length"} for i in range(answers(body, endpoint))]

@@ -568,6 +568,16 @@ def test_6_upstream_refusing_the_master_key_is_a_502_without_it(proxy: Proxy) ->
 # --- 7. The client's X-Request-Id is a label, not the reservation's key --------------------------
 
 
+def test_6_an_answer_far_larger_than_the_read_buffer_arrives_whole(proxy: Proxy) -> None:
+    """Embeddings of many inputs: a JSON answer of ~1.3 MB, read whole past the upstream client's
+    back-pressure mark (http_wire.HIGH_WATER, 256 KiB)."""
+    user = uid()
+    r = proxy.post("/v1/embeddings", {"model": "honest", "input": ["a"] * 100, "dimensions": 4000}, user)
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.content) > 1_000_000
+    assert [len(d["embedding"]) for d in r.json()["data"]] == [4000] * 100
+
+
 def test_7_concurrent_requests_sharing_a_client_id_each_settle(proxy: Proxy) -> None:
     """Old: ten concurrent requests with one X-Request-Id left 117 tokens reserved for good."""
     user, rid = uid(), uid("req")
