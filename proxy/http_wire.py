@@ -76,13 +76,8 @@ class Answer:
         return self.headers.get("content-type", "").partition(";")[0].strip().lower()
 
     async def read(self) -> bytes:
-        """The whole body."""
-        while not self._complete:
-            if self._error is not None:
-                raise self._error
-            await self._wait()
-        body, self._body = b"".join(self._body), []
-        return body
+        """The whole body (taken as it arrives, so a body past HIGH_WATER does not stop its own reading)."""
+        return b"".join([chunk async for chunk in self.chunks()])
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: whatever has come in since the last chunk, joined."""

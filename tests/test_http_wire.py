@@ -485,3 +485,20 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_file, key_file
+
+
+async def test_an_answer_read_whole_is_read_past_the_high_water_mark(client: Any) -> None:
+    size = 4 * http_wire.HIGH_WATER  # an embeddings answer for a few dozen inputs
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.request(reader)
+            writer.write(answer(b"x" * size))
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url, read_timeout=30.0)
+        for _ in range(2):
+            got = await wire.request("GET", "/x", {})
+            assert len(await asyncio.wait_for(got.read(), 3)) == size
+            got.release()
+    assert server.connections == 1
