@@ -101,6 +101,8 @@ class Answer:
             return
         link.answer = None
         if self._complete and self._reusable:
+            if self._paused:  # the answer ended in the read that stopped the reading: the next one needs it
+                link.resume()
             self._pool.put_back(link)
         else:
             link.abort()

@@ -502,3 +502,23 @@ async def test_an_answer_read_whole_is_read_past_the_high_water_mark(client: Any
             assert len(await asyncio.wait_for(got.read(), 3)) == size
             got.release()
     assert server.connections == 1
+
+
+async def test_an_answer_given_up_whole_but_unread_leaves_its_connection_reading(client: Any) -> None:
+    size = http_wire.HIGH_WATER + 100  # its last bytes cross the mark in the read that ends the answer
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            body = await server.request(reader)
+            writer.write(answer(b"x" * size) if body == b"big" else answer(body))
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url, read_timeout=30.0)
+        got = await wire.request("POST", "/x", {}, b"big")
+        await asyncio.sleep(0.2)  # the whole answer is in; its reader (a client that hung up) takes none of it
+        assert got._complete and got._paused
+        got.release()
+        got = await asyncio.wait_for(wire.request("POST", "/x", {}, b"next"), 3)
+        assert await got.read() == b"next"
+        got.release()
+    assert server.connections == 1
