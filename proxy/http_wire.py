@@ -130,8 +130,9 @@ class Answer:
     # httptools' callbacks
 
     def on_message_begin(self) -> None:
-        if self._complete:  # a second answer to one request: this connection cannot be trusted with another
-            self._reusable = False
+        if self._complete:  # a second answer to one request: this connection cannot be trusted with another,
+            self._reusable = False  # and none of it is this answer's: the parse stops here, the connection is closed
+            raise httptools.HttpParserError("a second answer to one request")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")

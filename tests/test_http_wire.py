@@ -389,7 +389,9 @@ async def test_an_idle_connection_is_not_reused_past_its_keepalive_or_once_its_s
     assert server.connections == 3
 
 
-@pytest.mark.parametrize("extra", [b"HTTP/1.1 200 OK\r\n", b"garbage"])
+@pytest.mark.parametrize(
+    "extra", [b"HTTP/1.1 200 OK\r\n", b"garbage", answer(b"other")], ids=["a-head-begun", "garbage", "a-whole-answer"]
+)
 async def test_bytes_past_an_answer_retire_its_connection(client: Any, extra: bytes) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
