@@ -286,10 +286,19 @@ class HttpPool:
         head += "".join(f"{k}: {_safe(v)}\r\n" for k, v in headers.items()).encode("latin-1")
         if body is not None:
             head += b"Content-Length: %d\r\n" % len(body)
-        await self._slots.acquire()
+        # As aiohttp's connect timeout: one deadline for a connection, waiting for one in use included.
+        deadline = self.loop.time() + self.connect_timeout
+        if not self._slots.locked():
+            await self._slots.acquire()  # at once: no timer for the usual case
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise TimedOut(f"No connection to the model server free within {self.connect_timeout:g} s") from None
         answer: Answer | None = None
         try:
-            link = self._reuse() or await self._connect()
+            link = self._reuse() or await self._connect(deadline)
             answer = link.answer = Answer(self, link)
             assert link.transport is not None
             link.transport.write(head + b"\r\n" + body if body is not None else head + b"\r\n")
@@ -328,9 +337,9 @@ class HttpPool:
             link.abort()
         return None
 
-    async def _connect(self) -> _Link:
+    async def _connect(self, deadline: float) -> _Link:
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 _, link = await self.loop.create_connection(
                     lambda: _Link(self),
                     self._host,

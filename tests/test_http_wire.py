@@ -329,6 +329,29 @@ async def test_a_request_cancelled_while_waiting_closes_its_connection_and_frees
     assert ends == [b""] and server.connections == 2
 
 
+async def test_a_wait_for_a_connection_in_use_times_out_with_the_connect_timeout(client: Any) -> None:
+    """As aiohttp's connect timeout did: it bounds the wait for a free connection as well as the connect."""
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = await server.request(reader)
+        await release.wait()
+        writer.write(answer(body))
+        await reader.read()
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url, max_connections=1, connect_timeout=0.3)
+        first = asyncio.ensure_future(wire.request("POST", "/x", {}, b"first"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimedOut):
+            await asyncio.wait_for(wire.request("POST", "/x", {}, b"second"), 2)
+        release.set()
+        got = await first
+        assert await got.read() == b"first"
+        got.release()
+    assert server.connections == 1
+
+
 async def test_no_more_connections_than_allowed_are_in_use_at_once(client: Any) -> None:
     release = asyncio.Event()
     busy = 0
