@@ -135,6 +135,8 @@ class Answer:
             raise httptools.HttpParserError("a second answer to one request")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headed:  # a chunked answer's trailer: read past, as aiohttp did, never taken for a header
+            return
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")
         known = self.headers.get(key)
         self.headers[key] = text if known is None else f"{known}, {text}"

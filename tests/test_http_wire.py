@@ -237,6 +237,22 @@ async def test_repeated_headers_are_joined_and_names_are_lower_case(client: Any)
         got.release()
 
 
+async def test_the_trailer_of_a_chunked_answer_adds_nothing_to_its_headers(client: Any) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\nContent-Type: text/html\r\nX-Litellm-Response-Cost: 99\r\n\r\n"
+        )
+        await reader.read()
+
+    async with Server(handler) as server:
+        got = await keep(client, server.url).request("GET", "/x", {})
+        assert await got.read() == b"{}"
+        assert (got.content_type, got.headers.get("x-litellm-response-cost")) == ("application/json", None)
+        got.release()
+
+
 async def test_silence_past_the_read_timeout_times_out_before_and_after_the_headers(client: Any) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         body = await server.request(reader)
