@@ -273,6 +273,7 @@ class HttpPool:
         self.read_timeout = read_timeout
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Link] = []
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -314,7 +315,9 @@ class HttpPool:
         return answer
 
     def put_back(self, link: _Link) -> None:
-        if not link.closed:
+        if self._closed:  # an answer released after close(): nothing would ever close its connection
+            link.abort()
+        elif not link.closed:
             link.idle_until = self.loop.time() + KEEPALIVE_SECONDS
             self._idle.append(link)
 
@@ -326,6 +329,7 @@ class HttpPool:
         self._slots.release()
 
     async def close(self) -> None:
+        self._closed = True
         idle, self._idle = self._idle, []
         for link in idle:
             link.abort()

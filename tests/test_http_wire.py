@@ -400,6 +400,24 @@ async def test_no_more_connections_than_allowed_are_in_use_at_once(client: Any) 
     assert most == 2 and server.connections == 2
 
 
+async def test_an_answer_released_after_the_pool_closed_closes_its_connection(client: Any) -> None:
+    ends: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = await server.request(reader)
+        writer.write(answer(body))
+        ends.append(await reader.read())  # b"": the client closed the connection
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url)
+        got = await wire.request("POST", "/x", {}, b"in flight")
+        assert await got.read() == b"in flight"
+        await wire.close()  # the shutdown, with this answer still held
+        got.release()
+        await asyncio.sleep(0.1)
+        assert wire._idle == [] and ends == [b""]
+
+
 async def test_an_idle_connection_is_not_reused_past_its_keepalive_or_once_its_server_closed_it(
     client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
