@@ -111,6 +111,8 @@ class Answer:
             return
         link.answer = None
         if self._complete and self._reusable:
+            if self._paused:  # the answer ended in the read that stopped the reading: the next one needs it
+                link.resume()
             self._pool.put_back(link)
         else:
             link.abort()
@@ -138,10 +140,13 @@ class Answer:
     # httptools' callbacks
 
     def on_message_begin(self) -> None:
-        if self._complete:  # a second answer to one request: this connection cannot be trusted with another
-            self._reusable = False
+        if self._complete:  # a second answer to one request: this connection cannot be trusted with another,
+            self._reusable = False  # and none of it is this answer's: the parse stops here, the connection is closed
+            raise httptools.HttpParserError("a second answer to one request")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headed:  # a chunked answer's trailer: read past, as aiohttp did, never taken for a header
+            return
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")
         known = self.headers.get(key)
         self.headers[key] = text if known is None else f"{known}, {text}"
@@ -278,6 +283,7 @@ class HttpPool:
         self.read_timeout = read_timeout
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Link] = []
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -293,10 +299,19 @@ class HttpPool:
         head += "".join(f"{k}: {_safe(v)}\r\n" for k, v in headers.items()).encode("latin-1")
         if body is not None:
             head += b"Content-Length: %d\r\n" % len(body)
-        await self._slots.acquire()
+        # As aiohttp's connect timeout: one deadline for a connection, waiting for one in use included.
+        deadline = self.loop.time() + self.connect_timeout
+        if not self._slots.locked():
+            await self._slots.acquire()  # at once: no timer for the usual case
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise TimedOut(f"No connection to the model server free within {self.connect_timeout:g} s") from None
         answer: Answer | None = None
         try:
-            link = self._reuse() or await self._connect()
+            link = self._reuse() or await self._connect(deadline)
             answer = link.answer = Answer(self, link)
             assert link.transport is not None
             link.transport.write(head + b"\r\n" + body if body is not None else head + b"\r\n")
@@ -310,7 +325,9 @@ class HttpPool:
         return answer
 
     def put_back(self, link: _Link) -> None:
-        if not link.closed:
+        if self._closed:  # an answer released after close(): nothing would ever close its connection
+            link.abort()
+        elif not link.closed:
             link.idle_until = self.loop.time() + KEEPALIVE_SECONDS
             self._idle.append(link)
 
@@ -322,6 +339,7 @@ class HttpPool:
         self._slots.release()
 
     async def close(self) -> None:
+        self._closed = True
         idle, self._idle = self._idle, []
         for link in idle:
             link.abort()
@@ -336,9 +354,9 @@ class HttpPool:
             link.abort()
         return None
 
-    async def _connect(self) -> _Link:
+    async def _connect(self, deadline: float) -> _Link:
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 _, link = await self.loop.create_connection(
                     lambda: _Link(self),
                     self._host,

@@ -237,6 +237,22 @@ async def test_repeated_headers_are_joined_and_names_are_lower_case(client: Any)
         got.release()
 
 
+async def test_the_trailer_of_a_chunked_answer_adds_nothing_to_its_headers(client: Any) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\nContent-Type: text/html\r\nX-Litellm-Response-Cost: 99\r\n\r\n"
+        )
+        await reader.read()
+
+    async with Server(handler) as server:
+        got = await keep(client, server.url).request("GET", "/x", {})
+        assert await got.read() == b"{}"
+        assert (got.content_type, got.headers.get("x-litellm-response-cost")) == ("application/json", None)
+        got.release()
+
+
 async def test_silence_past_the_read_timeout_times_out_before_and_after_the_headers(client: Any) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         body = await server.request(reader)
@@ -348,6 +364,29 @@ async def test_a_request_cancelled_while_waiting_closes_its_connection_and_frees
     assert ends == [b""] and server.connections == 2
 
 
+async def test_a_wait_for_a_connection_in_use_times_out_with_the_connect_timeout(client: Any) -> None:
+    """As aiohttp's connect timeout did: it bounds the wait for a free connection as well as the connect."""
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = await server.request(reader)
+        await release.wait()
+        writer.write(answer(body))
+        await reader.read()
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url, max_connections=1, connect_timeout=0.3)
+        first = asyncio.ensure_future(wire.request("POST", "/x", {}, b"first"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimedOut):
+            await asyncio.wait_for(wire.request("POST", "/x", {}, b"second"), 2)
+        release.set()
+        got = await first
+        assert await got.read() == b"first"
+        got.release()
+    assert server.connections == 1
+
+
 async def test_no_more_connections_than_allowed_are_in_use_at_once(client: Any) -> None:
     release = asyncio.Event()
     busy = 0
@@ -378,6 +417,24 @@ async def test_no_more_connections_than_allowed_are_in_use_at_once(client: Any) 
         release.set()
         assert await asyncio.wait_for(calls, 5) == [b"%d" % i for i in range(6)]
     assert most == 2 and server.connections == 2
+
+
+async def test_an_answer_released_after_the_pool_closed_closes_its_connection(client: Any) -> None:
+    ends: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = await server.request(reader)
+        writer.write(answer(body))
+        ends.append(await reader.read())  # b"": the client closed the connection
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url)
+        got = await wire.request("POST", "/x", {}, b"in flight")
+        assert await got.read() == b"in flight"
+        await wire.close()  # the shutdown, with this answer still held
+        got.release()
+        await asyncio.sleep(0.1)
+        assert wire._idle == [] and ends == [b""]
 
 
 async def test_an_idle_connection_is_not_reused_past_its_keepalive_or_once_its_server_closed_it(
@@ -428,7 +485,9 @@ async def test_an_idle_connection_closing_but_not_yet_lost_is_not_reused(client:
     assert server.connections == 2
 
 
-@pytest.mark.parametrize("extra", [b"HTTP/1.1 200 OK\r\n", b"garbage"])
+@pytest.mark.parametrize(
+    "extra", [b"HTTP/1.1 200 OK\r\n", b"garbage", answer(b"other")], ids=["a-head-begun", "garbage", "a-whole-answer"]
+)
 async def test_bytes_past_an_answer_retire_its_connection(client: Any, extra: bytes) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -524,3 +583,40 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_file, key_file
+
+
+async def test_an_answer_read_whole_is_read_past_the_high_water_mark(client: Any) -> None:
+    size = 4 * http_wire.HIGH_WATER  # an embeddings answer for a few dozen inputs
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.request(reader)
+            writer.write(answer(b"x" * size))
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url, read_timeout=30.0)
+        for _ in range(2):
+            got = await wire.request("GET", "/x", {})
+            assert len(await asyncio.wait_for(got.read(), 3)) == size
+            got.release()
+    assert server.connections == 1
+
+
+async def test_an_answer_given_up_whole_but_unread_leaves_its_connection_reading(client: Any) -> None:
+    size = http_wire.HIGH_WATER + 100  # its last bytes cross the mark in the read that ends the answer
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            body = await server.request(reader)
+            writer.write(answer(b"x" * size) if body == b"big" else answer(body))
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url, read_timeout=30.0)
+        got = await wire.request("POST", "/x", {}, b"big")
+        await asyncio.sleep(0.2)  # the whole answer is in; its reader (a client that hung up) takes none of it
+        assert got._complete and got._paused
+        got.release()
+        got = await asyncio.wait_for(wire.request("POST", "/x", {}, b"next"), 3)
+        assert await got.read() == b"next"
+        got.release()
+    assert server.connections == 1
