@@ -59,7 +59,7 @@ class Answer:
     def __init__(self, pool: HttpPool, link: _Link) -> None:
         self._pool = pool
         self._link: _Link | None = link
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: dict[str, str] = {}  # names in lower case; repeated ones joined with ", "
         self._body: list[bytes] = []
@@ -109,6 +109,9 @@ class Answer:
         link, self._link = self._link, None
         if link is None:
             return
+        # The parser holds this answer for its callbacks: without it, the answer goes by reference counting
+        # when its request ends, and the garbage collector never runs for it (#19).
+        self._parser = None
         link.answer = None
         if self._complete and self._reusable:
             if self._paused:  # the answer ended in the read that stopped the reading: the next one needs it
@@ -121,6 +124,8 @@ class Answer:
     # From the connection
 
     def feed(self, data: bytes) -> None:
+        if self._parser is None:
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -152,13 +157,15 @@ class Answer:
         self.headers[key] = text if known is None else f"{known}, {text}"
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # called from feed(), which has one
+        status = parser.get_status_code()
         if status < 200:  # an interim answer (103 Early Hints): the real one follows on the same connection
             self.headers = {}
             return
         self.status = status
         self._headed = True
-        self._reusable = self._parser.should_keep_alive()  # known from the head, and forgotten at the message's end
+        self._reusable = parser.should_keep_alive()  # known from the head, and forgotten at the message's end
         self._wake()
 
     def on_body(self, body: bytes) -> None:

@@ -101,6 +101,30 @@ async def test_a_request_head_is_written_once_with_the_fixed_headers_and_the_bas
     ]
 
 
+async def test_a_released_answer_is_freed_without_the_garbage_collector(client: Any) -> None:
+    """No reference cycle is left per request: the collector, which the proxy holds off (GC_THRESHOLDS),
+    never has requests' answers to find (#19)."""
+    import gc
+    import weakref
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            writer.write(answer(await server.request(reader)))
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url)
+        gc.disable()
+        try:
+            got = await wire.request("POST", "/x", {}, b"1")
+            assert await got.read() == b"1"
+            got.release()
+            gone = weakref.ref(got)
+            del got
+            assert gone() is None
+        finally:
+            gc.enable()
+
+
 async def test_a_whole_answer_leaves_its_connection_for_the_next_request(client: Any) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
