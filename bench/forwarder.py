@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,36 +31,31 @@ pool = HttpPool(UPSTREAM, {}, connect_timeout=5, read_timeout=600, max_connectio
 async def forward(request: Request) -> Response:
     body = await request.body()
     if WIRE:
-        return await forward_wire(body)
+        answer = await pool.request("POST", "/v1/chat/completions", {"Content-Type": "application/json"}, body)
+        return await respond(answer.content_type, answer.chunks, answer.read, answer.release)
     assert session is not None
     upstream = await session.post(
         f"{UPSTREAM}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
     )
-    if upstream.content_type == "text/event-stream":
+    return await respond(upstream.content_type, upstream.content.iter_any, upstream.read, upstream.release)
 
-        async def chunks():  # type: ignore[no-untyped-def]
-            async for chunk in upstream.content.iter_any():
+
+async def respond(
+    content_type: str,
+    chunks: Callable[[], AsyncIterator[bytes]],
+    read: Callable[[], Awaitable[bytes]],
+    release: Callable[[], None],
+) -> Response:
+    if content_type == "text/event-stream":
+
+        async def stream() -> AsyncIterator[bytes]:
+            async for chunk in chunks():
                 yield chunk
-            upstream.release()
+            release()
 
-        return StreamingResponse(chunks(), media_type="text/event-stream")
-    data = await upstream.read()
-    upstream.release()
-    return Response(data, media_type="application/json")
-
-
-async def forward_wire(body: bytes) -> Response:
-    answer = await pool.request("POST", "/v1/chat/completions", {"Content-Type": "application/json"}, body)
-    if answer.content_type == "text/event-stream":
-
-        async def chunks():  # type: ignore[no-untyped-def]
-            async for chunk in answer.chunks():
-                yield chunk
-            answer.release()
-
-        return StreamingResponse(chunks(), media_type="text/event-stream")
-    data = await answer.read()
-    answer.release()
+        return StreamingResponse(stream(), media_type="text/event-stream")
+    data = await read()
+    release()
     return Response(data, media_type="application/json")
 
 

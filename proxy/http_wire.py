@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .loop import OnLoop
+
 # Past this many bytes of an answer not yet taken, the connection stops reading: a client that reads
 # slowly slows its model server connection down instead of filling the proxy's memory.
 HIGH_WATER = 256 * 1024
@@ -264,7 +266,7 @@ class _Link(asyncio.Protocol):
             self.transport.abort()
 
 
-class HttpPool:
+class HttpPool(OnLoop):
     """Keep-alive connections to one server (`base_url`, whose path prefixes every request's), at most
     `max_connections` of them in use at once; every request carries `headers`."""
 
@@ -291,14 +293,6 @@ class HttpPool:
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Link] = []
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        # Kept, not asked for: on Python 3.11 each get_running_loop() is a getpid() system call.
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
 
     async def request(self, method: str, target: str, headers: Mapping[str, str], body: bytes | None = None) -> Answer:
         """Send a request; returns once the answer's status and headers are in."""

@@ -20,6 +20,8 @@ from redis._parsers.base import BaseParser
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError, InvalidResponse, TimeoutError
 
+from .loop import OnLoop
+
 _INCOMPLETE = object()
 
 
@@ -95,7 +97,7 @@ class _Link(asyncio.Protocol):
                 future.set_exception(error)
 
 
-class PipedRedis:
+class PipedRedis(OnLoop):
     """Commands in, replies out, in order; a lost connection is reopened by the next command."""
 
     def __init__(self, url: str, timeout: float) -> None:
@@ -117,15 +119,6 @@ class PipedRedis:
         self._unsent_futures: list[asyncio.Future[Any]] = []
         self._flush_scheduled = False
         self._waiters: list[asyncio.Future[None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        # Kept, not asked for: on Python 3.11 each get_running_loop() is a getpid() system call,
-        # and a connection belongs to the loop that opened it anyway.
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
 
     def submit(self, *command: Any) -> asyncio.Future[Any]:
         """Queue a command without waiting; the future holds its reply or its error (a RedisError)."""

@@ -70,6 +70,13 @@ def pool(url: str, **options: Any) -> HttpPool:
     return HttpPool(url, {"Authorization": "Bearer sk-x"}, **settings)
 
 
+async def echoed(wire: HttpPool, body: bytes) -> None:
+    """One request whose answer is its own body (as the tests' servers answer), read whole and released."""
+    got = await wire.request("POST", "/x", {}, body)
+    assert await got.read() == body
+    got.release()
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[list[HttpPool]]:
     """Pools made by a test, closed after it."""
@@ -133,9 +140,7 @@ async def test_a_whole_answer_leaves_its_connection_for_the_next_request(client:
     async with Server(handler) as server:
         wire = keep(client, server.url)
         for i in range(5):
-            got = await wire.request("POST", "/x", {}, b"%d" % i)
-            assert await got.read() == b"%d" % i
-            got.release()
+            await echoed(wire, b"%d" % i)
     assert server.connections == 1
 
 
@@ -217,23 +222,20 @@ async def test_a_connection_cut_mid_body_is_a_disconnect_not_a_short_answer(clie
     assert server.connections == 2
 
 
-async def test_a_connection_closed_before_any_answer_is_a_disconnect(client: Any) -> None:
+@pytest.mark.parametrize(
+    "raw, error", [(b"", Disconnected), (b"SMTP ready\r\n\r\n", BadAnswer)], ids=["closed", "unreadable"]
+)
+async def test_no_answer_or_an_unreadable_one_fails_the_request(
+    client: Any, raw: bytes, error: type[Exception]
+) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.request(reader)
+        if raw:
+            writer.write(raw)
+            await reader.read()  # the client closes the connection
 
     async with Server(handler) as server:
-        with pytest.raises(Disconnected):
-            await keep(client, server.url).request("GET", "/x", {})
-
-
-async def test_an_unreadable_answer_is_a_bad_answer_and_its_connection_is_closed(client: Any) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b"SMTP ready\r\n\r\n")
-        await reader.read()
-
-    async with Server(handler) as server:
-        with pytest.raises(BadAnswer):
+        with pytest.raises(error):
             await keep(client, server.url).request("GET", "/x", {})
 
 
@@ -472,20 +474,15 @@ async def test_an_idle_connection_is_not_reused_past_its_keepalive_or_once_its_s
                 await writer.drain()
                 return  # the server closes this idle connection
 
-    async def call(body: bytes) -> None:
-        got = await wire.request("POST", "/x", {}, body)
-        assert await got.read() == body
-        got.release()
-
     async with Server(handler) as server:
         wire = keep(client, server.url)
-        await call(b"then-close")
+        await echoed(wire, b"then-close")
         await asyncio.sleep(0.1)  # its close arrives while it is idle
-        await call(b"a")  # on a new connection, without error
+        await echoed(wire, b"a")  # on a new connection, without error
         monkeypatch.setattr(http_wire, "KEEPALIVE_SECONDS", 0.05)
-        await call(b"b")  # the same connection as "a"; idle from now on for only 0.05 s
+        await echoed(wire, b"b")  # the same connection as "a"; idle from now on for only 0.05 s
         await asyncio.sleep(0.1)
-        await call(b"c")
+        await echoed(wire, b"c")
     assert server.connections == 3
 
 
@@ -500,9 +497,7 @@ async def test_an_idle_connection_closing_but_not_yet_lost_is_not_reused(client:
     async with Server(handler) as server:
         wire = keep(client, server.url)
         for body in (b"1", b"2"):
-            got = await wire.request("POST", "/x", {}, body)
-            assert await got.read() == body
-            got.release()
+            await echoed(wire, body)
             transport = wire._idle[-1].transport
             assert transport is not None
             transport.close()  # connection_lost comes in a later turn; the next request is sent before it
@@ -521,9 +516,7 @@ async def test_bytes_past_an_answer_retire_its_connection(client: Any, extra: by
     async with Server(handler) as server:
         wire = keep(client, server.url)
         for body in (b"1", b"2"):
-            got = await wire.request("POST", "/x", {}, body)
-            assert await got.read() == body
-            got.release()
+            await echoed(wire, body)
             await asyncio.sleep(0.05)
     assert server.connections == 2
 
