@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 
 from .admin_params import Paging
-from .admin_queries import fetch, jsonable, reading, window
+from .admin_queries import fetch, jsonable, page_of, reading, window
 
 _BLOCKED = (
     "select created_at, request_id, user_id, tenant_id, model, endpoint, http_status{total}"
@@ -40,15 +40,7 @@ async def blocked(pool: asyncpg.Pool, period: str, now: datetime, paging: Paging
             end,
         )
         total = int(counted[0]["n"])
-    return {
-        "object": "list",
-        "period": period,
-        "data": [jsonable({k: v for k, v in r.items() if k != "total"}) for r in rows],
-        "total": total,
-        "page": paging.page,
-        "pages": max(-(-total // paging.per_page), 1),
-        "per_page": paging.per_page,
-    }
+    return {"object": "list", "period": period, **page_of(rows, total, paging.page, paging.per_page)}
 
 
 async def blocked_rows(pool: asyncpg.Pool, period: str, now: datetime) -> AsyncIterator[dict[str, Any]]:
@@ -81,15 +73,7 @@ async def changes(
         paging.per_page,
         (paging.page - 1) * paging.per_page,
     )
-    total = int(rows[0]["total"]) if rows else 0
-    return {
-        "object": "list",
-        "data": [_change({k: v for k, v in r.items() if k != "total"}) for r in rows],
-        "total": total,
-        "page": paging.page,
-        "pages": max(-(-total // paging.per_page), 1),
-        "per_page": paging.per_page,
-    }
+    return page_of(rows, int(rows[0]["total"]) if rows else 0, paging.page, paging.per_page, _change)
 
 
 def _change(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ period's figures cost thousands of rows, not the million records behind them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -163,6 +163,26 @@ async def fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record
         return list(await conn.fetch(sql, *args))
 
 
+def page_of(
+    rows: list[Any],
+    total: int,
+    page: int,
+    per_page: int,
+    shape: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A page of a list as the admin API answers it: its rows (`shape`d, jsonable by default; without the
+    window's `total` column), and where the page stands."""
+    shaped = shape or jsonable
+    return {
+        "object": "list",
+        "data": [shaped({k: v for k, v in r.items() if k != "total"}) for r in rows],
+        "total": total,
+        "page": page,
+        "pages": max(-(-total // per_page), 1),
+        "per_page": per_page,
+    }
+
+
 def jsonable(record: Mapping[str, Any]) -> dict[str, Any]:
     """A row for JSON and templates: numerics as floats, instants as ISO 8601 UTC, days as dates."""
     out: dict[str, Any] = {}
@@ -193,14 +213,7 @@ async def users(pool: asyncpg.Pool, query: UserQuery, now: datetime) -> dict[str
         *args,
     )
     total = int(rows[0]["total"]) if rows else await _count_users(pool, sql, args[:-2], state, now)
-    return {
-        "object": "list",
-        "data": [jsonable({k: v for k, v in r.items() if k != "total"}) for r in rows],
-        "total": total,
-        "page": query.page,
-        "pages": max(-(-total // query.per_page), 1),
-        "per_page": query.per_page,
-    }
+    return page_of(rows, total, query.page, query.per_page)
 
 
 async def _count_users(pool: asyncpg.Pool, sql: str, args: list[Any], state: str, now: datetime) -> int:
