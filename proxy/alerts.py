@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import asyncpg
-import orjson
 import structlog
 
 from . import metrics
@@ -67,23 +66,6 @@ def webhook_target(url: str) -> str:
     return f"{urlsplit(url).hostname or '?'}#{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
-def batch_subjects(records: list[bytes]) -> tuple[list[str], list[str]]:
-    """The (types, subjects) a batch of encoded usage records spent tokens of. Exempt records and records
-    without tokens change no budget; what is not a record was set aside by the writer and is skipped."""
-    seen: set[tuple[str, str]] = set()
-    for data in records:
-        try:
-            record = orjson.loads(data)
-            if record.get("exempt") or not record["total_tokens"] > 0:
-                continue
-            seen.add(("user", str(record["user_id"])))
-            if record.get("tenant_id") is not None:
-                seen.add(("tenant", str(record["tenant_id"])))
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            continue
-    return [t for t, _ in seen], [s for _, s in seen]
-
-
 # Errors of the check itself rather than of PostgreSQL's availability: a schema not migrated yet, a value
 # it refuses. They are logged and the batch goes on, so alerts can never hold up the ledger.
 _CHECK_FAILED = (asyncpg.DataError, asyncpg.SyntaxOrAccessError, asyncpg.IntegrityConstraintViolationError)
@@ -108,10 +90,10 @@ class AlertDetector:
     def for_settings(cls, settings: Settings) -> AlertDetector:
         return cls(parse_thresholds(",".join(settings.alert_thresholds)), channels(settings))
 
-    async def check(self, conn: asyncpg.Connection, records: list[bytes]) -> int:
-        """Write the crossings of the batch's subjects to the outbox; returns how many were new. Raises
-        PostgreSQL's unavailability, so that the writer retries the batch."""
-        types, subjects = batch_subjects(records)
+    async def check(self, conn: asyncpg.Connection, spent: set[tuple[str, str]]) -> int:
+        """Write the crossings of the (type, subject) pairs a batch spent tokens of to the outbox; returns how
+        many were new. Raises PostgreSQL's unavailability, so that the writer retries the batch."""
+        types, subjects = [t for t, _ in spent], [s for _, s in spent]
         if not types:
             return 0
         try:

@@ -96,13 +96,38 @@ def as_row(data: bytes) -> tuple[Any, ...]:
         return tuple(record.get(c, _DEFAULTS.get(c)) for c in COLUMNS)
 
 
+def as_rows(records: list[bytes]) -> list[tuple[Any, ...]]:
+    """Encoded records as rows; raises asyncpg.DataError if one of them is not a record."""
+    try:
+        return [as_row(r) for r in records]
+    except (orjson.JSONDecodeError, *_UNENCODABLE, KeyError, AttributeError, OSError) as exc:
+        raise asyncpg.DataError(f"not a usage record: {exc}") from None
+
+
+_USER, _TENANT, _TOKENS, _EXEMPT = (COLUMNS.index(c) for c in ("user_id", "tenant_id", "total_tokens", "exempt"))
+
+
+def spent(rows: list[tuple[Any, ...]]) -> set[tuple[str, str]]:
+    """The budget subjects, (type, subject), whose tokens a batch of rows spent: the alert check's input.
+    Exempt records and records without tokens change no budget."""
+    found: set[tuple[str, str]] = set()
+    for row in rows:
+        if row[_EXEMPT] or not row[_TOKENS] > 0:
+            continue
+        found.add(("user", str(row[_USER])))
+        if row[_TENANT] is not None:
+            found.add(("tenant", str(row[_TENANT])))
+    return found
+
+
 async def insert_records(conn: asyncpg.Connection, records: list[bytes], known_months: set[datetime]) -> int:
     """Insert a batch of encoded records in one transaction; duplicates are skipped. Returns the rows added.
     Raises asyncpg.DataError for a record PostgreSQL will not take (or one that is not a record)."""
-    try:
-        rows = [as_row(r) for r in records]
-    except (orjson.JSONDecodeError, *_UNENCODABLE, KeyError, AttributeError, OSError) as exc:
-        raise asyncpg.DataError(f"not a usage record: {exc}") from None
+    return await insert_rows(conn, as_rows(records), known_months)
+
+
+async def insert_rows(conn: asyncpg.Connection, rows: list[tuple[Any, ...]], known_months: set[datetime]) -> int:
+    """insert_records for records already decoded (as_rows)."""
     months = {datetime(y, m, 1, tzinfo=UTC) for y, m in {(row[1].year, row[1].month) for row in rows}}
     for month in months - known_months:
         await conn.execute("select quota_ensure_partition($1)", month)
@@ -240,11 +265,12 @@ class Ledger:
         started = time.perf_counter()
         async with self._pool.acquire() as conn:
             try:
-                await insert_records(conn, [fields[1] for _, fields in entries], self._months)
+                rows = as_rows([fields[1] for _, fields in entries])
+                await insert_rows(conn, rows, self._months)
             except _REJECTED:
-                await self._insert_one_by_one(conn, entries)
+                rows = await self._insert_one_by_one(conn, entries)
             if self.alerts is not None:  # before the XACK: a check PostgreSQL failed is retried with the batch
-                await self.alerts.check(conn, [fields[1] for _, fields in entries])
+                await self.alerts.check(conn, spent(rows))
         await self._acknowledge([eid for eid, _ in read])
         metrics.LEDGER_WRITTEN.inc(len(entries))
         metrics.observe_ledger_batch(len(entries), time.perf_counter() - started)
@@ -276,13 +302,16 @@ class Ledger:
                 start = chunk[-1][0]
         return entries
 
-    async def _insert_one_by_one(self, conn: asyncpg.Connection, entries: list[Any]) -> None:
+    async def _insert_one_by_one(self, conn: asyncpg.Connection, entries: list[Any]) -> list[tuple[Any, ...]]:
         """A batch PostgreSQL refused for its data: insert its records alone, and set aside (in the
         stream `<LEDGER_STREAM>:rejected`, with the error) the ones it will never take, so one bad
-        record cannot hold up everyone's."""
+        record cannot hold up everyone's. Returns the rows of the records it took."""
+        taken: list[tuple[Any, ...]] = []
         for entry_id, entry in entries:
             try:
-                await insert_records(conn, [entry[1]], self._months)
+                row = as_rows([entry[1]])
+                await insert_rows(conn, row, self._months)
+                taken += row
             except _REJECTED as exc:
                 await self._redis.xadd(f"{self.stream}:rejected", {"r": entry[1], "error": str(exc), "id": entry_id})
                 metrics.LEDGER_ERRORS.labels("rejected").inc()
@@ -292,6 +321,7 @@ class Ledger:
                     error=str(exc),
                     record=entry[1].decode(errors="replace"),
                 )
+        return taken
 
     async def claim_abandoned(self) -> int:
         """Take over entries another (dead) writer left unacknowledged for too long."""

@@ -23,7 +23,7 @@ from proxy import metrics
 from proxy.alerts import AlertDetector, channels, parse_thresholds
 from proxy.budget.rows import Limit, set_budget
 from proxy.config import Settings
-from proxy.ledger import Ledger, UsageRecord, insert_records
+from proxy.ledger import Ledger, UsageRecord, as_rows, insert_records, spent
 from proxy.notifier import SIGNATURE_HEADER, Notifier, sign, verify
 
 from .devstack import free_port
@@ -396,7 +396,8 @@ async def test_a_crossing_seen_again_makes_no_second_row(
     detector = AlertDetector((0.8, 1.0), channels(settings), clock=clock)
     async with pg_pool.acquire() as a, pg_pool.acquire() as b:
         assert await insert_records(a, [record.encode()], set()) == 0  # already recorded
-        found = await asyncio.gather(detector.check(a, [record.encode()]), detector.check(b, [record.encode()]))
+        subjects = spent(as_rows([record.encode()]))
+        found = await asyncio.gather(detector.check(a, subjects), detector.check(b, subjects))
     assert found == [0, 0]
     history = await rows(pg_pool, user)
     assert [(r["threshold"], r["channel"], r["used"]) for r in history] == [(0.8, "slack", 90), (0.8, "webhook", 90)]
@@ -444,6 +445,27 @@ async def test_thresholds_of_a_budget_row_tenants_exempt_requests_and_a_new_peri
     assert [r["period_start"].timestamp() for r in await rows(pg_pool, tenant)] == sorted(
         {tenant_rows[0]["period_start"].timestamp(), tenant_rows[0]["period_start"].timestamp() + 86400}
     )
+
+
+async def test_a_batch_with_a_record_postgresql_refuses_still_alerts_for_the_others(
+    base_settings: Settings, redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, clean: None
+) -> None:
+    settings = replace(base_settings, alert_thresholds=("0.8",))
+    clock = Clock(time.time())
+    writer = Writer(redis_client, pg_pool, settings, clock)
+    crossing, refused = uid(), uid()
+    await budget(pg_pool, crossing, 100)
+    await budget(pg_pool, refused, 100)
+    await writer.ledger.ensure_group()
+    bad = usage(refused, 95, clock.now)
+    bad.prompt_tokens = 2**40  # past PostgreSQL's integer: the batch is retried record by record
+    for r in (usage(crossing, 90, clock.now), bad):
+        await redis_client.execute_command(*writer.ledger.command(r))
+    await redis_client.xadd(writer.ledger.stream, {"r": b"not a record"})
+    assert await writer.ledger.drain_once(block=False) == 3
+    assert [r["threshold"] for r in await rows(pg_pool, crossing)] == [0.8]
+    assert await rows(pg_pool, refused) == []  # never recorded, so never counted
+    assert await redis_client.xlen(f"{writer.ledger.stream}:rejected") == 2
 
 
 async def test_a_delivery_failing_past_the_give_up_time_is_marked_failed(

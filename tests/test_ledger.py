@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.db import migrate, migration_files
-from proxy.ledger import GROUP, READ_CHUNK, TRIM_CHUNK, Ledger, UsageRecord, insert_records
+from proxy.ledger import GROUP, READ_CHUNK, TRIM_CHUNK, Ledger, UsageRecord, insert_records, insert_rows
 
 from .helpers import uid
 
@@ -115,13 +115,13 @@ async def test_a_batch_is_read_in_chunks_and_written_in_one_copy(redis_client, p
 
     monkeypatch.setattr(ledger._reader, "xreadgroup", counting)
     copies: list[int] = []
-    real_insert = insert_records
+    real_insert = insert_rows
 
-    async def counting_insert(conn, records, months):
-        copies.append(len(records))
-        return await real_insert(conn, records, months)
+    async def counting_insert(conn, rows, months):
+        copies.append(len(rows))
+        return await real_insert(conn, rows, months)
 
-    monkeypatch.setattr("proxy.ledger.insert_records", counting_insert)
+    monkeypatch.setattr("proxy.ledger.insert_rows", counting_insert)
     # Delivered to this consumer and never acknowledged (a crash), some deleted meanwhile: the pending
     # pass pages through all of them, READ_CHUNK at a time.
     delivered = await redis_client.xreadgroup(GROUP, "test-writer", {ledger.stream: ">"}, count=total)
