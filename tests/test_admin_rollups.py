@@ -116,6 +116,19 @@ async def test_the_rollups_are_the_ledgers_sums_through_the_writer_redelivery_an
     await rollup_matches_ledger(conn, [alice, bob])
 
 
+async def test_the_rollup_triggers_run_the_statements_quota_rollup_sql_makes(conn: asyncpg.Connection) -> None:
+    # sql/012_cached_plans.sql wrote them into the trigger functions, for plans kept per session: a change to
+    # quota_rollup_sql that is not compiled again (select quota_rollup_compile()) would be silently ignored.
+    for function, rows_table, sign in (
+        ("quota_rollup_inserted", "quota_new_rows", 1),
+        ("quota_rollup_deleted", "quota_old_rows", -1),
+    ):
+        body = await conn.fetchval("select prosrc from pg_proc where proname = $1", function)
+        statements = [r[0] for r in await conn.fetch("select quota_rollup_sql($1, $2)", rows_table, sign)]
+        assert len(statements) == (4 if sign > 0 else 3)
+        assert all(statement in body for statement in statements) and "execute" not in body.lower()
+
+
 async def test_change_budget_records_who_and_what_before_and_after(conn: asyncpg.Connection) -> None:
     me = uid()
     before, after = await change_budget(conn, Limit("user", me, "month", 1000, 0.8), "ops", "cli", "new hire")
