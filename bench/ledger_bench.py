@@ -1,4 +1,5 @@
-"""Ledger throughput (records/s from the Redis Stream to committed PostgreSQL rows) and enqueue cost."""
+"""Ledger throughput (records/s from the Redis Stream to committed PostgreSQL rows), the CPU it costs the writer and
+PostgreSQL per record, and the request path's enqueue cost."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg  # noqa: E402
 from budget_bench import stats  # noqa: E402  (bench/ is on the path when run)
 
+from proxy.alerts import AlertDetector  # noqa: E402
 from proxy.db import migrate  # noqa: E402
 from proxy.ledger import Ledger, UsageRecord  # noqa: E402
 from proxy.redis_batch import connect  # noqa: E402
 from proxy.redis_wire import PipedRedis  # noqa: E402
+from tests.devstack import stat_fields  # noqa: E402
 
 RECORDS = 50_000  # per batch size
 BATCH_SIZES = (1000, 250, 100)
@@ -60,11 +63,21 @@ def busy_between(before: dict[str, tuple[float, int]], after: dict[str, tuple[fl
     return sum(us for us, _ in spent.values()), max((us / n for us, n in spent.values() if n), default=0.0)
 
 
+def cpu_seconds(pids: list[int]) -> float | None:
+    """CPU time of these PostgreSQL backends, when PostgreSQL runs on this machine (None when it does not)."""
+    try:
+        return sum(sum(int(v) for v in stat_fields(pid)[11:13]) for pid in pids) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
 async def run() -> dict[str, object]:
     dsn = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
     client = connect(redis_url, 5.0)  # the proxy's own client
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=2, max_size=2, server_settings={"application_name": "quota-ledger-bench"}
+    )
     async with pool.acquire() as conn:
         await migrate(conn)
     user = f"ledger-bench-{uuid.uuid4().hex[:8]}"
@@ -89,9 +102,10 @@ async def run() -> dict[str, object]:
     # writer moves per second, and how long Redis is busy with each batch's read, acknowledgement and
     # deletion (its commandstats: time no proxy's command is served).
     drained = {}
+    alerts = AlertDetector((0.8, 1.0), [])  # as the writer runs by default: a check after each batch
     for size in BATCH_SIZES:
         await client.delete(stream)
-        ledger = Ledger(client, pool, stream=stream, consumer="bench", batch_size=size)
+        ledger = Ledger(client, pool, stream=stream, consumer="bench", batch_size=size, alerts=alerts)
         await ledger.ensure_group()
         for start in range(0, RECORDS, 5000):
             async with client.pipeline(transaction=False) as pipe:
@@ -99,14 +113,17 @@ async def run() -> dict[str, object]:
                     pipe.execute_command(*ledger.command(record(f"{user}-{size}", i)))
                 await pipe.execute()
         busy_before = await redis_busy(client)
+        backends = await pool.fetch("select pid from pg_stat_activity where application_name = 'quota-ledger-bench'")
+        pg0 = cpu_seconds([r["pid"] for r in backends])
         t0, cpu0 = time.perf_counter(), time.process_time()
         moved = batches = 0
         while n := await ledger.drain_once(block=False):
             moved += n
             batches += 1
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        pg = cpu_seconds([r["pid"] for r in backends]) - pg0 if pg0 is not None else None
         busy, longest = busy_between(busy_before, await redis_busy(client))
-        drained[size] = (moved, elapsed, cpu, busy / max(batches, 1), longest)
+        drained[size] = (moved, elapsed, cpu, pg, busy / max(batches, 1), longest)
     rows = await pool.fetchval("select count(*) from usage_records where user_id like $1", f"{user}-%")
     await pool.execute("delete from usage_records where user_id like $1", f"{user}-%")
     await client.delete(stream)
@@ -115,9 +132,15 @@ async def run() -> dict[str, object]:
     (h50, h99), (x50, x99) = stats(handed), stats(samples)
     total = sum(m for m, *_ in drained.values())
     out = {"records moved": f"{total:,} ({rows:,} rows committed)"}
-    for size, (moved, elapsed, cpu, busy, longest) in drained.items():
-        key = f"batches of {size:,}: records/s, writer CPU µs per record, Redis busy µs per batch / per command"
-        out[key] = f"{moved / elapsed:,.0f} / {cpu / max(moved, 1) * 1e6:.1f} / {busy:,.0f} / {longest:,.0f}"
+    for size, (moved, elapsed, cpu, pg, busy, longest) in drained.items():
+        key = (
+            f"batches of {size:,}: records/s, CPU µs per record of the writer / PostgreSQL,"
+            " Redis busy µs per batch / per command"
+        )
+        pg_cell = f"{pg / max(moved, 1) * 1e6:.1f}" if pg is not None else "n/a"
+        out[key] = (
+            f"{moved / elapsed:,.0f} / {cpu / max(moved, 1) * 1e6:.1f} / {pg_cell} / {busy:,.0f} / {longest:,.0f}"
+        )
     out["request-path enqueue (build, encode, hand over) p50 / p99 µs"] = f"{h50:.1f} / {h99:.1f}"
     out["XADD round trip, not awaited by the request, p50 / p99 µs"] = f"{x50:.0f} / {x99:.0f}"
     return out
