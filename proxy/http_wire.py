@@ -135,11 +135,11 @@ class Answer:
             if self._link is not None:
                 self._link.abort()
 
-    def lost(self) -> None:
+    def lost(self, error: Exception | None) -> None:
         if self._complete:
             return
-        if self._headed and self._ends_at_close():
-            self._complete = True  # the body was everything up to the close
+        if self._headed and self._ends_at_close() and error is None:
+            self._complete = True  # the body was everything up to the close (a reset is a cut, not an end)
             self._wake()
         else:
             self._fail(Disconnected("The model server closed the connection before its answer ended"))
@@ -250,7 +250,7 @@ class _Link(asyncio.Protocol):
         self.closed = True
         self._pool.forget(self)
         if self.answer is not None:
-            self.answer.lost()
+            self.answer.lost(exc)
 
     def pause(self) -> None:
         if self.transport is not None and not self.closed:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,26 @@ async def test_an_answer_with_neither_length_nor_chunks_ends_with_its_connection
         assert await got.read() == b'{"all":true}'
         got.release()
         assert wire._idle == []
+
+
+async def test_an_answer_ending_with_its_connection_is_cut_not_complete_when_the_connection_is_reset(
+    client: Any,
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"all":')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        # A reset, not a close: the body ends with the connection only when the server closes it.
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url)
+        got = await wire.request("GET", "/x", {})
+        with pytest.raises(Disconnected):
+            await got.read()
+        got.release()
 
 
 async def test_a_connection_cut_mid_body_is_a_disconnect_not_a_short_answer(client: Any) -> None:
