@@ -40,10 +40,15 @@ def request(*headers: tuple[bytes, bytes]) -> Request:
 # new_request_id and client_request_id
 
 
-def test_new_request_ids_are_128_random_bits_in_hex() -> None:
-    ids = {new_request_id() for _ in range(1000)}
-    assert len(ids) == 1000
+def test_new_request_ids_are_the_time_in_milliseconds_then_80_random_bits_in_hex() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = [new_request_id() for _ in range(1000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 1000 and len({i[12:] for i in ids}) == 1000
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert all(before <= int(i[:12], 16) <= after for i in ids)
+    time.sleep(0.002)
+    assert new_request_id() > max(ids)  # the ledger's index takes them at its end, not on random pages
 
 
 def test_no_x_request_id_is_none() -> None:
