@@ -79,9 +79,14 @@ async def test_reserve_then_settle_moves_used_by_exactly_the_real_usage(redis_cl
     assert (q.used, q.reserved, q.remaining, q.state) == (37, 0, 100_000 - 37, "ok")
 
 
+# Fixed dates for the clock, in a year to come: the counters' keys expire a day after their period ends, by
+# Redis's own clock, so a period already over would vanish as soon as it was written.
+YEAR = datetime.now(UTC).year + 1
+
+
 async def test_warn_and_blocked_states_and_the_readable_refusal(redis_client, pg_pool, base_settings) -> None:
     settings = replace(base_settings, default_token_budget=100_000)
-    engine = engine_for(redis_client, pg_pool, settings, clock=lambda: datetime(2026, 11, 23, tzinfo=UTC).timestamp())
+    engine = engine_for(redis_client, pg_pool, settings, clock=lambda: datetime(YEAR, 11, 23, tzinfo=UTC).timestamp())
     me = Identity(uid())
     r = await engine.reserve(me, "a", 10, 20)
     await engine.settle(r, 80_000)
@@ -92,7 +97,9 @@ async def test_warn_and_blocked_states_and_the_readable_refusal(redis_client, pg
         await engine.reserve(me, "c", 10, 20)
     exc = info.value
     assert exc.status == 429 and exc.code == "insufficient_quota" and exc.type == "insufficient_quota"
-    assert exc.message == "Monthly token budget used up: 100,000 of 100,000 tokens. It resets on 2026-12-01 00:00 UTC."
+    assert (
+        exc.message == f"Monthly token budget used up: 100,000 of 100,000 tokens. It resets on {YEAR}-12-01 00:00 UTC."
+    )
     assert exc.headers["x-should-retry"] == "false"
     assert exc.headers["X-Quota-State"] == "blocked" and exc.headers["X-Quota-Remaining"] == "0"
 
@@ -141,17 +148,17 @@ async def test_counter_lost_in_redis_is_rebuilt_from_postgres(redis_client, pg_p
 async def test_new_period_starts_from_zero_and_old_usage_stays_in_its_period(
     redis_client, pg_pool, base_settings
 ) -> None:
-    now = [datetime(2026, 11, 30, 23, 59, tzinfo=UTC).timestamp()]
+    now = [datetime(YEAR, 11, 30, 23, 59, tzinfo=UTC).timestamp()]
     engine = engine_for(redis_client, pg_pool, replace(base_settings, default_token_budget=1000), clock=lambda: now[0])
     me = Identity(uid())
     async with pg_pool.acquire() as conn:
         await insert_records(conn, [usage_row(me.user, 990, now[0] - 60)], set())
     with pytest.raises(QuotaExceeded):
         await engine.reserve(me, "late-november", 10, 20)
-    now[0] = datetime(2026, 12, 1, 0, 1, tzinfo=UTC).timestamp()
+    now[0] = datetime(YEAR, 12, 1, 0, 1, tzinfo=UTC).timestamp()
     r = await engine.reserve(me, "early-december", 10, 20)
     assert r.quotas[0].used == 0
-    assert r.quotas[0].resets_at == datetime(2027, 1, 1, tzinfo=UTC)
+    assert r.quotas[0].resets_at == datetime(YEAR + 1, 1, 1, tzinfo=UTC)
 
 
 async def test_tenant_budget_blocks_a_user_who_still_has_room(redis_client, pg_pool, base_settings) -> None:
