@@ -69,6 +69,7 @@ class Answer:
         self._paused = False
         self._whole = False  # read() wants the body whole: reading never pauses
         self._headed = False
+        self._early = False  # the head came while the request was still being written
         self._complete = False
         self._reusable = False
         self._error: WireError | None = None
@@ -136,10 +137,13 @@ class Answer:
                 self._link.abort()
 
     def lost(self, error: Exception | None) -> None:
-        if self._complete:
+        if self._complete or self._error is not None:
             return
-        if self._headed and self._ends_at_close() and error is None:
-            self._complete = True  # the body was everything up to the close (a reset is a cut, not an end)
+        # A body that ends with its connection ends at a close, and a reset cuts it; except after an early
+        # answer (a 413 to a body too big), where the server's kernel resets rather than closes, since our
+        # bytes are still unread there.
+        if self._headed and self._ends_at_close() and (error is None or self._early):
+            self._complete = True
             self._wake()
         else:
             self._fail(Disconnected("The model server closed the connection before its answer ended"))
@@ -167,6 +171,8 @@ class Answer:
             return
         self.status = status
         self._headed = True
+        link = self._link
+        self._early = link is not None and link.transport is not None and link.transport.get_write_buffer_size() > 0
         self._reusable = parser.should_keep_alive()  # known from the head, and forgotten at the message's end
         self._wake()
 

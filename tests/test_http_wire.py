@@ -225,6 +225,21 @@ async def test_an_answer_ending_with_its_connection_is_cut_not_complete_when_the
         got.release()
 
 
+async def test_an_early_answer_ending_with_its_connection_is_whole_though_the_server_resets_it(client: Any) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: the body stays unread, so the close is a reset
+        writer.write(b'HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n\r\n{"error":"too large"}')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+    async with Server(handler) as server:
+        wire = keep(client, server.url)
+        got = await wire.request("POST", "/x", {}, b"x" * 4_000_000)
+        assert got.status == 413
+        assert await got.read() == b'{"error":"too large"}'
+        got.release()
+
+
 async def test_a_connection_cut_mid_body_is_a_disconnect_not_a_short_answer(client: Any) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.request(reader)
