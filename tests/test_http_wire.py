@@ -79,6 +79,14 @@ async def echoed(wire: HttpPool, body: bytes) -> None:
     got.release()
 
 
+async def cut(wire: HttpPool) -> None:
+    """One GET whose answer the server cuts: reading it whole raises Disconnected."""
+    got = await wire.request("GET", "/x", {})
+    with pytest.raises(Disconnected):
+        await got.read()
+    got.release()
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[list[HttpPool]]:
     """Pools made by a test, closed after it."""
@@ -218,11 +226,7 @@ async def test_an_answer_ending_with_its_connection_is_cut_not_complete_when_the
         writer.transport.abort()
 
     async with Server(handler) as server:
-        wire = keep(client, server.url)
-        got = await wire.request("GET", "/x", {})
-        with pytest.raises(Disconnected):
-            await got.read()
-        got.release()
+        await cut(keep(client, server.url))
 
 
 async def test_an_early_answer_ending_with_its_connection_is_whole_though_the_server_resets_it(client: Any) -> None:
@@ -247,10 +251,7 @@ async def test_a_connection_cut_mid_body_is_a_disconnect_not_a_short_answer(clie
 
     async with Server(handler) as server:
         wire = keep(client, server.url)
-        got = await wire.request("GET", "/x", {})
-        with pytest.raises(Disconnected):
-            await got.read()
-        got.release()
+        await cut(wire)
         got = await wire.request("GET", "/x", {})
         with pytest.raises(Disconnected):
             async for _ in got.chunks():
