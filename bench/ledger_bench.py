@@ -63,7 +63,7 @@ def busy_between(before: dict[str, tuple[float, int]], after: dict[str, tuple[fl
     return sum(us for us, _ in spent.values()), max((us / n for us, n in spent.values() if n), default=0.0)
 
 
-def cpu_seconds(pids: list[int]) -> float | None:
+def backend_cpu_seconds(pids: list[int]) -> float | None:
     """CPU time of these PostgreSQL backends, when PostgreSQL runs on this machine (None when it does not)."""
     try:
         return sum(sum(int(v) for v in stat_fields(pid)[11:13]) for pid in pids) / os.sysconf("SC_CLK_TCK")
@@ -114,14 +114,14 @@ async def run() -> dict[str, object]:
                 await pipe.execute()
         busy_before = await redis_busy(client)
         backends = await pool.fetch("select pid from pg_stat_activity where application_name = 'quota-ledger-bench'")
-        pg0 = cpu_seconds([r["pid"] for r in backends])
+        pg0 = backend_cpu_seconds([r["pid"] for r in backends])
         t0, cpu0 = time.perf_counter(), time.process_time()
         moved = batches = 0
         while n := await ledger.drain_once(block=False):
             moved += n
             batches += 1
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        pg = cpu_seconds([r["pid"] for r in backends]) - pg0 if pg0 is not None else None
+        pg = backend_cpu_seconds([r["pid"] for r in backends]) - pg0 if pg0 is not None else None
         busy, longest = busy_between(busy_before, await redis_busy(client))
         drained[size] = (moved, elapsed, cpu, pg, busy / max(batches, 1), longest)
     rows = await pool.fetchval("select count(*) from usage_records where user_id like $1", f"{user}-%")

@@ -309,9 +309,9 @@ class Ledger:
         taken: list[tuple[Any, ...]] = []
         for entry_id, entry in entries:
             try:
-                row = as_rows([entry[1]])
-                await insert_rows(conn, row, self._months)
-                taken += row
+                one = as_rows([entry[1]])
+                await insert_rows(conn, one, self._months)
+                taken += one
             except _REJECTED as exc:
                 await self._redis.xadd(f"{self.stream}:rejected", {"r": entry[1], "error": str(exc), "id": entry_id})
                 metrics.LEDGER_ERRORS.labels("rejected").inc()

@@ -1,7 +1,7 @@
 -- Statements PostgreSQL plans once per session instead of once per ledger batch (#19). A batch's fixed cost
 -- was mostly planning: the rollup triggers ran their statements by EXECUTE, and quota_alert_detect, a SQL
 -- function with data-modifying CTEs, was planned on every call. PL/pgSQL keeps the plans of its static
--- statements: at 25 records a batch, PostgreSQL's CPU per record fell from ~135 to ~65 µs (docs/performance.md).
+-- statements: at 25 records a batch, PostgreSQL's CPU per record fell from ~135 to ~60 µs (docs/performance.md).
 
 -- The rollup triggers with quota_rollup_sql's statements written in. A later change to quota_rollup_sql
 -- runs `select quota_rollup_compile()` again.
@@ -33,7 +33,7 @@ create or replace function quota_alert_detect(
 ) returns bigint
 language plpgsql as $$
 declare
-    found bigint;
+    crossings bigint;  -- not `found`: PL/pgSQL's own FOUND
 begin
     with batch as (
         select distinct t as subject_type, s as subject from unnest(types, subjects) as b(t, s)
@@ -94,7 +94,7 @@ begin
         from crossed c cross join unnest(channels, targets) as ch(channel, target)
         returning 1
     )
-    select count(*) into found from crossed;
-    return found;
+    select count(*) into crossings from crossed;
+    return crossings;
 end
 $$;
