@@ -42,6 +42,9 @@ FLUSH_SECONDS = 10.0
 _REJECTED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
+_GROUP_KEY = b',"budget_group":'
+
+
 @dataclass(slots=True)
 class UsageRecord:
     request_id: str
@@ -75,7 +78,7 @@ class UsageRecord:
         group = self._budget_group
         if group is None:
             return data
-        return data[:-1] + b',"budget_group":' + orjson.dumps(group) + b"}"
+        return b"".join((data[:-1], _GROUP_KEY, orjson.dumps(group), b"}"))  # one copy, not three of `+`
 
 
 _FIELDS = fields(UsageRecord)
