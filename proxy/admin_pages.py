@@ -52,6 +52,15 @@ class Viewer:
     session: Session | None  # None: a Bearer token (no forms)
 
 
+def identity_of(user: str, row: Mapping[str, Any] | None) -> Identity:
+    """A user as the dashboard shows them: the tenant and the group tier of their latest record (their users
+    row), so that their statement shows the budget the proxy applied to it."""
+    if row is None:
+        return Identity(user)
+    group = row.get("budget_group")
+    return Identity(user, row["tenant_id"] or None, groups=(group,) if group else ())
+
+
 def _json(data: object, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=SECURITY_HEADERS)
 
@@ -189,7 +198,8 @@ class AdminPages:
         query = p.UserQuery.from_params(request.query_params)
         rows = await q.all_users(self.sources(request).pool, query, self.now())
         columns = ["user_id", "tenant_id", "state", "used", "token_limit", "percent", "remaining", "period"]
-        return columns + ["period_start", "resets_at", "requests", "blocked", "cost_usd", "own_budget"], rows
+        columns += ["period_start", "resets_at", "requests", "blocked", "cost_usd", "own_budget", "budget_group"]
+        return columns, rows
 
     async def _tenants_table(self, request: Request) -> tuple[list[str], list[dict[str, Any]]]:
         data = await self._tenants_data(request)
@@ -267,9 +277,7 @@ class AdminPages:
         )
 
     async def _identity(self, request: Request, user: str) -> Identity:
-        row = await q.user_budget(self.sources(request).pool, user, self.now())
-        tenant = row["tenant_id"] if row and row["tenant_id"] else None
-        return Identity(user, tenant)
+        return identity_of(user, await q.user_budget(self.sources(request).pool, user, self.now()))
 
     async def user(self, request: Request, viewer: Viewer) -> Response:
         user = printable_id(request.query_params.get("id"), "id")
@@ -277,18 +285,19 @@ class AdminPages:
         locale = locale_of(request)
         now = self.now()
         row = await q.user_budget(sources.pool, user, now)
-        identity = Identity(user, row["tenant_id"] or None if row else None)
+        identity = identity_of(user, row)
         st = await statement(sources, identity, locale, now)
         st["csv_url"] = f"{self.pages.base}/admin/user.csv?{urlencode({'id': user})}"
         history = await events.changes(sources.pool, "user", user, p.Paging(1, 50))
-        limit = sources.book.user(user)
+        limit = sources.book.user(user, identity.groups)
         form = {
             "tokens": limit.tokens,
             "period": limit.period,
             "rpm": limit.rpm,
             "tpm": limit.tpm,
             "warn": round(limit.warn_ratio * 100),
-            "own": limit.subject != DEFAULT,
+            "own": limit.subject != DEFAULT and limit.group is None,
+            "group": limit.group,
         }
         return self._render(
             request,

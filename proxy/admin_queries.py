@@ -25,9 +25,11 @@ CHART_DAYS = 62  # the overview's chart shows at most this many days (the last o
 TOP_USERS = 10
 
 # Users: every user the ledger has seen (usage_users) and every user with a budget row of their own; each with
-# the row that applies (their own, else the default '*'), its period, and what they used in it (exempt requests
-# left out, as the budgets do), the period's grants and the carry from last period. Groups' tiers depend on the
-# token a user sends, which PostgreSQL does not know: a user on a group tier shows the default here.
+# the row that applies (their own; else the group tier of their latest record, while that group's row exists;
+# else the default '*'), its period, and what they used in it (exempt requests left out, as the budgets do), the
+# period's grants and the carry from last period. A tier keeps the default's period, as the proxy's does; the
+# proxy learns a user's groups from each request, PostgreSQL from the records (sql/013_group_tiers.sql), so a
+# change of groups shows once the user's next request is recorded.
 # $1 is now; the filters are added where {where} is.
 # The tokens added to a subject's limit this period: its grants in force and what rolled over into it.
 # `lim` is the query's CTE of the subjects (`{key}`) with their period's start.
@@ -47,9 +49,9 @@ _TENANT_ADDED = _ADDED.format(key="tenant_id", kind="tenant")
 
 _USERS = """
 with u as (
-    select user_id, tenant_id from usage_users
+    select user_id, tenant_id, budget_group as latest_group from usage_users
     union all
-    select b.subject, '' from budgets b
+    select b.subject, '', null from budgets b
     where b.subject_type = 'user' and b.subject <> '*'
       and not exists (select 1 from usage_users x where x.user_id = b.subject)
 ),
@@ -59,16 +61,18 @@ periods as (
 ),
 lim as (
     select u.user_id, u.tenant_id,
-           coalesce(b.period, d.period) as period,
-           coalesce(b.token_limit, d.token_limit) as base_limit,
-           coalesce(b.warn_ratio, d.warn_ratio) as warn_ratio,
+           coalesce(b.period, d.period, g.period) as period,
+           coalesce(b.token_limit, g.token_limit, d.token_limit) as base_limit,
+           coalesce(b.warn_ratio, g.warn_ratio, d.warn_ratio) as warn_ratio,
            b.rpm_limit as rpm, b.tpm_limit as tpm,
            b.subject is not null as own_budget,
-           p.period_start, p.resets_at
+           p.period_start, p.resets_at,
+           g.subject as budget_group
     from u
     left join budgets b on b.subject_type = 'user' and b.subject = u.user_id
+    left join budgets g on b.subject is null and g.subject_type = 'group' and g.subject = u.latest_group
     left join budgets d on d.subject_type = 'user' and d.subject = '*'
-    join periods p on p.period = coalesce(b.period, d.period, 'month')
+    join periods p on p.period = coalesce(b.period, d.period, g.period, 'month')
     {where}
 ),
 -- A month's use is its row in usage_user_month (a 'total' budget's, the sum of them); a day's or a week's,

@@ -68,6 +68,9 @@ class RecordDraft:
     model: str | None = None
     stream: bool = False
     exempt: bool = False
+    # The group whose tier set the user's limit (None: their own row or the default), so that PostgreSQL judges
+    # them by the same row: from the reservation, or for a request refused before one, from the budget rows.
+    budget_group: str | None = None
     # perf_counter() times for the metrics: the body in, the upstream sent, its first byte, its last (JSON
     # answers; a stream's upstream lasts until the stream ends); and the reservation's duration.
     body_in: float | None = None
@@ -110,6 +113,7 @@ class RecordDraft:
             user_email=self.identity.email,
             client_request_id=self.client_request_id,
             exempt=self.exempt,
+            _budget_group=self.budget_group,
         )
 
     def echo_id(self) -> str:
@@ -177,4 +181,8 @@ class Flight:
 
     def fail(self, exc: BaseException) -> None:
         status, http = outcome_of(exc)
+        if self.reservation is None and not self._done:
+            # Refused before a reservation (over budget, a bad body, ...): the tier as the budget rows have it,
+            # so that even a user who is only refused shows in PostgreSQL under the row that refused them.
+            self.draft.budget_group = self._relay.tier(self.draft.identity)
         self.finish(self.draft.record(status, http))

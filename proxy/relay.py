@@ -156,6 +156,7 @@ class Relay:
                 self._failing_open = False
                 metrics.FAIL_OPEN_ACTIVE.set(0)
         flight.reservation = reservation
+        draft.budget_group = reservation.scopes[0].limit.group  # the user's budget is always the first
         if clamp and reservation.metered:
             granted = (reservation.granted - prompt) // completion.choices
             if granted < per_answer:  # the room left is smaller than asked: cap each answer to its share
@@ -307,6 +308,10 @@ class Relay:
         headers["X-Request-Id"] = echo
         headers.update(quota_headers)
         return Response(body, status_code=upstream.status, headers=headers)
+
+    def tier(self, identity: Identity) -> str | None:
+        """The group whose tier sets `identity`'s limit, for a request refused before it reserved anything."""
+        return self._budget.tier(identity)
 
     # Accounting is submitted to Redis and never awaited; an answer waits only until it is written.
 

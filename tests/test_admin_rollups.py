@@ -116,6 +116,35 @@ async def test_the_rollups_are_the_ledgers_sums_through_the_writer_redelivery_an
     await rollup_matches_ledger(conn, [alice, bob])
 
 
+async def test_usage_users_keeps_the_tenant_and_tier_of_each_user_s_latest_record_whatever_the_order(
+    conn: asyncpg.Connection,
+) -> None:
+    me = uid()
+    noon = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    known: set[datetime] = set()
+
+    async def held() -> tuple[object, ...]:
+        row = await conn.fetchrow(
+            "select tenant_id, budget_group, first_day, last_day from usage_users where user_id = $1", me
+        )
+        return tuple(row)
+
+    latest = record(me, noon, 10, tenant_id="acme", _budget_group="eng")
+    assert await insert_records(conn, [record(me, noon - timedelta(minutes=1), 10), latest], known) == 2
+    assert await held() == ("acme", "eng", noon.date(), noon.date())
+    # Written late (another writer's batch, a record sent straight to PostgreSQL): older, so it changes
+    # neither the tenant nor the tier, nor the last day; it moves the first day back.
+    await insert_records(conn, [record(me, noon - timedelta(days=1), 10, _budget_group="support")], known)
+    assert await held() == ("acme", "eng", noon.date() - timedelta(days=1), noon.date())
+    # Their groups changed: the next record has no tier, and from then on neither has the user.
+    await insert_records(conn, [record(me, noon + timedelta(seconds=1), 10, tenant_id="acme")], known)
+    assert (await held())[:2] == ("acme", None)
+    # The batch with the tier redelivered after a crash: recorded already, so it changes nothing.
+    assert await insert_records(conn, [latest, record(me, noon - timedelta(hours=1), 10)], known) == 1
+    assert (await held())[:2] == ("acme", None)
+    assert await conn.fetchval("select count(*) from usage_records where user_id = $1", me) == 5
+
+
 async def test_the_rollup_triggers_run_the_statements_quota_rollup_sql_makes(conn: asyncpg.Connection) -> None:
     # sql/012_cached_plans.sql wrote them into the trigger functions, for plans kept per session: a change to
     # quota_rollup_sql that is not compiled again (select quota_rollup_compile()) would be silently ignored.

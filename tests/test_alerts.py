@@ -447,6 +447,30 @@ async def test_thresholds_of_a_budget_row_tenants_exempt_requests_and_a_new_peri
     )
 
 
+async def test_a_user_on_a_group_tier_is_judged_by_the_tier_and_by_the_default_once_it_goes(
+    base_settings: Settings, redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, clean: None
+) -> None:
+    settings = replace(base_settings, alert_thresholds=("0.8", "1.0"))
+    clock = Clock(time.time())
+    writer = Writer(redis_client, pg_pool, settings, clock)
+    stingy, generous, small, big = uid("stingy"), uid("generous"), uid(), uid()
+    async with pg_pool.acquire() as conn:
+        await set_budget(conn, Limit("user", "*", "month", 100_000, 0.8))  # the default, as the environment has it
+        await set_budget(conn, Limit("group", stingy, "month", 1000, 0.8, alert_thresholds=(0.5,)))
+        await set_budget(conn, Limit("group", generous, "month", 1_000_000, 0.8))
+    await writer.write(
+        usage(small, 400, clock.now, _budget_group=stingy),  # 40 % of the tier
+        usage(big, 85_000, clock.now, _budget_group=generous),  # 8.5 % of the tier, 85 % of the default
+    )
+    assert await rows(pg_pool, small) == [] and await rows(pg_pool, big) == []
+    await writer.write(usage(small, 100, clock.now, _budget_group=stingy))  # the tier's own threshold, 50 %
+    assert [(r["threshold"], r["token_limit"], r["used"]) for r in await rows(pg_pool, small)] == [(0.5, 1000, 500)]
+    # The generous tier's row is deleted: the default judges big again, from their next batch on.
+    await pg_pool.execute("delete from budgets where subject_type = 'group' and subject = $1", generous)
+    await writer.write(usage(big, 1, clock.now, _budget_group=generous))
+    assert [(r["threshold"], r["token_limit"], r["used"]) for r in await rows(pg_pool, big)] == [(0.8, 100_000, 85_001)]
+
+
 async def test_a_batch_with_a_record_postgresql_refuses_still_alerts_for_the_others(
     base_settings: Settings, redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, clean: None
 ) -> None:

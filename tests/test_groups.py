@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -158,3 +160,86 @@ def test_a_tier_keeps_the_default_period_so_groups_never_choose_a_second_counter
     assert httpx.post(f"{proxy}/v1/chat/completions", json=body, headers=with_tier).status_code == 200
     assert quota(proxy, with_tier)["period"] == quota(proxy, without)["period"] == "month"
     assert quota(proxy, with_tier)["used"] == quota(proxy, without)["used"] == 12  # one counter
+
+
+# What PostgreSQL makes of a tier (sql/013_group_tiers.sql): each record carries the group whose tier set the
+# user's limit, and the users page, budget_status and the alerts judge the user by that group's row.
+
+
+def sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def chat(url: str, headers: dict[str, str]) -> httpx.Response:
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}  # 12 tokens
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+
+
+def users_row(url: str, user: str) -> dict[str, Any]:
+    """The user's row of the admin users page (its JSON twin); {} until the ledger has it."""
+    r = httpx.get(f"{url}/admin/users.json", params={"q": user}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    return next((row for row in r.json()["data"] if row["user_id"] == user), {})
+
+
+def budget_status(dsn: str, user: str) -> dict[str, Any]:
+    rows = sql(dsn, "select * from budget_status where subject_type = 'user' and subject = $1", user)
+    return dict(rows[0])
+
+
+def default_limit(dsn: str) -> int:
+    return int(sql(dsn, "select token_limit from budgets where subject_type = 'user' and subject = '*'")[0][0])
+
+
+def test_a_user_on_a_stingy_tier_shows_it_on_the_users_page_and_in_budget_status(
+    proxy: str, base_settings: Settings
+) -> None:
+    dsn, tier, me = base_settings.database_url, uid("tier"), uid()
+    set_row(proxy, tier, 12)  # one answer uses it up; the default (100,000) would still be at 0 %
+    headers = {"Authorization": f"Bearer {token(me, groups=[tier])}"}
+    eventually(lambda: quota(proxy, headers)["limit"] == 12)
+    assert chat(proxy, headers).status_code == 200
+    assert chat(proxy, headers).status_code == 429  # refused: its record carries the tier too
+
+    row = eventually(lambda: users_row(proxy, me).get("requests") == 2 and users_row(proxy, me))
+    assert (row["token_limit"], row["used"], row["state"], row["blocked"]) == (12, 12, "blocked", 1)
+    assert (row["budget_group"], row["own_budget"], row["period"]) == (tier, False, "month")
+    status = budget_status(dsn, me)
+    assert (status["token_limit"], status["used"], status["state"]) == (12, 12, "blocked")
+    assert (status["budget_group"], status["is_default"]) == (tier, False)
+    recorded = sql(dsn, "select status, budget_group from usage_records where user_id = $1 order by status", me)
+    assert [tuple(r) for r in recorded] == [("blocked", tier), ("ok", tier)]
+    page = httpx.get(f"{proxy}/admin/user", params={"id": me}, headers=ADMIN)
+    assert page.status_code == 200 and f"Budget of the group {tier}" in page.text
+
+
+def test_a_user_whose_tier_goes_is_judged_by_the_default_again(proxy: str, base_settings: Settings) -> None:
+    dsn, tier, me = base_settings.database_url, uid("tier"), uid()
+    set_row(proxy, tier, 15)
+    with_tier = {"Authorization": f"Bearer {token(me, groups=[tier])}"}
+    eventually(lambda: quota(proxy, with_tier)["limit"] == 15)
+    assert chat(proxy, with_tier).status_code == 200
+    row = eventually(lambda: users_row(proxy, me).get("budget_group") == tier and users_row(proxy, me))
+    assert (row["token_limit"], row["state"]) == (15, "warn")  # 12 of 15: past the tier's 80 %
+
+    # The group's row is deleted: the default applies, in PostgreSQL as in the proxy.
+    sql(dsn, "delete from budgets where subject_type = 'group' and subject = $1", tier)
+    default = default_limit(dsn)
+    row = users_row(proxy, me)
+    assert (row["token_limit"], row["state"], row["budget_group"]) == (default, "ok", None)
+    status = budget_status(dsn, me)
+    assert (status["token_limit"], status["is_default"], status["budget_group"]) == (default, True, None)
+
+    # The row is back, but the user's token no longer lists the group: their next record says so.
+    set_row(proxy, tier, 15)
+    assert users_row(proxy, me)["token_limit"] == 15  # their latest record still names it
+    assert chat(proxy, {"Authorization": f"Bearer {token(me)}"}).status_code == 200
+    row = eventually(lambda: users_row(proxy, me).get("requests") == 2 and users_row(proxy, me))
+    assert (row["token_limit"], row["budget_group"], budget_status(dsn, me)["is_default"]) == (default, None, True)

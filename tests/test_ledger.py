@@ -87,6 +87,31 @@ async def test_redelivery_after_a_crash_before_ack_never_duplicates(ledger, redi
     assert await ledger.drain_once(pending=True) == 0
 
 
+async def test_the_tier_is_written_only_when_there_is_one_and_older_records_still_load(
+    ledger, redis_client, pg_pool
+) -> None:
+    user = uid()
+    plain, tiered = record(user), record(user, 40, _budget_group='eng "core" ü')
+    assert b"budget_group" not in plain.encode()  # most records carry no tier: not a byte more
+    assert tiered.encode().endswith(',"exempt":false,"budget_group":"eng \\"core\\" ü"}'.encode())
+    # Queued by older versions: without the tier, and without the fields added before it (sql/003-005).
+    older = orjson.loads(record(user, 50).encode())
+    oldest = {k: v for k, v in orjson.loads(record(user, 60).encode()).items() if k not in ("via", "exempt")}
+    await enqueue(redis_client, ledger, [plain, tiered])
+    await redis_client.xadd(ledger.stream, {"r": orjson.dumps(older)})
+    await redis_client.xadd(ledger.stream, {"r": orjson.dumps(oldest)})
+    assert await ledger.drain_once(block=False) == 4
+    rows = await pg_pool.fetch(
+        "select total_tokens, budget_group, exempt from usage_records where user_id = $1 order by total_tokens", user
+    )
+    assert [tuple(r) for r in rows] == [
+        (30, None, False),
+        (40, 'eng "core" ü', False),
+        (50, None, False),
+        (60, None, False),
+    ]
+
+
 async def test_a_batch_larger_than_a_trim_chunk_is_acknowledged_and_deleted_whole(redis_client, pg_pool) -> None:
     ledger = Ledger(redis_client, pg_pool, stream=f"test:ledger:{uid()}", consumer="test-writer", batch_size=1000)
     await ledger.ensure_group()

@@ -167,14 +167,18 @@ def test_the_echoed_id_is_the_callers_else_ours() -> None:
 
 
 class Accounting:
-    """What Flight needs of the relay: the in-flight count and account()."""
+    """What Flight needs of the relay: the in-flight count, account() and tier()."""
 
-    def __init__(self, in_flight: int = 0) -> None:
+    def __init__(self, in_flight: int = 0, group: str | None = None) -> None:
         self.in_flight = in_flight
         self.accounted: list[tuple[Any, UsageRecord]] = []
+        self.group = group
 
     def account(self, reservation: Any, record: UsageRecord) -> None:
         self.accounted.append((reservation, record))
+
+    def tier(self, identity: Any) -> str | None:
+        return self.group
 
 
 def flight(relay: Accounting, **kw: Any) -> Flight:
@@ -219,6 +223,16 @@ def test_a_failure_is_recorded_once_with_its_outcome_and_the_reservation() -> No
     held, record = relay.accounted[0]
     assert held is reservation
     assert (record.status, record.http_status, record.total_tokens, record.model) == ("blocked", 429, 0, "m")
+
+
+def test_a_request_refused_before_reserving_records_the_tier_the_budget_rows_give() -> None:
+    relay = Accounting(group="eng")
+    flight(relay).fail(QuotaExceeded("over"))
+    reserved = flight(relay, budget_group="support")  # a reservation's tier is the one it reserved under
+    reserved.reservation = object()  # type: ignore[assignment]
+    reserved.fail(UpstreamError("broke"))
+    assert [r.encode().endswith(b',"budget_group":"eng"}') for _, r in relay.accounted] == [True, False]
+    assert relay.accounted[1][1].encode().endswith(b',"budget_group":"support"}')
 
 
 def test_a_flight_without_a_slot_finishes_without_touching_the_count() -> None:

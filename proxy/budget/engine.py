@@ -163,6 +163,10 @@ class BudgetEngine:
         self._scopes[(identity, model)] = (scopes, min(ends, default=float("inf")), self._book.version)
         return scopes
 
+    def tier(self, identity: Identity) -> str | None:
+        """The group whose tier sets the user's limit; None when their own row or the default does."""
+        return self._book.user(identity.user, identity.groups).group
+
     def _make_scopes(
         self, identity: Identity, now: float, model: str | None, *, every_cap: bool = False
     ) -> tuple[Scope, ...]:

@@ -47,6 +47,9 @@ class Limit:
     rollover_cap: float = 0.5  # ... at most this fraction of the limit
     model: str = ""  # a cap on the models matching this glob, inside the overall budget ('' = the budget)
     alert_thresholds: tuple[float, ...] | None = None  # the row's own (docs/alerts.md); None: ALERT_THRESHOLDS
+    # A user's budget that a group tier set (BudgetBook.user): that group, which the ledger records carry so that
+    # PostgreSQL judges the user by the same row. None for every row as stored.
+    group: str | None = None
 
 
 def env_defaults(settings: Settings) -> list[Limit]:
@@ -194,7 +197,7 @@ async def fetch_limit(
         default = await conn.fetchval(
             "select period from budgets where subject_type = 'user' and subject = $1", DEFAULT
         )
-        return replace(limit, subject_type="user", period=default or limit.period)
+        return replace(limit, subject_type="user", period=default or limit.period, group=limit.subject)
     return limit
 
 
@@ -281,12 +284,13 @@ class BudgetBook:
             return own
         tiers = [limit for g in groups if (limit := rows.get(("group", g))) is not None]
         if tiers:
-            # A user's budget all the same (its counter, rebuild and messages are the user's); `subject`
-            # keeps the name of the group row that set it.
-            # and the default's period: the counter's key holds the period, and a person's groups (which
-            # their token or a delegate names) must not choose between two counters.
+            # A user's budget all the same (its counter, rebuild and messages are the user's); `subject` and
+            # `group` keep the name of the group row that set it. And the default's period: the counter's key
+            # holds the period, and a person's groups (which their token or a delegate names) must not choose
+            # between two counters.
             default = rows[("user", DEFAULT)]
-            return replace(max(tiers, key=lambda limit: limit.tokens), subject_type="user", period=default.period)
+            tier = max(tiers, key=lambda limit: limit.tokens)
+            return replace(tier, subject_type="user", period=default.period, group=tier.subject)
         return rows[("user", DEFAULT)]
 
     def tenant(self, tenant: str | None) -> Limit | None:
