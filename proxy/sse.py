@@ -7,9 +7,14 @@ from typing import Any
 
 import orjson
 
+# The ledger's token columns are PostgreSQL integers. No real answer comes near this; a count outside
+# 0..MAX_COUNT is a broken (or hostile) upstream, whose request is estimated like one without usage, so that
+# a negative count hands nobody tokens back and a huge one neither breaks the record nor the counters.
+MAX_COUNT = 2**31 - 1
+
 
 def usage_totals(usage: Any) -> tuple[int, int, int] | None:
-    """(prompt, completion, total) from an OpenAI `usage` object.
+    """(prompt, completion, total) from an OpenAI `usage` object; None when it holds no usable counts.
 
     Some upstreams report total_tokens as 0 for embeddings while counting prompt tokens,
     so the total is never less than prompt + completion.
@@ -22,6 +27,8 @@ def usage_totals(usage: Any) -> tuple[int, int, int] | None:
         total = max(int(usage.get("total_tokens") or 0), prompt + completion)
     except (TypeError, ValueError, OverflowError):
         return None  # not counts: the request is estimated instead
+    if min(prompt, completion) < 0 or total > MAX_COUNT:
+        return None
     return prompt, completion, total
 
 

@@ -10,6 +10,7 @@ tests (test_integrity.py), on every endpoint:
 - echo-auth-error: a 400 whose body echoes the request's Authorization header and an sk- key.
 - leak-master-key: the master key (the bearer token the proxy sent) in a success body and a stream event.
 - unauthorized: 401, as LiteLLM answers a master key it does not accept.
+- huge-usage, negative-usage: counts past 64 bits, or below zero.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ INTEGRITY_MODELS = frozenset(
 )
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+
+
+OUT_OF_RANGE_USAGE: dict[str, dict[str, int]] = {
+    "huge-usage": {"prompt_tokens": 10**30, "completion_tokens": 5, "total_tokens": 10**30 + 5},
+    "negative-usage": {"prompt_tokens": 10, "completion_tokens": -500_000, "total_tokens": -499_990},
+}
 
 
 def completion(content: str = "ok", usage: dict[str, int] | None = USAGE) -> dict[str, Any]:
@@ -99,6 +106,8 @@ class FakeUpstream:
             return JSONResponse({"error": {"message": "boom", "type": "api_error"}}, 500)
         if model == "no-usage":
             return JSONResponse(completion("four score and seven", usage=None))
+        if model in OUT_OF_RANGE_USAGE:  # a broken upstream's counts: estimated instead
+            return JSONResponse(completion("four score and seven", usage=OUT_OF_RANGE_USAGE[model]))
         cost = {"x-litellm-response-cost": "0.00042"}  # as LiteLLM sends it when it knows the price
         if body.get("stream"):
             return StreamingResponse(self.stream(model), media_type="text/event-stream", headers=cost)

@@ -136,6 +136,23 @@ def test_missing_usage_is_estimated_and_marked(client: httpx.Client, base_settin
     assert row["total_tokens"] == int(r.headers["x-quota-used"]) > 0
 
 
+@pytest.mark.parametrize("model", ["huge-usage", "negative-usage"])
+def test_usage_out_of_range_is_estimated_and_recorded(
+    client: httpx.Client, base_settings: Settings, model: str
+) -> None:
+    headers = {**auth(user := uid()), "X-Request-Id": (rid := uid("req"))}
+    r = client.post("/v1/chat/completions", headers=headers, json={**CHAT, "model": model})
+    assert r.status_code == 200
+    row = eventually(
+        lambda: pg_row(base_settings.database_url, "select * from usage_records where client_request_id = $1", rid)
+    )
+    assert row["estimated"] is True and row["status"] == "ok"
+    assert row["completion_tokens"] == Tokenizer.load().count("four score and seven")
+    assert 0 < row["total_tokens"] == int(r.headers["x-quota-used"])
+    quota = lambda: client.get("/v1/quota", headers=auth(user)).json()["budgets"][0]  # noqa: E731
+    eventually(lambda: (quota()["used"], quota()["reserved"]) == (row["total_tokens"], 0))  # the settle went in
+
+
 def test_unreachable_upstream_is_503_and_releases_the_reservation(base_settings: Settings) -> None:
     settings = replace(base_settings, litellm_base_url="http://127.0.0.1:9")  # nothing listens on the discard port
     user = uid()

@@ -254,3 +254,36 @@ async def test_reconcile_settles_each_owed_request_and_releases_its_reservation(
     await engine.reconcile()
     (q,) = await engine.snapshot(me)
     assert (q.used, q.reserved) == (50, 0)  # the tokens counted, the reservations released at once
+
+
+async def test_an_owed_settle_redis_refuses_does_not_hold_up_the_others(redis_client, pg_pool, base_settings) -> None:
+    engine = engine_for(redis_client, pg_pool, base_settings)
+    me, other = Identity(uid()), Identity(uid())
+    broken, fine = await engine.reserve(other, "a", 10, 100), await engine.reserve(me, "b", 10, 100)
+    await redis_client.delete(broken.keys[0])
+    await redis_client.set(broken.keys[0], "not a hash")  # every settle against it is refused (WRONGTYPE)
+    engine.owe(broken, 30)
+    engine.owe(fine, 20)
+    await engine.reconcile()
+    (q,) = await engine.snapshot(me)
+    assert (q.used, q.reserved) == (20, 0)  # settled although the one owed before it never will be
+
+
+async def test_an_owed_settle_refused_for_a_passing_reason_is_kept(redis_client, pg_pool, base_settings) -> None:
+    from redis.exceptions import OutOfMemoryError
+
+    engine = engine_for(redis_client, pg_pool, base_settings)
+    me = Identity(uid())
+    owed = await engine.reserve(me, "a", 10, 100)
+    engine.owe(owed, 30)
+
+    async def full(*_: object) -> list[int]:
+        raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    engine.settle = full  # type: ignore[method-assign]
+    with pytest.raises(OutOfMemoryError):
+        await engine.reconcile()
+    del engine.settle  # Redis has room again
+    await engine.reconcile()
+    (q,) = await engine.snapshot(me)
+    assert (q.used, q.reserved) == (30, 0)

@@ -79,6 +79,18 @@ def test_usage_that_is_not_counts_is_treated_as_missing() -> None:
     assert usage_totals({"prompt_tokens": float("inf")}) is None
 
 
+def test_usage_out_of_range_is_treated_as_missing() -> None:
+    # A negative count would hand tokens back (PostgreSQL rebuilds counters from the records); one past the
+    # ledger's integer columns, or past 64 bits, would lose the record and jam the settle.
+    assert usage_totals({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": -500_000}) == (10, 5, 15)
+    assert usage_totals({"prompt_tokens": -1, "completion_tokens": 5}) is None
+    assert usage_totals({"prompt_tokens": 5, "completion_tokens": -(10**6), "total_tokens": 5}) is None
+    assert usage_totals({"prompt_tokens": 3_000_000_001}) is None
+    assert usage_totals({"prompt_tokens": 10**30}) is None
+    assert usage_totals({"prompt_tokens": 1, "total_tokens": 2**31}) is None
+    assert usage_totals({"prompt_tokens": 2**31 - 1}) == (2**31 - 1, 0, 2**31 - 1)
+
+
 def test_notice_is_added_as_a_last_delta_before_done() -> None:
     seen = []
 

@@ -19,8 +19,18 @@ from urllib.parse import quote
 
 import asyncpg
 import redis.asyncio as redis
+import structlog
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from .. import i18n
 from ..auth import Identity
@@ -40,6 +50,14 @@ from .rows import BudgetBook, Limit, period_bounds
 _HERE = Path(__file__).resolve().parent
 RESERVE_LUA = (_HERE / "reserve.lua").read_text()
 SETTLE_LUA = (_HERE / "settle.lua").read_text()
+
+log = structlog.get_logger("proxy.budget")
+
+
+def _passing(exc: ResponseError) -> bool:
+    """A refusal that says nothing about the command: Redis full, a replica, a failover, a script running."""
+    transient = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError, MasterDownError)
+    return isinstance(exc, transient) or str(exc).startswith(("BUSY", "LOADING"))
 
 
 def like_pattern(glob: str) -> str:
@@ -267,7 +285,14 @@ class BudgetEngine:
         A counter Redis lost is skipped by the script: its rebuild from PostgreSQL counts those records."""
         while self._owed:
             reservation, tokens = self._owed[0]
-            await self.settle(reservation, tokens)  # loads the script if Redis lost it
+            try:
+                await self.settle(reservation, tokens)  # loads the script if Redis lost it
+            except ResponseError as exc:
+                if _passing(exc):
+                    raise  # Redis will take it later: tried again next time
+                # Refused for what it is: it never will be taken, and must not hold up the settles owed after
+                # it. Its reservation lapses by its expiry; its record is in the ledger.
+                log.error("owed_settle_refused", request_id=reservation.request_id, tokens=tokens, error=str(exc))
             self._owed.pop(0)
 
     async def reconcile_forever(self, interval: float = 1.0) -> None:
