@@ -252,23 +252,38 @@ def _inputs(payload: dict[str, Any], name: str) -> int:
     return 1
 
 
+def _inline(data: Any) -> bool:
+    """Data carried in the body (base64, a data: URI), counted in the prompt bound as its text; not a URL
+    (http, gs, s3, ...), which LiteLLM fetches and the model reads at a cost nobody can know in advance."""
+    return isinstance(data, str) and "://" not in data[:64]
+
+
 def _part(part: Any) -> bool:
+    """The content parts of OpenAI's chat API, each in a shape whose cost the prompt bound covers; any
+    other type (an Anthropic `document`, a `video_url`, ...) could bring a document the bound never saw."""
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
         return False
     kind = part["type"]
-    if kind == "text":
-        return isinstance(part.get("text"), str)
+    if kind in ("text", "refusal"):
+        return isinstance(part.get(kind), str)
     if kind in IMAGE_PARTS:
         # An image is counted as an image; a PDF or text behind an image part (LiteLLM turns non-image
-        # data URIs into documents) could cost the model's whole context.
+        # data URIs into documents, and takes `format` as the media type of what it fetches) could cost
+        # the model's whole context.
         image = part.get("image_url", part.get("input_image"))
         url = image.get("url") if isinstance(image, dict) else image
+        media = image.get("format") if isinstance(image, dict) else None
+        if media is not None and not (isinstance(media, str) and media.startswith("image/")):
+            return False
         return isinstance(url, str) and url.startswith(("https://", "http://", "data:image/"))
     if kind == "file":
         # A file id names a file stored under the proxy's own key: not the caller's, and of no known size.
         file = part.get("file")
-        return isinstance(file, dict) and "file_id" not in file
-    return True
+        return isinstance(file, dict) and "file_id" not in file and _inline(file.get("file_data"))
+    if kind == "input_audio":
+        audio = part.get("input_audio")
+        return isinstance(audio, dict) and _inline(audio.get("data"))
+    return False
 
 
 def _messages(payload: dict[str, Any]) -> None:
@@ -285,8 +300,9 @@ def _messages(payload: dict[str, Any]) -> None:
             )
         if isinstance(content, list) and not all(_part(p) for p in content):
             raise BadRequest(
-                f"'messages[{i}].content' parts must be objects with a 'type' string: text parts with a 'text'"
-                " string, image parts with an http(s) or data:image/ URL, file parts with data (not a file_id).",
+                f"'messages[{i}].content' parts must be text (a 'text' string), image_url (an http(s) or"
+                " data:image/ URL, an image format if any), file or input_audio (with their data inline, not a"
+                " file_id or a URL) or refusal parts.",
                 param=f"messages[{i}].content",
             )
         if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):

@@ -308,14 +308,19 @@ def test_malformed_messages_are_refused_naming_the_message(messages: Any, param:
     assert refused(chat(messages=messages)).param == param
 
 
-def test_image_and_file_parts_with_data_pass() -> None:
+def test_image_file_and_audio_parts_with_data_pass() -> None:
     content = [
         {"type": "text", "text": "look"},
         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
         {"type": "image_url", "image_url": "data:image/png;base64,AAAA"},
-        {"type": "file", "file": {"file_data": "data:application/pdf;base64,AAAA"}},
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,AAAA", "filename": "a.pdf"}},
+        {"type": "file", "file": {"file_data": "JVBERi0xLjQK"}},  # raw base64
+        {"type": "image_url", "image_url": {"url": "https://example.com/a", "format": "image/png"}},
+        {"type": "input_audio", "input_audio": {"data": "UklGR", "format": "wav"}},
     ]
     assert check(chat(messages=[{"role": "user", "content": content}]), "chat", CHAT).choices == 1
+    refusal = [{"type": "refusal", "refusal": "I can't."}]
+    assert check(chat(messages=[{"role": "assistant", "content": refusal}]), "chat", CHAT).choices == 1
 
 
 # allowed_params

@@ -285,6 +285,27 @@ HOSTILE: dict[str, Case] = {
     "content object": p("messages[0].content", say({"text": "hi"})),
     "content part number": p("messages[0].content", say([1])),
     "content part null": p("messages[0].content", say([None])),
+    # parts that make LiteLLM fetch a document the prompt bound never saw
+    "file part with a URL for data": p(
+        "messages[0].content", say([{"type": "file", "file": {"file_data": "https://attacker.example/100-pages.pdf"}}])
+    ),
+    "file part with a gs:// URL": p(
+        "messages[0].content", say([{"type": "file", "file": {"file_data": "gs://bucket/100-pages.pdf"}}])
+    ),
+    "file part without data": p("messages[0].content", say([{"type": "file", "file": {"filename": "a.pdf"}}])),
+    "document part by URL": p(
+        "messages[0].content",
+        say([{"type": "document", "source": {"type": "url", "url": "https://attacker.example/x.pdf"}}]),
+    ),
+    "image part as a PDF by format": p(
+        "messages[0].content",
+        say([{"type": "image_url", "image_url": {"url": "https://a.example/x.pdf", "format": "application/pdf"}}]),
+    ),
+    "video part": p("messages[0].content", say([{"type": "video_url", "video_url": {"url": "https://a.example/v"}}])),
+    "audio part by URL": p(
+        "messages[0].content", say([{"type": "input_audio", "input_audio": {"data": "https://a.example/a.wav"}}])
+    ),
+    "content part of unknown type": p("messages[0].content", say([{"type": "hologram", "data": {"x": [1, 2, 3]}}])),
     "content part string": p("messages[0].content", say(["plain"])),
     "content part without type": p("messages[0].content", say([{"text": "hi"}])),
     "content part type number": p("messages[0].content", say([{"type": 5, "text": "hi"}])),
@@ -362,7 +383,9 @@ HOSTILE: dict[str, Case] = {
     "tools 300 deep": c(chat(tools=[deep(300)]), says="nested"),
     "prediction 300 deep": c(chat(prediction=deep(300)), says="nested"),
     "content part 300 deep": c(say([{"type": "text", "text": deep(300)}]), param="messages[0].content"),
-    "content part of unknown type 300 deep": c(say([{"type": "input_audio", "input_audio": deep(300)}]), says="nested"),
+    "audio part 300 deep": c(
+        say([{"type": "input_audio", "input_audio": {"data": "UklGR", "format": deep(300)}}]), says="nested"
+    ),
     "tool_calls 300 deep": c(
         chat(messages=[{"role": "assistant", "content": None, "tool_calls": [deep(300)]}]), says="nested"
     ),
@@ -669,7 +692,6 @@ def test_hostile_request_is_a_named_4xx_and_never_reaches_upstream(
 
 TOLERATED_AUTH = bearer(token(TOLERATED_USER))
 ODD: dict[str, Any] = {
-    "content part of unknown type": say([{"type": "hologram", "data": {"x": [1, 2, 3]}}]),
     "image part with a number for url": say([{"type": "image_url", "image_url": 5}]),
     "text part with a number": say([{"type": "text", "text": 5}]),
     "text part with a list": say([{"type": "text", "text": ["a", {"b": None}]}]),
