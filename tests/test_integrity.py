@@ -294,9 +294,6 @@ HIDDEN_PROMPTS = {
             }
         ]
     },
-    "unknown part": {
-        "messages": [{"role": "user", "content": [{"type": "some_future_part", "payload": noise(3000, 3)}]}]
-    },
     "response_format": {
         "messages": [{"role": "user", "content": "hi"}],
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _schema(60)}},
