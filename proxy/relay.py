@@ -6,6 +6,7 @@ import asyncio
 import fnmatch
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -56,6 +57,31 @@ def _served_model(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
         return None, None
     model = obj.get("model")
     return obj, model if isinstance(model, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Estimate:
+    """What a request is charged when the upstream reports no usable usage: its prompt bound, as reserved,
+    and its answer's output counted in cl100k_base, at most `most` tokens.
+
+    `most` is what the upstream was allowed to write: the answers times each answer's cap as sent. With the
+    proxy clamping answers (CLAMP_MAX_TOKENS, the default), prompt + most never exceeds the reservation, so
+    an estimate cannot push any budget it was reserved against (the user's, the tenant's, a model cap's)
+    past what it held for the request: cl100k may count an answer in the model's own tokens several times
+    over (a character it spends 4 tokens on can be 1 of the model's). The upstream's own usage is never
+    capped. None: the proxy capped no answer (CLAMP_MAX_TOKENS=false, an exempt model), so the answer's
+    length is the model's own and nothing bounds it; the estimate then charges what was delivered, as the
+    upstream's usage would, rather than letting a hang-up make the rest of a long answer free.
+    """
+
+    prompt: int
+    most: int | None
+
+    def of(self, answer: str, tokens: Tokenizer) -> tuple[int, int, int]:
+        completion = tokens.count(answer)
+        if self.most is not None and completion > self.most:
+            completion = self.most
+        return self.prompt, completion, self.prompt + completion
 
 
 class Relay:
@@ -120,6 +146,8 @@ class Relay:
         clamp = chat_like and settings.clamp_max_tokens and not exempt
         if clamp:
             cap_answers(completion, per_answer)
+        # Each answer's cap as the upstream is told it (embeddings write none); None when the proxy caps nothing.
+        answer_cap: int | None = per_answer if clamp or not chat_like else None
         body = encode(payload)  # refused here, before anything is counted or reserved
         # The slot is taken once the body is in: clients slow to send one cannot hold the proxy's capacity.
         flight.take_slot(settings.upstream_max_concurrency)
@@ -162,14 +190,16 @@ class Relay:
             if granted < per_answer:  # the room left is smaller than asked: cap each answer to its share
                 cap_answers(completion, granted)
                 body = encode(payload)
+                answer_cap = granted
+        estimate = _Estimate(prompt, completion.choices * answer_cap if answer_cap is not None else None)
         draft.upstream_sent = time.perf_counter()
         upstream = await self._upstream.send("POST", UPSTREAM_PATHS[endpoint], body=body, request_id=draft.request_id)
         draft.upstream_first = time.perf_counter()  # a JSON answer's headers; a stream's first event replaces it
         try:
             if completion.stream and upstream.ok_stream:
                 link = lambda: self._statement_url(request, identity)  # noqa: E731 - signed only if a notice is due
-                return self._stream(upstream, completion, flight, link)  # the response owns the upstream from here
-            return await self._answer(upstream, completion, flight)
+                return self._stream(upstream, completion, flight, link, estimate)  # the response owns the upstream
+            return await self._answer(upstream, completion, flight, estimate)
         except BaseException:
             upstream.response.release()  # unread: its connection is closed
             raise
@@ -183,7 +213,12 @@ class Relay:
         return self._links.url(identity, self._links.base(request)) if self._links is not None else None
 
     def _stream(
-        self, upstream: Upstreamed, completion: Completion, flight: Flight, link: Callable[[], str | None]
+        self,
+        upstream: Upstreamed,
+        completion: Completion,
+        flight: Flight,
+        link: Callable[[], str | None],
+        estimate: _Estimate,
     ) -> Response:
         draft, reservation = flight.draft, flight.reservation
         assert reservation is not None
@@ -193,7 +228,7 @@ class Relay:
         notice = self._notice_hook(reservation, link) if completion.endpoint == "chat" else None
         meter = StreamMeter(completion.hide_usage, notice)
         cost = upstream.cost
-        payload, perf_start = completion.payload, draft.perf_start
+        perf_start = draft.perf_start
 
         def on_end(outcome: str, first_byte: float | None) -> None:
             draft.upstream_first = first_byte
@@ -201,7 +236,7 @@ class Relay:
             usage = usage_totals(meter.usage)
             estimated = usage is None
             if usage is None:
-                usage = self._estimate(payload, meter.text)
+                usage = estimate.of(meter.text, self._tokens)
             self._check_exempt(flight, meter.model)
             flight.finish(
                 draft.record(
@@ -211,7 +246,9 @@ class Relay:
 
         return StreamThrough(upstream, headers, meter, on_end, self._sender.written)  # type: ignore[return-value]
 
-    async def _answer(self, upstream: Upstreamed, completion: Completion, flight: Flight) -> Response:
+    async def _answer(
+        self, upstream: Upstreamed, completion: Completion, flight: Flight, estimate: _Estimate
+    ) -> Response:
         draft, reservation = flight.draft, flight.reservation
         assert reservation is not None
         body = await upstream.read_for_client()
@@ -221,7 +258,7 @@ class Relay:
         usage = usage_totals(obj.get("usage")) if obj else None
         estimated = ok and usage is None
         if estimated:
-            usage = self._estimate(completion.payload, answer_text(obj) if obj else "")
+            usage = estimate.of(answer_text(obj) if obj else "", self._tokens)
         self._check_exempt(flight, served)
         flight.finish(
             draft.record(
@@ -269,11 +306,6 @@ class Relay:
             return mode == "always"
         agent = request.headers.get("user-agent", "")
         return principal.delegate or agent.startswith(_USAGE_READERS)
-
-    def _estimate(self, payload: dict[str, Any], answer: str) -> tuple[int, int, int]:
-        """Usage the upstream did not report: the prompt's bound, and the answer text counted."""
-        prompt, completion = self._tokens.prompt(payload), self._tokens.count(answer)
-        return prompt, completion, prompt + completion
 
     def _notice_hook(
         self, reservation: Reservation, link: Callable[[], str | None]

@@ -33,22 +33,75 @@ def usage_totals(usage: Any) -> tuple[int, int, int] | None:
 
 
 def answer_text(response: dict[str, Any]) -> str:
-    """The answer text of a (non-streamed) completion, for counting when usage is missing."""
-    parts = []
+    """Everything a (non-streamed) completion generated, for counting when usage is missing: each choice's
+    message (its text, reasoning, refusal, tool and function calls; see `output_parts`), or its `text`."""
+    parts: list[str] = []
     for choice in response.get("choices") or ():
         if isinstance(choice, dict):
             message = choice.get("message")
-            text = message.get("content") if isinstance(message, dict) else choice.get("text")
-            if isinstance(text, str):
+            if isinstance(message, dict):
+                output_parts(message, parts)
+            elif isinstance(text := choice.get("text"), str):
                 parts.append(text)
     return "".join(parts)
+
+
+def output_parts(message: dict[str, Any], parts: list[str]) -> None:
+    """Append to `parts` every string the model generated in a message or a stream's delta.
+
+    An estimate counts what the client received, and an answer need not be text: a forced tool call
+    streams its JSON in `tool_calls[].function.arguments` (legacy: `function_call`), reasoning models
+    through LiteLLM stream their thinking in `reasoning_content` (OpenRouter: `reasoning`; one or the
+    other, never both, as they carry the same text), a refusal comes in `refusal`, and an audio answer's
+    words in `audio.transcript`. Left out on purpose: ids, roles and `thinking_blocks` (LiteLLM's copy of
+    `reasoning_content`, with a signature).
+
+    One pass over the message's few keys, skipping the nulls LiteLLM sends for every field it has
+    (`tool_calls`, `function_call`, `audio`, ...), nothing serialised again. `StreamMeter._event` runs the
+    same pass inlined, once per chunk: streams are the hot path.
+    """
+    for key, value in message.items():
+        if value is None:
+            continue
+        if key == "content":
+            if isinstance(value, str):
+                parts.append(value)
+        elif key != "role":
+            _other_output(message, key, value, parts)
+
+
+def _other_output(message: dict[str, Any], key: str, value: Any, parts: list[str]) -> None:
+    """Output in a field other than `content` (unknown fields, `thinking_blocks` among them, are ignored)."""
+    if isinstance(value, str):
+        if key == "reasoning_content" or key == "refusal":
+            parts.append(value)
+        elif key == "reasoning" and not isinstance(message.get("reasoning_content"), str):
+            parts.append(value)
+    elif key == "tool_calls":
+        for call in value if isinstance(value, list) else ():
+            if isinstance(call, dict):
+                _call_parts(call.get("function"), parts)
+    elif key == "function_call":
+        _call_parts(value, parts)
+    elif key == "audio" and isinstance(value, dict) and isinstance(transcript := value.get("transcript"), str):
+        parts.append(transcript)
+
+
+def _call_parts(function: Any, parts: list[str]) -> None:
+    """A function call's name and arguments (a stream sends the name once, then the arguments in pieces)."""
+    if isinstance(function, dict):
+        name, arguments = function.get("name"), function.get("arguments")
+        if isinstance(name, str):
+            parts.append(name)
+        if isinstance(arguments, str):
+            parts.append(arguments)
 
 
 class StreamMeter:
     """Feeds on upstream bytes and returns the bytes to send on, event by event.
 
-    It records the usage chunk and the amount of text streamed (for an estimate when the
-    stream ends without usage). When the proxy itself asked for `include_usage`, it hides
+    It records the usage chunk and everything the answer streamed (text, reasoning, tool calls: for an
+    estimate when the stream ends without usage). When the proxy itself asked for `include_usage`, it hides
     that extra chunk so the client sees the stream shape it asked for.
     """
 
@@ -62,7 +115,7 @@ class StreamMeter:
         self._notice: bytes | None = None
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None  # the model that served the stream, as the chunks name it
-        self._parts: list[str] = []  # the answer text, for counting when no usage arrives
+        self._parts: list[str] = []  # the answer's output, for counting when no usage arrives
         self.done = False  # [DONE] went through: the client has the whole answer
         self._buf = b""
 
@@ -109,13 +162,21 @@ class StreamMeter:
             self.model = obj["model"]
         if self._id is None and isinstance(obj.get("id"), str):
             self._id = obj["id"]
+        parts = self._parts
         for choice in obj.get("choices") or ():
             if isinstance(choice, dict):
-                delta = choice.get("delta") or {}
-                content = delta.get("content") if isinstance(delta, dict) else None
-                text = content if isinstance(content, str) else choice.get("text")
-                if isinstance(text, str):
-                    self._parts.append(text)
+                delta = choice.get("delta")
+                if isinstance(delta, dict):  # chat: every choice's generated output, not only its content
+                    for key, value in delta.items():  # output_parts, inlined: a call per chunk costs as much
+                        if value is None:
+                            continue
+                        if key == "content":
+                            if isinstance(value, str):
+                                parts.append(value)
+                        elif key != "role":
+                            _other_output(delta, key, value, parts)
+                elif isinstance(text := choice.get("text"), str):  # /v1/completions
+                    parts.append(text)
         usage = obj.get("usage")
         if usage is None:
             return event

@@ -11,6 +11,15 @@ tests (test_integrity.py), on every endpoint:
 - leak-master-key: the master key (the bearer token the proxy sent) in a success body and a stream event.
 - unauthorized: 401, as LiteLLM answers a master key it does not accept.
 - huge-usage, negative-usage: counts past 64 bits, or below zero.
+
+Models of the estimate tests (test_estimates.py), chat only; their answers are not text, or not cl100k's:
+
+- tool-args: a forced tool call, ~28 KB of arguments streamed, then finish_reason, and the usage only 1 s
+  later (a client that hangs up at finish_reason leaves before it); not streamed: the call and no usage.
+- reasoning: the same with LiteLLM's `reasoning_content` deltas, then a short answer.
+- dense: max_tokens events of one character cl100k counts as 4 tokens (one of the model's own), then a
+  pause and [DONE] without usage; not streamed: the same text, no usage.
+- over-report: the usage reported is far above what was reserved (10 x max_tokens answer tokens).
 """
 
 from __future__ import annotations
@@ -60,6 +69,16 @@ def completion(content: str = "ok", usage: dict[str, int] | None = USAGE) -> dic
     return body
 
 
+# The tool call of the estimate tests: ~28 KB of JSON arguments, streamed 200 bytes at a time.
+TOOL_NAME = "save_document"
+TOOL_ARGUMENTS = orjson.dumps({"title": "Notes", "body": " ".join(f"line {i} of the document" for i in range(1100))})
+TOOL_PIECES = [TOOL_ARGUMENTS[i : i + 200].decode() for i in range(0, len(TOOL_ARGUMENTS), 200)]
+REASONING_PIECES = [f"Step {i}: weigh the options once more before answering. " for i in range(400)]
+REASONING_ANSWER = "Done."
+DENSE = "\U00013000"  # an Egyptian hieroglyph: 4 tokens in cl100k_base, 1 of the fake model's
+ESTIMATE_MODELS = frozenset({"tool-args", "reasoning", "dense", "over-report"})
+
+
 def sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -98,6 +117,8 @@ class FakeUpstream:
         model = body.get("model")
         if model in INTEGRITY_MODELS:
             return await self.integrity(request, body, "chat")
+        if model in ESTIMATE_MODELS:
+            return self.estimate_answer(body)
         if model == "bad-request":
             return JSONResponse(
                 {"error": {"message": "context too long", "type": "invalid_request_error", "code": "400"}}, 400
@@ -152,6 +173,68 @@ class FakeUpstream:
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.append(model)
             raise
+
+    # --- models of the estimate tests ------------------------------------------------------------
+
+    def estimate_answer(self, body: dict[str, Any]) -> Response:
+        model, cap = body["model"], body.get("max_tokens") or 16
+        if model == "over-report":
+            usage = {"prompt_tokens": 20, "completion_tokens": 10 * cap, "total_tokens": 20 + 10 * cap}
+            if body.get("stream"):
+                return StreamingResponse(self.integrity_stream("ok", usage), media_type="text/event-stream")
+            return JSONResponse(completion("ok", usage))
+        if body.get("stream"):
+            events = {"tool-args": self.tool_stream, "reasoning": self.reasoning_stream, "dense": self.dense_stream}
+            return StreamingResponse(events[model](cap), media_type="text/event-stream")
+        answer = completion(DENSE * cap if model == "dense" else None, usage=None)
+        message = answer["choices"][0]["message"]
+        if model == "tool-args":
+            call = {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": TOOL_NAME, "arguments": TOOL_ARGUMENTS.decode()},
+            }
+            message["tool_calls"] = [call]
+            answer["choices"][0]["finish_reason"] = "tool_calls"
+        elif model == "reasoning":
+            message.update(content=REASONING_ANSWER, reasoning_content="".join(REASONING_PIECES))
+        return JSONResponse(answer)
+
+    @staticmethod
+    def delta(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        """A chunk as LiteLLM streams it: every field of the delta present, those without a value null."""
+        fields = {"content": None, "role": "assistant", "function_call": None, "tool_calls": None, "audio": None}
+        choice = {"finish_reason": finish, "index": 0, "delta": {**fields, **delta}, "logprobs": None}
+        return sse({"id": "c", "object": "chat.completion.chunk", "model": "fake-served", "choices": [choice]})
+
+    async def late_usage(self, completion_tokens: int):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(1.0)  # a client leaving at finish_reason is gone before this
+        usage = {"prompt_tokens": 11, "completion_tokens": completion_tokens, "total_tokens": 11 + completion_tokens}
+        yield sse({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
+    async def tool_stream(self, cap: int):  # type: ignore[no-untyped-def]
+        call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": TOOL_NAME, "arguments": ""}}
+        yield self.delta({"tool_calls": [call]})
+        for piece in TOOL_PIECES:
+            yield self.delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        yield self.delta({}, "tool_calls")
+        async for event in self.late_usage(self.count(TOOL_NAME + TOOL_ARGUMENTS.decode())):
+            yield event
+
+    async def reasoning_stream(self, cap: int):  # type: ignore[no-untyped-def]
+        for piece in REASONING_PIECES:
+            yield self.delta({"reasoning_content": piece})
+        yield self.delta({"content": REASONING_ANSWER})
+        yield self.delta({}, "stop")
+        async for event in self.late_usage(self.count("".join(REASONING_PIECES) + REASONING_ANSWER)):
+            yield event
+
+    async def dense_stream(self, cap: int):  # type: ignore[no-untyped-def]
+        for _ in range(cap):  # max_tokens honoured, in the model's own tokens
+            yield chunk(DENSE)
+        await asyncio.sleep(0.5)  # a client that stops reading early is gone before the end
+        yield b"data: [DONE]\n\n"
 
     # --- models of the budget-integrity tests ---------------------------------------------------
 

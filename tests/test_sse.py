@@ -1,6 +1,7 @@
 import orjson
+import pytest
 
-from proxy.sse import StreamMeter, usage_totals
+from proxy.sse import StreamMeter, answer_text, usage_totals
 
 
 def chunk(content: str | None = None, *, usage: dict | None = None, choices: list | None = None) -> bytes:
@@ -118,3 +119,94 @@ def test_done_marks_a_complete_stream() -> None:
     assert not meter.done
     meter.feed(STREAM[-16:])
     assert meter.done
+
+
+# --- What an estimate counts: every piece of output, whichever field carries it ----------------------
+
+NULLS = {"content": None, "role": "assistant", "function_call": None, "tool_calls": None, "audio": None}
+
+
+def delta_chunk(*deltas: dict) -> bytes:
+    """One chunk with a choice per delta, every field LiteLLM has present and null unless given."""
+    return chunk(choices=[{"index": i, "delta": {**NULLS, **d}, "finish_reason": None} for i, d in enumerate(deltas)])
+
+
+def streamed(*chunks: bytes) -> str:
+    meter = StreamMeter(hide_usage=True)
+    meter.feed(b"".join(chunks) + b"data: [DONE]\n\n")
+    return meter.text
+
+
+def call_delta(**function: str) -> dict:
+    return {"tool_calls": [{"index": 0, "function": function}]}
+
+
+def test_streamed_tool_call_arguments_are_counted_with_the_function_name() -> None:
+    first = {
+        "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "save", "arguments": ""}}]
+    }
+    text = streamed(
+        delta_chunk(first), delta_chunk(call_delta(arguments='{"a": ')), delta_chunk(call_delta(arguments="1}"))
+    )
+    assert text == 'save{"a": 1}'  # not the call's id nor its type: the model did not write them
+
+
+def test_streamed_reasoning_refusal_legacy_calls_and_audio_transcripts_are_counted() -> None:
+    assert streamed(delta_chunk({"reasoning_content": "think "}), delta_chunk({"content": "say"})) == "think say"
+    assert streamed(delta_chunk({"reasoning": "openrouter's"})) == "openrouter's"
+    assert streamed(delta_chunk({"refusal": "I can't."})) == "I can't."
+    assert streamed(delta_chunk({"function_call": {"name": "f", "arguments": "{}"}})) == "f{}"
+    assert streamed(delta_chunk({"audio": {"id": "a1", "data": "UklGR", "transcript": "hello"}})) == "hello"
+
+
+def test_reasoning_carried_twice_is_counted_once() -> None:
+    # OpenRouter through LiteLLM can carry the same thinking as `reasoning` and `reasoning_content`, and
+    # Anthropic's comes again in `thinking_blocks` with a signature.
+    both = {
+        "reasoning_content": "deep",
+        "reasoning": "deep",
+        "thinking_blocks": [{"thinking": "deep", "signature": "s"}],
+    }
+    assert streamed(delta_chunk(both)) == "deep"
+
+
+def test_every_choice_of_a_stream_is_counted() -> None:
+    assert (
+        streamed(delta_chunk({"content": "one "}, call_delta(arguments="{}"), {"reasoning_content": "r"})) == "one {}r"
+    )
+
+
+def test_completions_stream_text_is_counted() -> None:
+    assert streamed(chunk(choices=[{"index": 0, "text": "legacy"}])) == "legacy"
+
+
+def test_an_answer_is_counted_whole_tool_calls_reasoning_refusal_and_every_choice() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "save", "arguments": '{"a": 1}'}}
+    response = {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]}},
+            {"index": 1, "message": {"role": "assistant", "content": "ok", "reasoning_content": "hm "}},
+            {"index": 2, "message": {"role": "assistant", "content": None, "refusal": "no"}},
+            {"index": 3, "message": {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}},
+        ]
+    }
+    assert answer_text(response) == 'save{"a": 1}okhm nof{}'
+    assert answer_text({"choices": [{"index": 0, "text": "legacy"}]}) == "legacy"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"content": "plain"},
+        {
+            "content": None,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "n", "arguments": "{}"}}],
+        },
+        {"content": "after", "reasoning_content": "before", "thinking_blocks": [{"thinking": "before"}]},
+        {"reasoning": "or", "refusal": "no", "audio": {"data": "AAAA", "transcript": "said"}},
+        {"function_call": {"name": "f", "arguments": "{}"}, "provider_specific_fields": {"citations": ["x"]}},
+    ],
+)
+def test_a_stream_and_an_answer_count_the_same_output(message: dict) -> None:
+    """StreamMeter runs output_parts inlined: the two must not drift apart."""
+    assert streamed(delta_chunk(message)) == answer_text({"choices": [{"message": {**NULLS, **message}}]})
