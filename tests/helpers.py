@@ -126,12 +126,18 @@ def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any
 
 def pg_row(dsn: str, query: str, *args: Any) -> Any:
     """One row from PostgreSQL, from synchronous test code."""
+    rows = sql(dsn, query, *args)
+    return rows[0] if rows else None
+
+
+def sql(dsn: str, query: str, *args: Any) -> list[Any]:
+    """Every row of a query to PostgreSQL, from synchronous test code."""
     import asyncpg
 
-    async def fetch() -> Any:
+    async def fetch() -> list[Any]:
         conn = await asyncpg.connect(dsn)
         try:
-            return await conn.fetchrow(query, *args)
+            return list(await conn.fetch(query, *args))
         finally:
             await conn.close()
 

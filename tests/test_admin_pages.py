@@ -14,7 +14,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from starlette.requests import Request
@@ -26,22 +25,11 @@ from proxy.config import Settings
 from proxy.redis_batch import connect
 from proxy.sessions import COOKIE, AdminSessions, Session
 
-from .helpers import admin_token, copy_usage, serve, token, uid
+from .helpers import admin_token, copy_usage, serve, sql, token, uid
 
 XSS_USER = '<script>alert("u")</script>'
 XSS_MODEL = "<img src=x onerror=alert(1)>"
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-def sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return list(await conn.fetch(query, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def add_records(dsn: str, user: str, n: int, *, tokens: int = 100, model: str = "gpt-4o", **extra: Any) -> None:

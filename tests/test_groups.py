@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-import asyncpg
 import httpx
 import orjson
 import pytest
@@ -19,7 +17,7 @@ from proxy.cli import main
 from proxy.config import Settings
 
 from .fake_upstream import FakeUpstream
-from .helpers import eventually, serve, token, uid
+from .helpers import eventually, serve, sql, token, uid
 
 
 def book(rows: list[Limit]) -> BudgetBook:
@@ -164,17 +162,6 @@ def test_a_tier_keeps_the_default_period_so_groups_never_choose_a_second_counter
 
 # What PostgreSQL makes of a tier (sql/013_group_tiers.sql): each record carries the group whose tier set the
 # user's limit, and the users page, budget_status and the alerts judge the user by that group's row.
-
-
-def sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return list(await conn.fetch(query, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def chat(url: str, headers: dict[str, str]) -> httpx.Response:
