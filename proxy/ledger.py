@@ -228,11 +228,11 @@ class Ledger:
         """The XADD that hands a record to the writer."""
         return ("XADD", self.stream, "*", "r", record.encode())
 
-    async def write_direct(self, record: UsageRecord) -> None:
-        """Straight to PostgreSQL, for when the stream itself is unreachable."""
+    async def write_direct(self, record: UsageRecord) -> bool:
+        """Straight to PostgreSQL, for when the stream itself is unreachable; whether it went in."""
         if self._pool is None:
             log.error("usage_record_lost", request_id=record.request_id, reason="no redis and no postgres")
-            return
+            return False
         try:
             async with self._pool.acquire() as conn:
                 await insert_records(conn, [record.encode()], self._months)
@@ -240,6 +240,8 @@ class Ledger:
             log.error(
                 "usage_record_lost", request_id=record.request_id, error=str(exc), record=record.encode().decode()
             )
+            return False
+        return True
 
     async def backlog(self) -> int:
         return int(await self._redis.xlen(self.stream))

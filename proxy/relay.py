@@ -375,7 +375,7 @@ class Relay:
             log.warning("settle_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
 
     def _record_failed(self, record: UsageRecord, exc: BaseException) -> None:
-        self._spawn(self._ledger.write_direct(record))  # the stream is unreachable: straight to PostgreSQL
+        self._spawn(self._write_direct(record))  # the stream is unreachable: straight to PostgreSQL
         metrics.ACCOUNTING_ERRORS.labels("record").inc()
         log.warning("record_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
 
@@ -399,6 +399,10 @@ class Relay:
         error = None if recorded.cancelled() else recorded.exception()
         if error is not None:
             self._record_failed(record, error)
+
+    async def _write_direct(self, record: UsageRecord) -> None:
+        if await self._ledger.write_direct(record):
+            self._budget.ledgered(record.request_id)  # a counter rebuilt from now on counts it
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -269,21 +269,56 @@ async def test_an_owed_settle_redis_refuses_does_not_hold_up_the_others(redis_cl
     assert (q.used, q.reserved) == (20, 0)  # settled although the one owed before it never will be
 
 
+async def test_an_owed_settle_skips_a_counter_rebuilt_after_its_record_went_into_postgresql(
+    redis_client, pg_pool, base_settings
+) -> None:
+    # FAIL_MODE=open, Redis down: two requests are served unmetered, their records go straight to PostgreSQL
+    # (the first before Redis comes back empty and the counter is rebuilt, the second after), their settles
+    # are owed. The rebuild counted the first; only the second may be added.
+    now = [time.time()]
+    engine = engine_for(redis_client, pg_pool, base_settings, clock=lambda: now[0])
+    me = Identity(uid())
+    early, late = engine.unmetered(me, uid("early"), 100), engine.unmetered(me, uid("late"), 100)
+    async with pg_pool.acquire() as conn:
+        await insert_records(conn, [usage_row(me.user, 30, now[0])], set())
+    engine.owe(early, 30)
+    engine.ledgered(early.request_id)
+    now[0] += 1
+    (q,) = await engine.snapshot(me)  # Redis is back, empty: the counter is rebuilt from PostgreSQL
+    assert q.used == 30
+    now[0] += 1
+    async with pg_pool.acquire() as conn:
+        await insert_records(conn, [usage_row(me.user, 20, now[0])], set())
+    engine.owe(late, 20)
+    engine.ledgered(late.request_id)
+    await engine.reconcile()
+    (q,) = await engine.snapshot(me)
+    assert q.used == 50  # as PostgreSQL has it: not 80
+
+
 async def test_an_owed_settle_refused_for_a_passing_reason_is_kept(redis_client, pg_pool, base_settings) -> None:
-    from redis.exceptions import OutOfMemoryError
+    from redis.exceptions import OutOfMemoryError, ResponseError
 
     engine = engine_for(redis_client, pg_pool, base_settings)
     me = Identity(uid())
     owed = await engine.reserve(me, "a", 10, 100)
     engine.owe(owed, 30)
 
-    async def full(*_: object) -> list[int]:
-        raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    refusals = [
+        OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+        ResponseError("NOREPLICAS Not enough good replicas to write. script: 0c77f9, on @user_script:20."),
+        ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist"),
+        ResponseError("BUSY Redis is busy running a script."),
+    ]
 
-    engine.settle = full  # type: ignore[method-assign]
-    with pytest.raises(OutOfMemoryError):
-        await engine.reconcile()
-    del engine.settle  # Redis has room again
+    async def refused(*_: object) -> list[int]:
+        raise refusals.pop(0)
+
+    engine.settle = refused  # type: ignore[method-assign]
+    for _ in range(len(refusals)):
+        with pytest.raises(ResponseError):
+            await engine.reconcile()
+    del engine.settle  # Redis takes writes again
     await engine.reconcile()
     (q,) = await engine.snapshot(me)
     assert (q.used, q.reserved) == (30, 0)

@@ -301,12 +301,16 @@ RES = SimpleNamespace(keys=("quota:{u:x}:user:x:month:20261101",))
 class Budget:
     def __init__(self) -> None:
         self.owed: list[tuple[Any, int]] = []
+        self.in_ledger: list[str] = []
 
     def settle_command(self, reservation: Any, tokens: int) -> tuple[Any, ...]:
         return ("EVALSHA", "sha", reservation, tokens)
 
     def owe(self, reservation: Any, tokens: int) -> None:
         self.owed.append((reservation, tokens))
+
+    def ledgered(self, request_id: str) -> None:
+        self.in_ledger.append(request_id)
 
 
 class Ledger:
@@ -316,8 +320,9 @@ class Ledger:
     def command(self, record: UsageRecord) -> tuple[Any, ...]:
         return ("XADD", "stream", record.request_id)
 
-    async def write_direct(self, record: UsageRecord) -> None:
+    async def write_direct(self, record: UsageRecord) -> bool:
         self.direct.append(record)
+        return record.status != "lost"  # a record PostgreSQL did not take either
 
 
 def relay(base_settings: Any, sender: Sender) -> tuple[Relay, Budget, Ledger]:
@@ -392,6 +397,16 @@ async def test_a_record_that_cannot_be_queued_goes_straight_to_postgresql(base_s
     await r.drain()
     assert ledger.direct == [record]
     assert budget.owed == [(RES, 7)]
+    assert budget.in_ledger == ["r-1"]  # so a counter rebuilt from PostgreSQL after this is not charged twice
+
+
+async def test_a_record_postgresql_did_not_take_is_not_said_to_be_in_the_ledger(base_settings: Any) -> None:
+    sender = Sender(fail={"XADD": ConnectionError("redis down")})
+    r, budget, ledger = relay(base_settings, sender)
+    r.account(RES, draft().record("lost", 200, (3, 4, 7)))  # type: ignore[arg-type]
+    sender.futures[0].set_exception(ConnectionError("redis down"))
+    await r.drain()
+    assert len(ledger.direct) == 1 and budget.owed == [(RES, 7)] and budget.in_ledger == []
 
 
 async def test_a_record_lost_on_the_way_goes_straight_to_postgresql(base_settings: Any) -> None:

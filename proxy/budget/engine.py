@@ -21,16 +21,7 @@ import asyncpg
 import redis.asyncio as redis
 import structlog
 from redis.commands.core import AsyncScript
-from redis.exceptions import (
-    ClusterDownError,
-    MasterDownError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .. import i18n
 from ..auth import Identity
@@ -54,10 +45,14 @@ SETTLE_LUA = (_HERE / "settle.lua").read_text()
 log = structlog.get_logger("proxy.budget")
 
 
-def _passing(exc: ResponseError) -> bool:
-    """A refusal that says nothing about the command: Redis full, a replica, a failover, a script running."""
-    transient = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError, MasterDownError)
-    return isinstance(exc, transient) or str(exc).startswith(("BUSY", "LOADING"))
+def _refused_for_good(exc: ResponseError) -> bool:
+    """Redis refused the command itself (a plain ERR, such as a value out of range, or WRONGTYPE), not for
+    now: every passing refusal has a code of its own (OOM, READONLY, NOREPLICAS, MISCONF, BUSY, ...), kept
+    at the head of the message when redis-py has no class for it."""
+    if type(exc) is not ResponseError:  # OutOfMemoryError, ReadOnlyError, ...: passing
+        return False
+    code = str(exc).split(" ", 1)[0]
+    return code == "WRONGTYPE" or not code.isupper()
 
 
 def like_pattern(glob: str) -> str:
@@ -102,6 +97,9 @@ class BudgetEngine:
         self._scopes: dict[tuple[Identity, str | None], tuple[tuple[Scope, ...], float, int]] = {}
         # Settles that could not reach Redis, applied once it answers again.
         self._owed: list[tuple[Reservation, int]] = []
+        # When an owed request's record went straight into PostgreSQL (ms, by this engine's clock): a counter
+        # rebuilt from PostgreSQL after that counts it already (settle.lua).
+        self._ledgered: dict[str, int] = {}
         # Each user's tenant ("" for none), as bound in Redis; a binding never changes once made.
         self._tenants: dict[str, str] = {}
 
@@ -280,20 +278,28 @@ class BudgetEngine:
         """Remember a settle that did not happen (Redis unreachable, or restarted without the script)."""
         self._owed.append((reservation, tokens))
 
+    def ledgered(self, request_id: str) -> None:
+        """The record of a request whose settle may be owed is in PostgreSQL (written there directly)."""
+        self._ledgered[request_id] = int(self._clock() * 1000)
+
     async def reconcile(self) -> None:
         """Apply the owed settles, each under its own request id so its reservation is released too.
-        A counter Redis lost is skipped by the script: its rebuild from PostgreSQL counts those records."""
+        A counter Redis lost is skipped by the script, and so is one rebuilt from PostgreSQL after the
+        request's record went in there: the rebuild counted it."""
         while self._owed:
             reservation, tokens = self._owed[0]
             try:
-                await self.settle(reservation, tokens)  # loads the script if Redis lost it
+                # loads the script if Redis lost it
+                await self.settle(reservation, tokens, self._ledgered.get(reservation.request_id, 0))
             except ResponseError as exc:
-                if _passing(exc):
+                if not _refused_for_good(exc):
                     raise  # Redis will take it later: tried again next time
                 # Refused for what it is: it never will be taken, and must not hold up the settles owed after
                 # it. Its reservation lapses by its expiry; its record is in the ledger.
                 log.error("owed_settle_refused", request_id=reservation.request_id, tokens=tokens, error=str(exc))
             self._owed.pop(0)
+            self._ledgered.pop(reservation.request_id, None)
+        self._ledgered.clear()  # stamps of requests whose settles were never owed
 
     async def reconcile_forever(self, interval: float = 1.0) -> None:
         while True:
@@ -322,8 +328,10 @@ class BudgetEngine:
     def _settle_args(self, reservation: Reservation, tokens: int) -> list[object]:
         return [reservation.request_id, max(tokens, 0), len(reservation.scopes), int(self._clock() * 1000)]
 
-    async def settle(self, reservation: Reservation, tokens: int) -> list[int]:
-        result = await self._eval(self._settle, list(reservation.keys), self._settle_args(reservation, tokens))
+    async def settle(self, reservation: Reservation, tokens: int, ledgered_ms: int = 0) -> list[int]:
+        """`ledgered_ms`: when the request's record went into PostgreSQL, if it did (0: not known to be)."""
+        args = self._settle_args(reservation, tokens) + ([ledgered_ms] if ledgered_ms else [])
+        result = await self._eval(self._settle, list(reservation.keys), args)
         return [int(v) for v in result]
 
     def settle_command(self, reservation: Reservation, tokens: int) -> tuple[Any, ...]:
@@ -363,12 +371,14 @@ class BudgetEngine:
         if scope.limit.model:  # a model cap counts the requests to the models it names
             args.append(like_pattern(scope.limit.model))
             query += f" and model like ${len(args)} escape '\\'"
+        built = int(self._clock() * 1000)  # what PostgreSQL held before this: counted (settle.lua)
         try:
             used = await self._pool.fetchval(query, *args)
         except PG_UNAVAILABLE as exc:
             raise ledger_down_for_rebuild() from exc
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(scope.key, "used", int(used))
+            pipe.hsetnx(scope.key, "built", built)
             pipe.expireat(scope.key, self._key_expiry(scope))
             await pipe.execute()
         return int(used)
