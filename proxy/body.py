@@ -258,6 +258,22 @@ def _inline(data: Any) -> bool:
     return isinstance(data, str) and "://" not in data[:64]
 
 
+def _image(image: Any) -> bool:
+    """An image is counted as an image; a PDF or text behind an image part (LiteLLM turns non-image data
+    URIs into documents, and takes `format`, or on its Gemini path `mime_type` or `content_type`, as the
+    media type of what it fetches) could cost the model's whole context."""
+    if isinstance(image, dict):
+        for key in _MEDIA_TYPE_KEYS:
+            media = image.get(key)
+            if media is not None and not (isinstance(media, str) and media.startswith("image/")):
+                return False
+        image = image.get("url")
+    return isinstance(image, str) and image.startswith(("https://", "http://", "data:image/"))
+
+
+_MEDIA_TYPE_KEYS = ("format", "mime_type", "content_type")
+
+
 def _part(part: Any) -> bool:
     """The content parts of OpenAI's chat API, each in a shape whose cost the prompt bound covers; any
     other type (an Anthropic `document`, a `video_url`, ...) could bring a document the bound never saw."""
@@ -267,15 +283,7 @@ def _part(part: Any) -> bool:
     if kind in ("text", "refusal"):
         return isinstance(part.get(kind), str)
     if kind in IMAGE_PARTS:
-        # An image is counted as an image; a PDF or text behind an image part (LiteLLM turns non-image
-        # data URIs into documents, and takes `format` as the media type of what it fetches) could cost
-        # the model's whole context.
-        image = part.get("image_url", part.get("input_image"))
-        url = image.get("url") if isinstance(image, dict) else image
-        media = image.get("format") if isinstance(image, dict) else None
-        if media is not None and not (isinstance(media, str) and media.startswith("image/")):
-            return False
-        return isinstance(url, str) and url.startswith(("https://", "http://", "data:image/"))
+        return _image(part.get("image_url", part.get("input_image")))
     if kind == "file":
         # A file id names a file stored under the proxy's own key: not the caller's, and of no known size.
         file = part.get("file")
@@ -304,6 +312,14 @@ def _messages(payload: dict[str, Any]) -> None:
                 " data:image/ URL, an image format if any), file or input_audio (with their data inline, not a"
                 " file_id or a URL) or refusal parts.",
                 param=f"messages[{i}].content",
+            )
+        images = message.get("images")  # LiteLLM's field for generated images, sent back as media on Gemini
+        if images is not None and not (
+            isinstance(images, list) and all(isinstance(m, dict) and _image(m.get("image_url")) for m in images)
+        ):
+            raise BadRequest(
+                f"'messages[{i}].images' must be a list of objects whose 'image_url' is an http(s) or data:image/ URL.",
+                param=f"messages[{i}].images",
             )
         if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
             raise BadRequest(f"'messages[{i}].tool_calls' must be a list.", param=f"messages[{i}].tool_calls")

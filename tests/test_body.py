@@ -319,6 +319,8 @@ def test_image_file_and_audio_parts_with_data_pass() -> None:
         {"type": "input_audio", "input_audio": {"data": "UklGR", "format": "wav"}},
     ]
     assert check(chat(messages=[{"role": "user", "content": content}]), "chat", CHAT).choices == 1
+    image = {"image_url": {"url": "data:image/png;base64,AAAA", "mime_type": "image/png"}, "index": 0}
+    assert check(chat(messages=[{"role": "assistant", "content": "", "images": [image]}]), "chat", CHAT).choices == 1
     refusal = [{"type": "refusal", "refusal": "I can't."}]
     assert check(chat(messages=[{"role": "assistant", "content": refusal}]), "chat", CHAT).choices == 1
 

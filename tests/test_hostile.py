@@ -301,6 +301,23 @@ HOSTILE: dict[str, Case] = {
         "messages[0].content",
         say([{"type": "image_url", "image_url": {"url": "https://a.example/x.pdf", "format": "application/pdf"}}]),
     ),
+    "image part as a PDF by mime_type": p(
+        "messages[0].content",
+        say(
+            [{"type": "image_url", "image_url": {"url": "data:image/png;base64,JVBER", "mime_type": "application/pdf"}}]
+        ),
+    ),
+    "image part as a PDF by content_type": p(
+        "messages[0].content",
+        say([{"type": "image_url", "image_url": {"url": "https://a.example/r", "content_type": "application/pdf"}}]),
+    ),
+    "assistant images by gs:// URL": p(
+        "messages[0].images",
+        chat(messages=[{"role": "assistant", "content": "here", "images": [{"image_url": {"url": "gs://b/v.mp4"}}]}]),
+    ),
+    "assistant images not a list": p(
+        "messages[0].images", chat(messages=[{"role": "assistant", "content": "here", "images": "x"}])
+    ),
     "video part": p("messages[0].content", say([{"type": "video_url", "video_url": {"url": "https://a.example/v"}}])),
     "audio part by URL": p(
         "messages[0].content", say([{"type": "input_audio", "input_audio": {"data": "https://a.example/a.wav"}}])
