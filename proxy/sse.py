@@ -14,7 +14,8 @@ MAX_COUNT = 2**31 - 1
 
 
 def usage_totals(usage: Any) -> tuple[int, int, int] | None:
-    """(prompt, completion, total) from an OpenAI `usage` object; None when it holds no usable counts.
+    """(prompt, completion, total) from an OpenAI `usage` object; None when it holds no usable counts
+    (none at all, nulls or zeros: every request has a prompt).
 
     Some upstreams report total_tokens as 0 for embeddings while counting prompt tokens,
     so the total is never less than prompt + completion.
@@ -27,7 +28,7 @@ def usage_totals(usage: Any) -> tuple[int, int, int] | None:
         total = max(int(usage.get("total_tokens") or 0), prompt + completion)
     except (TypeError, ValueError, OverflowError):
         return None  # not counts: the request is estimated instead
-    if min(prompt, completion) < 0 or total > MAX_COUNT:
+    if min(prompt, completion) < 0 or total > MAX_COUNT or total == 0:  # no request costs nothing: not counted
         return None
     return prompt, completion, total
 
@@ -180,7 +181,8 @@ class StreamMeter:
         usage = obj.get("usage")
         if usage is None:
             return event
-        self.usage = usage
+        if self.usage is None or usage_totals(usage) is not None:  # an empty one after counts changes nothing
+            self.usage = usage
         if self._on_usage is not None and isinstance(usage, dict):
             text = self._on_usage(usage)
             if text:

@@ -92,6 +92,20 @@ def test_usage_out_of_range_is_treated_as_missing() -> None:
     assert usage_totals({"prompt_tokens": 2**31 - 1}) == (2**31 - 1, 0, 2**31 - 1)
 
 
+def test_usage_without_counts_is_treated_as_missing() -> None:
+    assert usage_totals({}) is None
+    assert usage_totals({"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}) is None
+    assert usage_totals({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}) is None
+
+
+def test_a_stream_keeps_the_usage_with_counts_when_an_empty_one_follows() -> None:
+    meter = StreamMeter(hide_usage=False)
+    counted = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    meter.feed(b'data: {"choices": [{"delta": {"content": "hi"}}], "usage": ' + orjson.dumps(counted) + b"}\n\n")
+    meter.feed(b'data: {"choices": [], "usage": {}}\n\ndata: [DONE]\n\n')
+    assert usage_totals(meter.usage) == (7, 5, 12)
+
+
 def test_notice_is_added_as_a_last_delta_before_done() -> None:
     seen = []
 
