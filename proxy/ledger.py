@@ -228,20 +228,21 @@ class Ledger:
         """The XADD that hands a record to the writer."""
         return ("XADD", self.stream, "*", "r", record.encode())
 
-    async def write_direct(self, record: UsageRecord) -> bool:
-        """Straight to PostgreSQL, for when the stream itself is unreachable; whether it went in."""
+    async def write_direct(self, record: UsageRecord) -> int | None:
+        """Straight to PostgreSQL, for when the stream itself is unreachable. Returns when it was in, by
+        PostgreSQL's clock, in ms (a counter rebuilt later counts it); None if it did not go in."""
         if self._pool is None:
             log.error("usage_record_lost", request_id=record.request_id, reason="no redis and no postgres")
-            return False
+            return None
         try:
             async with self._pool.acquire() as conn:
                 await insert_records(conn, [record.encode()], self._months)
+                return int(await conn.fetchval("select (extract(epoch from clock_timestamp()) * 1000)::bigint"))
         except PG_UNAVAILABLE as exc:
             log.error(
                 "usage_record_lost", request_id=record.request_id, error=str(exc), record=record.encode().decode()
             )
-            return False
-        return True
+            return None
 
     async def backlog(self) -> int:
         return int(await self._redis.xlen(self.stream))

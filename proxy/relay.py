@@ -401,8 +401,9 @@ class Relay:
             self._record_failed(record, error)
 
     async def _write_direct(self, record: UsageRecord) -> None:
-        if await self._ledger.write_direct(record):
-            self._budget.ledgered(record.request_id)  # a counter rebuilt from now on counts it
+        at = await self._ledger.write_direct(record)
+        if at is not None:
+            self._budget.ledgered(record.request_id, at)  # a counter rebuilt from now on counts it
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

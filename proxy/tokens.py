@@ -117,6 +117,8 @@ def _messages(messages: Any, count: Count) -> int:
         for key, value in message.items():
             if key == "content":
                 total += _content(value, count)
+            elif key == "images" and isinstance(value, list):  # an assistant's images, sent back as media
+                total += IMAGE_TOKENS * len(value)
             elif isinstance(value, str):
                 total += _text(value, count)  # role, name, tool_call_id, refusal
             elif value is not None:

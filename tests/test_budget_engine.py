@@ -272,28 +272,46 @@ async def test_an_owed_settle_redis_refuses_does_not_hold_up_the_others(redis_cl
 async def test_an_owed_settle_skips_a_counter_rebuilt_after_its_record_went_into_postgresql(
     redis_client, pg_pool, base_settings
 ) -> None:
-    # FAIL_MODE=open, Redis down: two requests are served unmetered, their records go straight to PostgreSQL
+    # FAIL_MODE=open, Redis down: requests are served unmetered, their records go straight to PostgreSQL
     # (the first before Redis comes back empty and the counter is rebuilt, the second after), their settles
-    # are owed. The rebuild counted the first; only the second may be added.
-    now = [time.time()]
-    engine = engine_for(redis_client, pg_pool, base_settings, clock=lambda: now[0])
+    # are owed, the first twice under its id (its reservation's release, then its usage), as the relay does.
+    # The rebuild counted the first; only the second may be added. Both stamps are PostgreSQL's clock.
+    engine = engine_for(redis_client, pg_pool, base_settings)
     me = Identity(uid())
     early, late = engine.unmetered(me, uid("early"), 100), engine.unmetered(me, uid("late"), 100)
-    async with pg_pool.acquire() as conn:
-        await insert_records(conn, [usage_row(me.user, 30, now[0])], set())
+    engine.owe(early, 0)
+
+    async def write(tokens: int) -> int:
+        async with pg_pool.acquire() as conn:
+            await insert_records(conn, [usage_row(me.user, tokens, time.time())], set())
+            return int(await conn.fetchval("select (extract(epoch from clock_timestamp()) * 1000)::bigint"))
+
     engine.owe(early, 30)
-    engine.ledgered(early.request_id)
-    now[0] += 1
+    engine.ledgered(early.request_id, await write(30))
+    await asyncio.sleep(0.002)
     (q,) = await engine.snapshot(me)  # Redis is back, empty: the counter is rebuilt from PostgreSQL
     assert q.used == 30
-    now[0] += 1
-    async with pg_pool.acquire() as conn:
-        await insert_records(conn, [usage_row(me.user, 20, now[0])], set())
+    await asyncio.sleep(0.002)
     engine.owe(late, 20)
-    engine.ledgered(late.request_id)
+    engine.ledgered(late.request_id, await write(20))
     await engine.reconcile()
     (q,) = await engine.snapshot(me)
     assert q.used == 50  # as PostgreSQL has it: not 80
+
+
+async def test_a_first_request_rebuilds_every_counter_it_needs(redis_client, pg_pool, base_settings) -> None:
+    # A user, their tenant and two model caps, all missing after Redis came back empty: one rebuild a turn.
+    from proxy.budget.rows import Limit, set_model_cap
+
+    me = Identity(uid(), uid("t"))
+    async with pg_pool.acquire() as conn:
+        for glob in ("gpt-4o*", "gpt-4*"):
+            await set_model_cap(conn, Limit("user", me.user, "month", 1000, 0.8, model=glob))
+    book = BudgetBook(replace(base_settings, default_tenant_budget=10_000))
+    await book.load(pg_pool)
+    engine = BudgetEngine(redis_client, book, pg_pool)
+    r = await engine.reserve(me, "r1", 10, 20, model="gpt-4o-mini")
+    assert len(r.keys) == 4 and r.granted == 20
 
 
 async def test_an_owed_settle_refused_for_a_passing_reason_is_kept(redis_client, pg_pool, base_settings) -> None:

@@ -301,7 +301,7 @@ RES = SimpleNamespace(keys=("quota:{u:x}:user:x:month:20261101",))
 class Budget:
     def __init__(self) -> None:
         self.owed: list[tuple[Any, int]] = []
-        self.in_ledger: list[str] = []
+        self.in_ledger: list[tuple[str, int]] = []
 
     def settle_command(self, reservation: Any, tokens: int) -> tuple[Any, ...]:
         return ("EVALSHA", "sha", reservation, tokens)
@@ -309,8 +309,8 @@ class Budget:
     def owe(self, reservation: Any, tokens: int) -> None:
         self.owed.append((reservation, tokens))
 
-    def ledgered(self, request_id: str) -> None:
-        self.in_ledger.append(request_id)
+    def ledgered(self, request_id: str, at_ms: int) -> None:
+        self.in_ledger.append((request_id, at_ms))
 
 
 class Ledger:
@@ -320,9 +320,9 @@ class Ledger:
     def command(self, record: UsageRecord) -> tuple[Any, ...]:
         return ("XADD", "stream", record.request_id)
 
-    async def write_direct(self, record: UsageRecord) -> bool:
+    async def write_direct(self, record: UsageRecord) -> int | None:
         self.direct.append(record)
-        return record.status != "lost"  # a record PostgreSQL did not take either
+        return None if record.status == "lost" else 1_700_000_000_000  # a record PostgreSQL did not take either
 
 
 def relay(base_settings: Any, sender: Sender) -> tuple[Relay, Budget, Ledger]:
@@ -397,7 +397,7 @@ async def test_a_record_that_cannot_be_queued_goes_straight_to_postgresql(base_s
     await r.drain()
     assert ledger.direct == [record]
     assert budget.owed == [(RES, 7)]
-    assert budget.in_ledger == ["r-1"]  # so a counter rebuilt from PostgreSQL after this is not charged twice
+    assert budget.in_ledger == [("r-1", 1_700_000_000_000)]  # a counter rebuilt after this counts it already
 
 
 async def test_a_record_postgresql_did_not_take_is_not_said_to_be_in_the_ledger(base_settings: Any) -> None:

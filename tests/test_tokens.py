@@ -139,6 +139,8 @@ def test_shapes_that_once_counted_as_nearly_nothing() -> None:
     assert TOKENIZER.prompt({**plain, "response_format": schema}) > TOKENIZER.prompt(plain) + 3000
     image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
     assert TOKENIZER.prompt({"messages": [{"role": "user", "content": [image]}]}) >= IMAGE_TOKENS
+    shown = {"role": "assistant", "content": "", "images": [{"image_url": image["image_url"]}] * 100}
+    assert TOKENIZER.prompt({"messages": [shown]}) >= 100 * IMAGE_TOKENS  # sent back as media (Gemini)
     # Controls that never reach the model as text cost nothing.
     assert TOKENIZER.prompt({**plain, "temperature": 0.5, "n": 3, "max_tokens": 99}) == TOKENIZER.prompt(plain)
 

@@ -97,8 +97,8 @@ class BudgetEngine:
         self._scopes: dict[tuple[Identity, str | None], tuple[tuple[Scope, ...], float, int]] = {}
         # Settles that could not reach Redis, applied once it answers again.
         self._owed: list[tuple[Reservation, int]] = []
-        # When an owed request's record went straight into PostgreSQL (ms, by this engine's clock): a counter
-        # rebuilt from PostgreSQL after that counts it already (settle.lua).
+        # When an owed request's record went straight into PostgreSQL (ms, by PostgreSQL's clock, as a
+        # rebuild's `built` is: one clock for every proxy): a counter rebuilt after that counts it (settle.lua).
         self._ledgered: dict[str, int] = {}
         # Each user's tenant ("" for none), as bound in Redis; a binding never changes once made.
         self._tenants: dict[str, str] = {}
@@ -233,7 +233,7 @@ class BudgetEngine:
         args += [s.limit.tokens for s in scopes]
         args += [self._key_expiry(s) for s in scopes]
         args += [user.rpm, user.tpm, self._holdback]
-        for _ in range(3):
+        for _ in range(len(scopes) + 2):  # each missing counter is rebuilt in a turn of its own
             try:
                 result = await self._eval(self._reserve, keys, args)
             except (RedisError, asyncio.CancelledError) as exc:
@@ -278,9 +278,10 @@ class BudgetEngine:
         """Remember a settle that did not happen (Redis unreachable, or restarted without the script)."""
         self._owed.append((reservation, tokens))
 
-    def ledgered(self, request_id: str) -> None:
-        """The record of a request whose settle may be owed is in PostgreSQL (written there directly)."""
-        self._ledgered[request_id] = int(self._clock() * 1000)
+    def ledgered(self, request_id: str, at_ms: int) -> None:
+        """The record of a request whose settle may be owed went into PostgreSQL at `at_ms` (its clock)."""
+        if self._owed:  # nothing owed, nothing to skip: a stream that alone is unreachable adds no stamps
+            self._ledgered[request_id] = at_ms
 
     async def reconcile(self) -> None:
         """Apply the owed settles, each under its own request id so its reservation is released too.
@@ -298,8 +299,8 @@ class BudgetEngine:
                 # it. Its reservation lapses by its expiry; its record is in the ledger.
                 log.error("owed_settle_refused", request_id=reservation.request_id, tokens=tokens, error=str(exc))
             self._owed.pop(0)
-            self._ledgered.pop(reservation.request_id, None)
-        self._ledgered.clear()  # stamps of requests whose settles were never owed
+        # Not before: a request can be owed twice under one id (its reservation's release, then its usage).
+        self._ledgered.clear()
 
     async def reconcile_forever(self, interval: float = 1.0) -> None:
         while True:
@@ -371,9 +372,10 @@ class BudgetEngine:
         if scope.limit.model:  # a model cap counts the requests to the models it names
             args.append(like_pattern(scope.limit.model))
             query += f" and model like ${len(args)} escape '\\'"
-        built = int(self._clock() * 1000)  # what PostgreSQL held before this: counted (settle.lua)
+        # `built`: when the statement began, by PostgreSQL's clock; what was committed before it is counted.
+        query = f"select ({query}), (extract(epoch from statement_timestamp()) * 1000)::bigint"
         try:
-            used = await self._pool.fetchval(query, *args)
+            used, built = await self._pool.fetchrow(query, *args)
         except PG_UNAVAILABLE as exc:
             raise ledger_down_for_rebuild() from exc
         async with self._redis.pipeline(transaction=True) as pipe:
