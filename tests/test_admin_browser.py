@@ -21,11 +21,12 @@ from proxy.config import Settings
 from proxy.sessions import AdminSessions
 
 from .browser import DESKTOP, no_horizontal_scroll, shoot
-from .helpers import copy_usage, serve, token, uid
+from .helpers import copy_usage, serve, sql, token, uid
 
 TEAM = uid("acme")
 USERS = [f"{TEAM}-{name}" for name in ("ana", "bruno", "carla", "davi")]
 MODELS = ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet")
+TIER = uid("research")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,14 @@ def seeded(settings: Settings) -> None:
     rows.append((uid("r"), now, USERS[3], TEAM, MODELS[0], "chat", 0, "blocked"))
 
     copy_usage(settings.database_url, rows)
+    # bruno's requests come with a group whose tier sets his budget (the records would carry it)
+    sql(
+        settings.database_url,
+        "insert into budgets (subject_type, subject, period, token_limit) values ('group', $1, 'month', 500000)"
+        " on conflict (subject_type, subject) do update set token_limit = excluded.token_limit",
+        TIER,
+    )
+    sql(settings.database_url, "update usage_users set budget_group = $1 where user_id = $2", TIER, USERS[1])
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +91,12 @@ def test_an_admin_walks_the_dashboard_and_changes_a_budget(url: str, browser: Br
         assert page.locator("tr[data-user]").count() == len(USERS)
         assert page.locator("tr[data-user]").first.get_attribute("data-user") == USERS[-1]  # most used first
         shoot(page, "admin-users")
+
+        page.get_by_role("link", name=USERS[1]).click()  # on a group's tier: judged by the group's row
+        assert page.get_by_text(f"Budget of the group {TIER}").is_visible()
+        assert "500,000" in page.locator("main").inner_text()
+        shoot(page, "admin-user-tier")
+        page.go_back()
 
         target = USERS[0]
         page.get_by_role("link", name=target).click()
