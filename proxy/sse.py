@@ -58,8 +58,8 @@ def output_parts(message: dict[str, Any], parts: list[str]) -> None:
     `reasoning_content`, with a signature).
 
     One pass over the message's few keys, skipping the nulls LiteLLM sends for every field it has
-    (`tool_calls`, `function_call`, `audio`, ...), nothing serialised again. `StreamMeter._event` runs the
-    same pass inlined, once per chunk: streams are the hot path.
+    (`tool_calls`, `function_call`, `audio`, ...), nothing serialised again: `StreamMeter` runs it on every
+    chunk's delta (a call instead of the loop inlined measured +0.1 to +0.3 µs a chunk, bench/meter_bench.py).
     """
     for key, value in message.items():
         if value is None:
@@ -168,14 +168,7 @@ class StreamMeter:
             if isinstance(choice, dict):
                 delta = choice.get("delta")
                 if isinstance(delta, dict):  # chat: every choice's generated output, not only its content
-                    for key, value in delta.items():  # output_parts, inlined: a call per chunk costs as much
-                        if value is None:
-                            continue
-                        if key == "content":
-                            if isinstance(value, str):
-                                parts.append(value)
-                        elif key != "role":
-                            _other_output(delta, key, value, parts)
+                    output_parts(delta, parts)
                 elif isinstance(text := choice.get("text"), str):  # /v1/completions
                     parts.append(text)
         usage = obj.get("usage")

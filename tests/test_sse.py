@@ -222,5 +222,5 @@ def test_an_answer_is_counted_whole_tool_calls_reasoning_refusal_and_every_choic
     ],
 )
 def test_a_stream_and_an_answer_count_the_same_output(message: dict) -> None:
-    """StreamMeter runs output_parts inlined: the two must not drift apart."""
+    """A stream and a whole answer are counted alike, whatever fields their output comes in."""
     assert streamed(delta_chunk(message)) == answer_text({"choices": [{"message": {**NULLS, **message}}]})
