@@ -18,7 +18,8 @@ from budget_bench import stats  # noqa: E402  (bench/ is on the path when run)
 
 from proxy.alerts import AlertDetector  # noqa: E402
 from proxy.db import migrate  # noqa: E402
-from proxy.ledger import Ledger, UsageRecord  # noqa: E402
+from proxy.ledger import Ledger  # noqa: E402
+from proxy.records import UsageRecord  # noqa: E402
 from proxy.redis_batch import connect  # noqa: E402
 from proxy.redis_wire import PipedRedis  # noqa: E402
 from tests.devstack import stat_fields  # noqa: E402

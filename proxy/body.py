@@ -19,7 +19,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from .errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout
-from .tokens import IMAGE_PARTS
+from .parts import bounded_image, bounded_part
 
 # Parameters chat and completions share; then each endpoint's own (OpenAI's API reference).
 _GENERATION = frozenset(
@@ -252,48 +252,6 @@ def _inputs(payload: dict[str, Any], name: str) -> int:
     return 1
 
 
-def _inline(data: Any) -> bool:
-    """Data carried in the body (base64, a data: URI), counted in the prompt bound as its text; not a URL
-    (http, gs, s3, ...), which LiteLLM fetches and the model reads at a cost nobody can know in advance."""
-    return isinstance(data, str) and "://" not in data[:64]
-
-
-def _image(image: Any) -> bool:
-    """An image is counted as an image; a PDF or text behind an image part (LiteLLM turns non-image data
-    URIs into documents, and takes `format`, or on its Gemini path `mime_type` or `content_type`, as the
-    media type of what it fetches) could cost the model's whole context."""
-    if isinstance(image, dict):
-        for key in _MEDIA_TYPE_KEYS:
-            media = image.get(key)
-            if media is not None and not (isinstance(media, str) and media.startswith("image/")):
-                return False
-        image = image.get("url")
-    return isinstance(image, str) and image.startswith(("https://", "http://", "data:image/"))
-
-
-_MEDIA_TYPE_KEYS = ("format", "mime_type", "content_type")
-
-
-def _part(part: Any) -> bool:
-    """The content parts of OpenAI's chat API, each in a shape whose cost the prompt bound covers; any
-    other type (an Anthropic `document`, a `video_url`, ...) could bring a document the bound never saw."""
-    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-        return False
-    kind = part["type"]
-    if kind in ("text", "refusal"):
-        return isinstance(part.get(kind), str)
-    if kind in IMAGE_PARTS:
-        return _image(part.get("image_url", part.get("input_image")))
-    if kind == "file":
-        # A file id names a file stored under the proxy's own key: not the caller's, and of no known size.
-        file = part.get("file")
-        return isinstance(file, dict) and "file_id" not in file and _inline(file.get("file_data"))
-    if kind == "input_audio":
-        audio = part.get("input_audio")
-        return isinstance(audio, dict) and _inline(audio.get("data"))
-    return False
-
-
 def _messages(payload: dict[str, Any]) -> None:
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -306,7 +264,7 @@ def _messages(payload: dict[str, Any]) -> None:
             raise BadRequest(
                 f"'messages[{i}].content' must be a string or a list of parts.", param=f"messages[{i}].content"
             )
-        if isinstance(content, list) and not all(_part(p) for p in content):
+        if isinstance(content, list) and not all(bounded_part(p) for p in content):
             raise BadRequest(
                 f"'messages[{i}].content' parts must be text (a 'text' string), image_url (an http(s) or"
                 " data:image/ URL, an image format if any), file or input_audio (with their data inline, not a"
@@ -315,7 +273,7 @@ def _messages(payload: dict[str, Any]) -> None:
             )
         images = message.get("images")  # LiteLLM's field for generated images, sent back as media on Gemini
         if images is not None and not (
-            isinstance(images, list) and all(isinstance(m, dict) and _image(m.get("image_url")) for m in images)
+            isinstance(images, list) and all(isinstance(m, dict) and bounded_image(m.get("image_url")) for m in images)
         ):
             raise BadRequest(
                 f"'messages[{i}].images' must be a list of objects whose 'image_url' is an http(s) or data:image/ URL.",

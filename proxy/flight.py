@@ -24,7 +24,7 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .ledger import UsageRecord
+from .records import UsageRecord
 
 if TYPE_CHECKING:
     from .relay import Relay

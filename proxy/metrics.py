@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricF
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .ledger import UsageRecord
+    from .records import UsageRecord
 
 # The `_created` series would double the series Prometheus stores, for a start time nobody queries.
 disable_created_metrics()  # type: ignore[no-untyped-call]

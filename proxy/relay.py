@@ -6,7 +6,6 @@ import asyncio
 import fnmatch
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -28,11 +27,13 @@ from .errors import (
 )
 from .flight import Flight, RecordDraft, client_request_id, new_request_id
 from .forward import StreamThrough, Upstream, Upstreamed
-from .ledger import Ledger, UsageRecord
+from .ledger import Ledger
 from .links import StatementLinks
+from .records import UsageRecord
 from .redis_batch import CommandSender
-from .sse import StreamMeter, answer_text, usage_totals
+from .sse import StreamMeter
 from .tokens import Tokenizer
+from .usage import Estimate, answer_text, usage_totals
 
 log = structlog.get_logger("proxy.relay")
 
@@ -57,31 +58,6 @@ def _served_model(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
         return None, None
     model = obj.get("model")
     return obj, model if isinstance(model, str) else None
-
-
-@dataclass(frozen=True, slots=True)
-class _Estimate:
-    """What a request is charged when the upstream reports no usable usage: its prompt bound, as reserved,
-    and its answer's output counted in cl100k_base, at most `most` tokens.
-
-    `most` is what the upstream was allowed to write: the answers times each answer's cap as sent. With the
-    proxy clamping answers (CLAMP_MAX_TOKENS, the default), prompt + most never exceeds the reservation, so
-    an estimate cannot push any budget it was reserved against (the user's, the tenant's, a model cap's)
-    past what it held for the request: cl100k may count an answer in the model's own tokens several times
-    over (a character it spends 4 tokens on can be 1 of the model's). The upstream's own usage is never
-    capped. None: the proxy capped no answer (CLAMP_MAX_TOKENS=false, an exempt model), so the answer's
-    length is the model's own and nothing bounds it; the estimate then charges what was delivered, as the
-    upstream's usage would, rather than letting a hang-up make the rest of a long answer free.
-    """
-
-    prompt: int
-    most: int | None
-
-    def of(self, answer: str, tokens: Tokenizer) -> tuple[int, int, int]:
-        completion = tokens.count(answer)
-        if self.most is not None and completion > self.most:
-            completion = self.most
-        return self.prompt, completion, self.prompt + completion
 
 
 class Relay:
@@ -191,7 +167,7 @@ class Relay:
                 cap_answers(completion, granted)
                 body = encode(payload)
                 answer_cap = granted
-        estimate = _Estimate(prompt, completion.choices * answer_cap if answer_cap is not None else None)
+        estimate = Estimate(prompt, completion.choices * answer_cap if answer_cap is not None else None)
         draft.upstream_sent = time.perf_counter()
         upstream = await self._upstream.send("POST", UPSTREAM_PATHS[endpoint], body=body, request_id=draft.request_id)
         draft.upstream_first = time.perf_counter()  # a JSON answer's headers; a stream's first event replaces it
@@ -218,7 +194,7 @@ class Relay:
         completion: Completion,
         flight: Flight,
         link: Callable[[], str | None],
-        estimate: _Estimate,
+        estimate: Estimate,
     ) -> Response:
         draft, reservation = flight.draft, flight.reservation
         assert reservation is not None
@@ -247,7 +223,7 @@ class Relay:
         return StreamThrough(upstream, headers, meter, on_end, self._sender.written)  # type: ignore[return-value]
 
     async def _answer(
-        self, upstream: Upstreamed, completion: Completion, flight: Flight, estimate: _Estimate
+        self, upstream: Upstreamed, completion: Completion, flight: Flight, estimate: Estimate
     ) -> Response:
         draft, reservation = flight.draft, flight.reservation
         assert reservation is not None

@@ -12,7 +12,7 @@ import pytest
 
 from proxy.budget.rows import Limit, change_budget
 from proxy.config import Settings
-from proxy.ledger import UsageRecord, insert_records
+from proxy.records import UsageRecord, insert_records
 
 from .helpers import uid
 

@@ -23,8 +23,9 @@ from proxy import metrics
 from proxy.alerts import AlertDetector, channels, parse_thresholds
 from proxy.budget.rows import Limit, set_budget
 from proxy.config import Settings
-from proxy.ledger import Ledger, UsageRecord, as_rows, insert_records, spent
+from proxy.ledger import Ledger
 from proxy.notifier import SIGNATURE_HEADER, Notifier, sign, verify
+from proxy.records import UsageRecord, as_rows, insert_records, spent
 
 from .devstack import free_port
 from .helpers import serve, uid

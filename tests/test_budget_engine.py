@@ -17,7 +17,7 @@ from proxy.budget import BudgetEngine
 from proxy.budget.rows import BudgetBook, period_bounds
 from proxy.config import Settings
 from proxy.errors import QuotaExceeded
-from proxy.ledger import insert_records
+from proxy.records import insert_records
 from proxy.redis_wire import PipedRedis
 
 from .helpers import uid

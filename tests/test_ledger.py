@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.db import migrate, migration_files
-from proxy.ledger import GROUP, READ_CHUNK, TRIM_CHUNK, Ledger, UsageRecord, insert_records, insert_rows
+from proxy.ledger import GROUP, READ_CHUNK, TRIM_CHUNK, Ledger
+from proxy.records import UsageRecord, insert_records, insert_rows
 
 from .helpers import uid
 

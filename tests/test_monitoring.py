@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import metrics
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.ledger import UsageRecord
+from proxy.records import UsageRecord
 from proxy.tokens import CL100K_SHA256, Tokenizer
 
 from .devstack import free_port

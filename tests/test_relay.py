@@ -27,7 +27,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.flight import Flight, RecordDraft, client_request_id, new_request_id, outcome_of
-from proxy.ledger import UsageRecord
+from proxy.records import UsageRecord
 from proxy.relay import Relay, _served_model
 
 pytestmark = pytest.mark.anyio

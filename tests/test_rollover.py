@@ -13,7 +13,7 @@ from proxy.auth import Identity
 from proxy.budget import BudgetEngine
 from proxy.budget.rows import BudgetBook, Limit, period_bounds, set_budget
 from proxy.config import Settings
-from proxy.ledger import insert_records
+from proxy.records import insert_records
 
 from .helpers import uid
 from .test_budget_engine import usage_row

@@ -1,7 +1,8 @@
 import orjson
 import pytest
 
-from proxy.sse import StreamMeter, answer_text, usage_totals
+from proxy.sse import StreamMeter
+from proxy.usage import answer_text, usage_totals
 
 
 def chunk(content: str | None = None, *, usage: dict | None = None, choices: list | None = None) -> bytes:
