@@ -642,7 +642,7 @@ def test_the_writer_process_sends_alerts_and_a_kill_mid_retry_sends_once(base_se
         f"http://127.0.0.1:{port}",
         alert_thresholds=("0.5",),
         alert_retry_seconds=0.2,
-        alert_retry_max_seconds=1.0,
+        alert_retry_max_seconds=3.0,
         alert_poll_seconds=0.2,
     )
     user = uid()
@@ -661,6 +661,19 @@ def test_the_writer_process_sends_alerts_and_a_kill_mid_retry_sends_once(base_se
         row = pg_row(settings.database_url, "select min(attempts) from alert_notifications where subject = $1", user)
         return int(row[0] or 0)
 
+    def backing_off(at_least: float = -60.0) -> bool:
+        """Both deliveries failed and wait out a back-off (at most ALERT_RETRY_MAX_SECONDS), not a send's lease
+        (a minute or more): a kill inside a lease is delivered only once the lease ends, tested elsewhere."""
+        row = pg_row(
+            settings.database_url,
+            "select count(*) filter (where next_attempt_at >= now() + make_interval(secs => $2)"
+            " and next_attempt_at <= now() + make_interval(secs => $3)) from alert_notifications where subject = $1",
+            user,
+            at_least,
+            settings.alert_retry_max_seconds + 1,
+        )
+        return int(row[0]) == 2
+
     app = create_app(settings)
     failed, sent = (
         counter(f"quota_notifications_{k}_total", channel=c) for k, c in (("failed", "webhook"), ("sent", "slack"))
@@ -671,9 +684,12 @@ def test_the_writer_process_sends_alerts_and_a_kill_mid_retry_sends_once(base_se
         # The writer's series reach the proxy's /metrics over its pipe (the counters add to this process's own).
         eventually(lambda: metric(url, "quota_notifications_pending") == 2)
         eventually(lambda: metric(url, 'quota_notifications_failed_total{channel="webhook"}') >= failed + 2)
+        # Killed between two tries, with a second to spare before the next one claims the rows.
+        eventually(lambda: backing_off(1.0), timeout=30)
         first = app.state.services.writer.pid
         os.kill(first, signal.SIGKILL)
         eventually(lambda: not alive(first))
+        assert backing_off(), "the kill came inside a send's lease"
         with serve(rec.app, port=port):
             eventually(lambda: len(rec.received) == 2, timeout=30)
             eventually(lambda: app.state.services.writer.pid not in (None, first))
