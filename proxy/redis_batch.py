@@ -30,6 +30,8 @@ class CommandSender(Protocol):
 
     def submit(self, *command: Any) -> asyncio.Future[Any]: ...
 
+    def on_connect(self, *command: Any) -> None: ...
+
     def written(self) -> Awaitable[None]: ...
 
     async def idle(self) -> None: ...
@@ -87,6 +89,10 @@ class BatchingRedis:
             self._busy = True
             self._release()
         return future
+
+    def on_connect(self, *command: Any) -> None:
+        """Nothing: redis-py's pool has no such hook (a cluster's nodes each have their own script cache);
+        an EVALSHA answered NOSCRIPT loads the script and runs again (BudgetEngine, Relay)."""
 
     def written(self) -> Awaitable[None]:
         # Commands leave at once when no pipeline is in flight, else right after it; an answer does

@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from functools import partial
 from typing import Any
 
 import hiredis
+import structlog
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError, InvalidResponse, TimeoutError
 
 from .loop import OnLoop
 
+log = structlog.get_logger("proxy.redis")
+
 _INCOMPLETE = object()
+
+
+def _preamble_done(what: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+    error = None if future.cancelled() else future.exception()
+    if error is not None and not isinstance(error, ConnectionError):
+        log.warning("redis_preamble_refused", command=" ".join(map(str, what)), error=str(error))
 
 
 class _Link(asyncio.Protocol):
@@ -113,12 +123,19 @@ class PipedRedis(OnLoop):
             self._handshake.append(("AUTH", *filter(None, (options.get("username"), options["password"]))))
         if options.get("db"):
             self._handshake.append(("SELECT", options["db"]))
+        self._preamble: list[tuple[Any, ...]] = []
         self._link: _Link | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._unsent: list[bytes] = []
         self._unsent_futures: list[asyncio.Future[Any]] = []
         self._flush_scheduled = False
         self._waiters: list[asyncio.Future[None]] = []
+
+    def on_connect(self, *command: Any) -> None:
+        """Send `command` first on every new connection, ahead of what is queued: `SCRIPT LOAD`, so that a
+        Redis restarted (no script cache survives it) never answers this connection's EVALSHA with NOSCRIPT.
+        Best effort: refused (an ACL without SCRIPT), it is logged and the connection serves on."""
+        self._preamble.append(command)
 
     def submit(self, *command: Any) -> asyncio.Future[Any]:
         """Queue a command without waiting; the future holds its reply or its error (a RedisError)."""
@@ -186,9 +203,13 @@ class PipedRedis(OnLoop):
             async with asyncio.timeout(self.timeout):
                 _, link = await loop.create_connection(lambda: _Link(self), self._host, self._port)
                 answers = [loop.create_future() for _ in self._handshake]
-                if answers:
-                    link.write(b"".join(hiredis.pack_command(c) for c in self._handshake), answers)
-                    await asyncio.gather(*answers)
+                preamble = [loop.create_future() for _ in self._preamble]
+                for command, future in zip(self._preamble, preamble, strict=True):
+                    future.add_done_callback(partial(_preamble_done, command[:2]))
+                if answers or preamble:
+                    commands = (*self._handshake, *self._preamble)
+                    link.write(b"".join(hiredis.pack_command(c) for c in commands), answers + preamble)
+                    await asyncio.gather(*answers)  # the preamble's replies come before the queued commands'
         except Exception as exc:  # unreachable, too slow, or AUTH/SELECT refused: the queued commands fail
             if link is not None:
                 link.close(exc)

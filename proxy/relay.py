@@ -344,11 +344,25 @@ class Relay:
         recorded.add_done_callback(lambda done: self._accounted(reservation, record, settled, done, submitted))
 
     def _settle_failed(self, reservation: Reservation, record: UsageRecord, exc: BaseException) -> None:
-        # Redis unreachable, or restarted without the script: the reconcile task settles it later.
+        if isinstance(exc, NoScriptError):
+            # Redis restarted (no script cache survives that, AOF or not): load the script and settle now.
+            # Owed to the next reconcile instead, the reservation would hold the budget for up to a second,
+            # refusing a user's next requests as "taken by requests in progress".
+            self._spawn(self._settle_now(reservation, record))
+            return
+        self._owe(reservation, record, exc)
+
+    def _owe(self, reservation: Reservation, record: UsageRecord, exc: BaseException) -> None:
+        # Redis unreachable: the reconcile task settles it once Redis answers.
         self._budget.owe(reservation, record.total_tokens)
-        if not isinstance(exc, NoScriptError):
-            metrics.ACCOUNTING_ERRORS.labels("settle").inc()
-            log.warning("settle_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
+        metrics.ACCOUNTING_ERRORS.labels("settle").inc()
+        log.warning("settle_failed", request_id=record.request_id, error=str(exc) or exc.__class__.__name__)
+
+    async def _settle_now(self, reservation: Reservation, record: UsageRecord) -> None:
+        try:
+            await self._budget.settle(reservation, record.total_tokens)
+        except Exception as exc:  # Redis went away meanwhile: owed, as above
+            self._owe(reservation, record, exc)
 
     def _record_failed(self, record: UsageRecord, exc: BaseException) -> None:
         self._spawn(self._write_direct(record))  # the stream is unreachable: straight to PostgreSQL

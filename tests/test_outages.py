@@ -14,7 +14,7 @@ from proxy.app import create_app
 from proxy.config import Settings
 
 from .fake_upstream import FakeUpstream
-from .helpers import RedisProcess, eventually, pg_row, serve, token, uid
+from .helpers import RedisProcess, eventually, pg_row, serve, sql, token, uid
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -79,3 +79,26 @@ def test_open_mode_serves_records_and_reconciles_when_redis_returns(
         # Redis restarts with its data (AOF): the counter says 12, the reconcile adds the 24 spent meanwhile.
         private_redis.start()
         eventually(lambda: client.get("/v1/quota", headers=headers).json()["budgets"][0]["used"] == 36)
+
+
+def test_a_restarted_redis_keeps_its_counters_not_its_scripts_and_settles_still_land_at_once(
+    base_settings: Settings, fake: FakeUpstream, private_redis: RedisProcess
+) -> None:
+    """A restart loses Redis's script cache, AOF or not. The first settles after it load the script and land
+    at once: owed to the next reconcile, each reservation would hold the budget a second longer, and a user
+    near their limit, asking again straight away, would be refused "taken by requests in progress"."""
+    settings = replace(base_settings, litellm_base_url=fake.url, redis_url=private_redis.url)
+    user = uid()
+    sql(settings.database_url, "insert into budgets (subject_type, subject, token_limit) values ('user', $1, 60)", user)
+    headers = {"Authorization": f"Bearer {token(user)}"}
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.post("/v1/chat/completions", headers=headers, json=CHAT).status_code == 200
+        eventually(lambda: client.get("/v1/quota", headers=headers).json()["budgets"][0]["used"] == 12)
+        private_redis.kill()
+        private_redis.start()
+        eventually(lambda: client.get("/readyz").status_code == 200)
+        # 12 tokens each; unsettled, two reservations (36, then 18 of what was left) would refuse the third.
+        for used in (24, 36, 48):
+            r = client.post("/v1/chat/completions", headers=headers, json=CHAT)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-quota-used"] == str(used)

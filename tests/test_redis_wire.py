@@ -47,6 +47,30 @@ async def test_errors_are_redis_py_exceptions_and_the_connection_goes_on(pipe: P
     assert await pipe.call("GET", key) == b"text"
 
 
+async def test_scripts_loaded_on_every_connection_and_a_refused_preamble_is_only_logged(
+    volatile_redis: RedisProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A restarted Redis has no scripts: each new connection loads them before its first command, so
+    EVALSHA never meets NOSCRIPT there. A preamble Redis refuses (an ACL without SCRIPT) costs nothing."""
+    body = "return redis.call('INCR', KEYS[1])"
+    pipe = PipedRedis(volatile_redis.url, timeout=2.0)
+    pipe.on_connect("SCRIPT", "LOAD", body)
+    pipe.on_connect("NO-SUCH-COMMAND")
+    admin = aioredis.Redis(port=volatile_redis.port)
+    sha = await admin.script_load(body)
+    await admin.aclose()
+    try:
+        assert await pipe.call("EVALSHA", sha, 1, "n") == 1
+        volatile_redis.kill()
+        volatile_redis.start()  # empty: no key, no script
+        with pytest.raises(ConnectionError):
+            await pipe.call("PING")  # the old connection's end
+        assert await pipe.call("EVALSHA", sha, 1, "n") == 1
+        assert capsys.readouterr().out.count("redis_preamble_refused") == 2  # once per connection
+    finally:
+        await pipe.close()
+
+
 async def test_a_cancelled_caller_does_not_shift_the_replies(pipe: PipedRedis) -> None:
     key = uid("k")
     await pipe.call("SET", key, "1")

@@ -301,7 +301,15 @@ RES = SimpleNamespace(keys=("quota:{u:x}:user:x:month:20261101",))
 class Budget:
     def __init__(self) -> None:
         self.owed: list[tuple[Any, int]] = []
+        self.settled: list[tuple[Any, int]] = []
         self.in_ledger: list[tuple[str, int]] = []
+        self.fail: Exception | None = None
+
+    async def settle(self, reservation: Any, tokens: int) -> list[int]:
+        self.settled.append((reservation, tokens))
+        if self.fail is not None:
+            raise self.fail
+        return [tokens]
 
     def settle_command(self, reservation: Any, tokens: int) -> tuple[Any, ...]:
         return ("EVALSHA", "sha", reservation, tokens)
@@ -381,11 +389,30 @@ async def test_a_settle_that_fails_once_sent_is_owed(base_settings: Any) -> None
     r, budget, ledger = relay(base_settings, sender)
     r.account(RES, draft().record("ok", 200, (3, 4, 7)))  # type: ignore[arg-type]
     settled, recorded = sender.futures
-    settled.set_exception(NoScriptError("NOSCRIPT"))
+    settled.set_exception(ConnectionError("reset"))
     recorded.set_result(1)
     await settle_callbacks()
     assert budget.owed == [(RES, 7)]
     assert ledger.direct == []
+
+
+@pytest.mark.parametrize("again", [None, ConnectionError("gone again")])
+async def test_a_settle_redis_has_no_script_for_is_settled_at_once_else_owed(
+    base_settings: Any, again: Exception | None
+) -> None:
+    """Redis restarted: the script is loaded and the settle run at once (not a second later by the
+    reconcile, its reservation meanwhile refusing the user's next requests); owed if that fails too."""
+    sender = Sender()
+    r, budget, _ = relay(base_settings, sender)
+    budget.fail = again
+    r.account(RES, draft().record("ok", 200, (3, 4, 7)))  # type: ignore[arg-type]
+    settled, recorded = sender.futures
+    settled.set_exception(NoScriptError("NOSCRIPT"))
+    recorded.set_result(1)
+    await settle_callbacks()
+    await r.drain()
+    assert budget.settled == [(RES, 7)]
+    assert budget.owed == ([] if again is None else [(RES, 7)])
 
 
 async def test_a_record_that_cannot_be_queued_goes_straight_to_postgresql(base_settings: Any) -> None:

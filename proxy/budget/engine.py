@@ -93,6 +93,8 @@ class BudgetEngine:
         self._holdback = holdback  # room kept back from a request that wants more than there is (reserve.lua)
         self._reserve = client.register_script(RESERVE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
+        for body in (RESERVE_LUA, SETTLE_LUA):
+            self._sender.on_connect("SCRIPT", "LOAD", body)
         # Scopes per identity until the earliest of their periods ends or the budgets change.
         self._scopes: dict[tuple[Identity, str | None], tuple[tuple[Scope, ...], float, int]] = {}
         # Settles that could not reach Redis, applied once it answers again.
