@@ -72,6 +72,8 @@ def output_parts(message: dict[str, Any], parts: list[str]) -> None:
         if key == "content":
             if isinstance(value, str):
                 parts.append(value)
+            elif isinstance(value, list):
+                _content_parts(value, parts)
         elif key != "role":
             _other_output(message, key, value, parts)
 
@@ -91,6 +93,20 @@ def _other_output(message: dict[str, Any], key: str, value: Any, parts: list[str
         _call_parts(value, parts)
     elif key == "audio" and isinstance(value, dict) and isinstance(transcript := value.get("transcript"), str):
         parts.append(transcript)
+
+
+def _content_parts(content: list[Any], parts: list[str]) -> None:
+    """Content as a list of parts, as some providers answer through LiteLLM: each part's `text` or
+    `refusal`, and the text inside a `thinking` part (Mistral's reasoning models nest it as a list)."""
+    for part in content:
+        if isinstance(part, dict):
+            for key in ("text", "refusal"):
+                if isinstance(text := part.get(key), str):
+                    parts.append(text)
+            if isinstance(thinking := part.get("thinking"), list):
+                _content_parts(thinking, parts)
+            elif isinstance(thinking, str):
+                parts.append(thinking)
 
 
 def _call_parts(function: Any, parts: list[str]) -> None:

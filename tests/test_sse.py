@@ -207,6 +207,15 @@ def test_an_answer_is_counted_whole_tool_calls_reasoning_refusal_and_every_choic
     }
     assert answer_text(response) == 'save{"a": 1}okhm nof{}'
     assert answer_text({"choices": [{"index": 0, "text": "legacy"}]}) == "legacy"
+    # Content as parts (some providers through LiteLLM), reasoning nested in a thinking part or not
+    parts = [
+        {"type": "thinking", "thinking": [{"type": "text", "text": "first "}]},
+        {"type": "thinking", "thinking": "then "},
+        {"type": "text", "text": "answer"},
+        {"type": "image_url", "image_url": {"url": "data:..."}},
+        "stray",
+    ]
+    assert answer_text({"choices": [{"message": {"role": "assistant", "content": parts}}]}) == "first then answer"
 
 
 @pytest.mark.parametrize(
@@ -220,6 +229,13 @@ def test_an_answer_is_counted_whole_tool_calls_reasoning_refusal_and_every_choic
         {"content": "after", "reasoning_content": "before", "thinking_blocks": [{"thinking": "before"}]},
         {"reasoning": "or", "refusal": "no", "audio": {"data": "AAAA", "transcript": "said"}},
         {"function_call": {"name": "f", "arguments": "{}"}, "provider_specific_fields": {"citations": ["x"]}},
+        {"content": [{"type": "text", "text": "as parts"}, {"type": "refusal", "refusal": "no"}]},
+        {
+            "content": [
+                {"type": "thinking", "thinking": [{"type": "text", "text": "hm"}]},
+                {"type": "text", "text": "."},
+            ]
+        },
     ],
 )
 def test_a_stream_and_an_answer_count_the_same_output(message: dict) -> None:
