@@ -64,7 +64,11 @@ lim as (
            coalesce(b.period, d.period, g.period) as period,
            coalesce(b.token_limit, g.token_limit, d.token_limit) as base_limit,
            coalesce(b.warn_ratio, g.warn_ratio, d.warn_ratio) as warn_ratio,
-           b.rpm_limit as rpm, b.tpm_limit as tpm,
+           -- the rates of the row the proxy applies (BudgetBook.user): own, else the tier's, else the default's
+           case when b.subject is not null then b.rpm_limit when g.subject is not null then g.rpm_limit
+                else d.rpm_limit end as rpm,
+           case when b.subject is not null then b.tpm_limit when g.subject is not null then g.tpm_limit
+                else d.tpm_limit end as tpm,
            b.subject is not null as own_budget,
            p.period_start, p.resets_at,
            g.subject as budget_group

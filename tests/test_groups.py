@@ -56,8 +56,8 @@ def proxy(base_settings: Settings, fake: FakeUpstream) -> Iterator[str]:
 ADMIN = {"Authorization": f"Bearer {token(uid('admin'), quota_admin=True)}"}
 
 
-def set_row(url: str, subject: str, tokens: int, kind: str = "group") -> None:
-    r = httpx.put(f"{url}/admin/budgets/{subject}", json={"tokens": tokens, "type": kind}, headers=ADMIN)
+def set_row(url: str, subject: str, tokens: int, kind: str = "group", **rates: int) -> None:
+    r = httpx.put(f"{url}/admin/budgets/{subject}", json={"tokens": tokens, "type": kind, **rates}, headers=ADMIN)
     assert r.status_code == 200, r.text
 
 
@@ -189,15 +189,18 @@ def test_a_user_on_a_stingy_tier_shows_it_on_the_users_page_and_in_budget_status
     proxy: str, base_settings: Settings
 ) -> None:
     dsn, tier, me = base_settings.database_url, uid("tier"), uid()
-    set_row(proxy, tier, 12)  # one answer uses it up; the default (100,000) would still be at 0 %
+    set_row(proxy, tier, 12, rpm=5, tpm=900)  # one answer uses it up; the default (100,000) would still be at 0 %
     headers = {"Authorization": f"Bearer {token(me, groups=[tier])}"}
     eventually(lambda: quota(proxy, headers)["limit"] == 12)
-    assert chat(proxy, headers).status_code == 200
+    answer = chat(proxy, headers)
+    assert answer.status_code == 200
+    assert (answer.headers["x-ratelimit-limit-requests"], answer.headers["x-ratelimit-limit-tokens"]) == ("5", "900")
     assert chat(proxy, headers).status_code == 429  # refused: its record carries the tier too
 
     row = eventually(lambda: users_row(proxy, me).get("requests") == 2 and users_row(proxy, me))
     assert (row["token_limit"], row["used"], row["state"], row["blocked"]) == (12, 12, "blocked", 1)
     assert (row["budget_group"], row["own_budget"], row["period"]) == (tier, False, "month")
+    assert (row["rpm"], row["tpm"]) == (5, 900)  # the tier's rates, as the proxy applies them
     status = budget_status(dsn, me)
     assert (status["token_limit"], status["used"], status["state"]) == (12, 12, "blocked")
     assert (status["budget_group"], status["is_default"]) == (tier, False)
