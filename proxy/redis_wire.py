@@ -20,7 +20,7 @@ import hiredis
 import structlog
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import parse_url
-from redis.exceptions import ConnectionError, InvalidResponse, TimeoutError
+from redis.exceptions import ConnectionError, InvalidResponse, ResponseError, TimeoutError
 
 from .loop import OnLoop
 
@@ -31,7 +31,7 @@ _INCOMPLETE = object()
 
 def _preamble_done(what: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
     error = None if future.cancelled() else future.exception()
-    if error is not None and not isinstance(error, ConnectionError):
+    if isinstance(error, ResponseError):  # refused by Redis; a connection that failed says so elsewhere
         log.warning("redis_preamble_refused", command=" ".join(map(str, what)), error=str(error))
 
 
