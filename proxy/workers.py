@@ -24,6 +24,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 import structlog
 import uvicorn
@@ -107,7 +108,7 @@ async def _supervise(settings: Settings, count: int) -> int:
     loop = asyncio.get_running_loop()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing of this loop is inherited
     sock = server_config(None, settings).bind_socket()
-    metrics_dir = tempfile.mkdtemp(prefix="quota-metrics-")  # mode 700: only this user's processes read it
+    metrics_dir = _metrics_dir()
     shared = HostMetrics(metrics_dir, host_metrics.WRITER, metrics.WRITER_METRICS)
     stopping = asyncio.Event()
     workers: list[BaseProcess] = []
@@ -176,6 +177,31 @@ async def _supervise(settings: Settings, count: int) -> int:
         await shared.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
+
+
+_METRICS_PREFIX = "quota-metrics-"
+
+
+def _metrics_dir() -> str:
+    """The workers' snapshot directory: mode 700 (only this user's processes read it), named for this
+    supervisor. A supervisor that died without its cleanup (SIGKILL, the OOM killer) left one behind,
+    and a crash loop one a restart: those whose supervisor is gone are removed first."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        pid = stale.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and stale.stat().st_uid == os.getuid() and not _alive(int(pid)):
+                shutil.rmtree(stale)
+    return tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _signal_all(workers: list[BaseProcess], sig: int) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -185,6 +186,12 @@ def snapshot(metrics_dir: Path, worker: int) -> tuple[int, int]:
     return orjson.loads(path.read_bytes())["pid"], int(counted)
 
 
+def started_dir(log: Path) -> str:
+    """The metrics directory the supervisor logged at start."""
+    started = next(json.loads(line) for line in log.read_text().splitlines() if "proxy_workers_started" in line)
+    return str(started["metrics_dir"])
+
+
 def test_two_workers_share_one_budget_and_one_writer(
     base_settings: Settings, fake: FakeUpstream, tmp_path: Path
 ) -> None:
@@ -198,6 +205,13 @@ def test_two_workers_share_one_budget_and_one_writer(
         shutdown_delay_seconds=0,
         log_level="info",  # for the workers' proxy_worker_ready
     )
+    # Left behind by supervisors SIGKILLed before their cleanup: one gone (removed at start), one alive (kept).
+    env["TMPDIR"] = str(tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / f"quota-metrics-{gone.pid}-x1").mkdir()
+    (tmp_path / f"quota-metrics-{gone.pid}-x1" / "0.json").write_text("{}")
+    (tmp_path / f"quota-metrics-{os.getpid()}-x2").mkdir()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "proxy.log"
@@ -205,6 +219,10 @@ def test_two_workers_share_one_budget_and_one_writer(
     user = uid()
     try:
         eventually(lambda: log.read_text().count('"proxy_worker_ready"') == 2, timeout=60)
+        mine = Path(eventually(lambda: started_dir(log))).name
+        assert mine.startswith(f"quota-metrics-{proc.pid}-")
+        left = sorted(d.name for d in tmp_path.glob("quota-metrics-*"))
+        assert left == sorted([f"quota-metrics-{os.getpid()}-x2", mine]), left
         names = [comm(pid) for pid in process_tree(proc.pid)]
         assert names.count("quota-worker") == 2 and names.count("quota-writer") == 1, names
 
@@ -221,8 +239,7 @@ def test_two_workers_share_one_budget_and_one_writer(
         assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
 
         # Both workers served, and every scrape, whichever worker answers it, counts all 51.
-        started = next(json.loads(line) for line in log.read_text().splitlines() if "proxy_workers_started" in line)
-        metrics_dir = Path(started["metrics_dir"])
+        metrics_dir = Path(started_dir(log))
         assert metrics_dir.stat().st_mode & 0o777 == 0o700
 
         def counts() -> list[int]:
@@ -256,6 +273,7 @@ def test_two_workers_share_one_budget_and_one_writer(
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        assert not metrics_dir.exists()  # a clean stop removes its own
         used, rows = pg_row(
             base_settings.database_url,
             "select coalesce(sum(total_tokens), 0), count(*) from usage_records where user_id = $1",
