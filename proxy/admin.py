@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from .alerts import valid_thresholds
 from .auth import Principal
-from .body import printable_id, read_json
+from .body import printable_id, read_json, user_id
 from .budget.rows import MAX_GRANT, Limit, add_grant, budget_settings, change_budget, revoke_grant
 from .config import PERIODS, Settings
 from .errors import BadRequest, Forbidden, NotFound
@@ -31,7 +31,7 @@ async def usage(pool: asyncpg.Pool, principal: Principal, request: Request) -> d
     user = request.query_params.get("user")
     if not user:
         raise BadRequest("Name the user: /admin/usage?user=<id>.", param="user")
-    printable_id(user, "user")
+    user_id(user, "user")
     return await usage_history(pool, user, request.query_params, datetime.now(UTC))
 
 

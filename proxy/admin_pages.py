@@ -30,7 +30,7 @@ from . import charts, i18n
 from .admin import budget_from, reason_from
 from .admin_sign_in import MAX_FORM, AdminSignIn
 from .auth import Identity
-from .body import printable_id
+from .body import printable_id, user_id
 from .budget.rows import DEFAULT, change_budget, fetch_limit
 from .config import PERIODS, Settings
 from .csv_export import Rows, csv_response
@@ -226,7 +226,7 @@ class AdminPages:
         return download
 
     async def user_csv(self, request: Request, viewer: Viewer) -> Response:
-        user = printable_id(request.query_params.get("id"), "id")
+        user = user_id(request.query_params.get("id"), "id")
         return await usage_csv(self.sources(request), await self._identity(request, user), self.now())
 
     # The pages ---------------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class AdminPages:
         return identity_of(user, await q.user_budget(self.sources(request).pool, user, self.now()))
 
     async def user(self, request: Request, viewer: Viewer) -> Response:
-        user = printable_id(request.query_params.get("id"), "id")
+        user = user_id(request.query_params.get("id"), "id")
         sources = self.sources(request)
         locale = locale_of(request)
         now = self.now()
@@ -328,7 +328,7 @@ class AdminPages:
                 request, i18n.text(locale, "admin.refused"), i18n.text(locale, "admin.csrf_failed"), status=403
             )
         try:
-            user = printable_id(form.get("id"), "id")
+            user = user_id(form.get("id"), "id")
             warn = p.whole_field(form, "warn", 80)
             if not 1 <= warn <= 100:
                 raise BadRequest("'warn' is a percentage from 1 to 100.", param="warn")

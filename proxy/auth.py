@@ -11,7 +11,7 @@ from typing import Any
 
 import jwt
 
-from .config import Settings
+from .config import DEFAULT_SUBJECT, Settings
 from .errors import BadRequest, Unauthorized
 from .jwks import JwksKeys
 
@@ -63,6 +63,8 @@ def _id_claim(claims: dict[str, Any], name: str, *, required: bool) -> str | Non
         raise Unauthorized(
             f"Invalid token: claim '{name}' must be printable text of 1 to {_ID_MAX} characters.", code="invalid_token"
         )
+    if value == DEFAULT_SUBJECT:
+        raise Unauthorized(f"Invalid token: claim '{name}' is '*', the default budget's name.", code="invalid_token")
     return value
 
 
@@ -235,6 +237,8 @@ def charged_identity(
     if not principal.delegate:
         return principal.identity
     user = _named_user(_header_text(headers.get("x-user-id"))) or _named_user(body_user)
+    if user == DEFAULT_SUBJECT:
+        raise BadRequest("The end user named is '*', the default budget's name, not a user.", param="X-User-Id")
     if user is None:
         if not required:
             return principal.identity

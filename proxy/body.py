@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
+from .config import DEFAULT_SUBJECT
 from .errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout
 from .parts import bounded_image, bounded_part
 
@@ -153,6 +154,14 @@ def printable_id(value: Any, name: str, *, limit: int = MAX_ID) -> str:
     if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
         raise BadRequest(f"'{name}' must be printable text of 1 to {limit} characters.", param=name)
     return value
+
+
+def user_id(value: Any, name: str) -> str:
+    """A user an admin names: a printable id, never '*' (the default budget's, changed with `budget set '*'`)."""
+    user = printable_id(value, name)
+    if user == DEFAULT_SUBJECT:
+        raise BadRequest(f"'{name}' is '*', the default budget's name, not a user.", param=name)
+    return user
 
 
 def _int(payload: dict[str, Any], name: str, low: int, high: int) -> int | None:

@@ -10,6 +10,9 @@ from pathlib import Path
 from . import i18n
 
 PERIODS = ("day", "week", "month", "total")
+# The subject of the default budget rows (`budget set '*'`): never a user's or a tenant's id, or that one's
+# own row would be everyone's default, and their admin page would change the default for everyone.
+DEFAULT_SUBJECT = "*"
 
 
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:

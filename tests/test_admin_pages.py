@@ -299,6 +299,20 @@ def test_the_budget_form_says_which_field_is_wrong(url: str) -> None:
         assert f"&#39;{field}&#39;" in r.text
 
 
+def test_the_default_budget_is_no_user_s_page(url: str, settings: Settings) -> None:
+    """'*' names the default rows: a user's page and form for it would change everyone's budget."""
+    client = signed_in(url)
+    before = sql(settings.database_url, "select token_limit from budgets where subject_type = 'user' and subject = '*'")
+    for path in ("/admin/user", "/admin/user.csv"):
+        r = client.get(path, params={"id": "*"})
+        assert r.status_code == 400 and "default budget" in r.text, (path, r.text)
+    data = {"csrf": csrf_of(client, "/admin"), "id": "*", "tokens": "5", "period": "month"}
+    r = client.post("/admin/user/budget", data=data)
+    assert r.status_code == 400 and "default budget" in r.text
+    after = sql(settings.database_url, "select token_limit from budgets where subject_type = 'user' and subject = '*'")
+    assert after == before
+
+
 def test_a_one_time_link_signs_in_once(url: str, settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     env = {"JWT_SECRET": settings.jwt_secret, "PUBLIC_URL": url, "DATABASE_URL": settings.database_url}
     with pytest.MonkeyPatch.context() as mp:

@@ -57,6 +57,9 @@ BAD = {
     "no exp": (bearer(jwt.encode({"sub": "alice"}, JWT_SECRET, algorithm="HS256")), "invalid_token"),
     "no sub": (bearer(jwt.encode({"exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")), "invalid_token"),
     "sub not a string": (bearer(jwt.encode({"sub": 42, "exp": int(time.time()) + 60}, JWT_SECRET)), "invalid_token"),
+    # '*' is the default budget rows' subject: as a user its own row would be everyone's default
+    "sub the default's name": (bearer(token("*")), "invalid_token"),
+    "tenant the default's name": (bearer(token("alice", tenant="*")), "invalid_token"),
 }
 
 

@@ -129,6 +129,13 @@ def test_an_unresolved_placeholder_never_becomes_a_user() -> None:
     assert charged_identity(SERVICE, headers, None, required=False) == SERVICE.identity  # GET /models still answers
 
 
+@pytest.mark.parametrize("headers, body", [({"x-user-id": "*"}, "bob"), ({}, " * ")])
+def test_a_service_cannot_name_the_default_budget_as_its_user(headers: dict[str, str], body: str) -> None:
+    with pytest.raises(BadRequest, match="default budget") as info:
+        charged_identity(SERVICE, headers, body)
+    assert info.value.param == "X-User-Id"
+
+
 # --- Over HTTP: admin API and a table of bad input ------------------------------------------------
 
 

@@ -10,12 +10,12 @@ import asyncpg
 import orjson
 import structlog
 
-from ..config import PERIODS, Settings
+from ..config import DEFAULT_SUBJECT, PERIODS, Settings
 from ..db import PG_UNAVAILABLE
 
 log = structlog.get_logger("proxy.budget")
 
-DEFAULT = "*"
+DEFAULT = DEFAULT_SUBJECT
 
 
 def period_bounds(period: str, now: float) -> tuple[datetime, datetime | None]:
