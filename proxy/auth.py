@@ -287,6 +287,8 @@ def issue_token(
         raise ValueError(
             "JWT_SECRET is not set (token issue mints HMAC tokens; tokens of an identity provider come from it)"
         )
+    if DEFAULT_SUBJECT in (sub, tenant):
+        raise ValueError("'*' is the default budget's name, not a user's or a tenant's (the token would be refused)")
     now = int(time.time())
     claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + ttl_seconds}
     claims[settings.jwt_user_claim] = sub

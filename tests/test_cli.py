@@ -178,6 +178,14 @@ def test_token_issue_with_a_bad_ttl_is_exit_1(env: pytest.MonkeyPatch, capsys: p
     )
 
 
+def test_token_issue_for_the_default_s_name_is_exit_1(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (["--sub", "*"], ["--sub", "alice", "--tenant", "*"]):
+        code, out, err = cli(capsys, "token", "issue", *argv)
+        assert (code, out) == (1, "") and "default budget" in err
+
+
 # configuration errors
 
 
